@@ -1,0 +1,1 @@
+"""nanochat-style GPT pretraining with adaptive SVD training."""

@@ -1,0 +1,134 @@
+"""Shared utilities: base directory, device and process-group setup, logging, one-line user errors."""
+
+import os
+import sys
+import resource
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """Bad input from the user. Entry points print it as one line and exit non-zero, no traceback."""
+
+
+def run_cli(main, argv=None):
+    """Run an entry point so that a UserError becomes `error: ...` on stderr and exit status 2."""
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def get_base_dir():
+    """Where data, tokenizer and eval bundles live: $NANOCHAT_BASE_DIR, else ~/.cache/nanochat."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def get_dist_info():
+    """(is_distributed, rank, local_rank, world_size) from the torchrun environment."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def is_main_process():
+    return get_dist_info()[1] == 0
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only, flushed so logs stream under SLURM."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+BANNER = r"""
+                                                   █████                 █████
+                                                  ░░███                 ░░███
+ ████████    ██████   ████████    ██████   ██████  ░███████    ██████   ███████
+░░███░░███  ░░░░░███ ░░███░░███  ███░░███ ███░░███ ░███░░███  ░░░░░███ ░░░███░
+ ░███ ░███   ███████  ░███ ░███ ░███ ░███░███ ░░░  ░███ ░███   ███████   ░███
+ ░███ ░███  ███░░███  ░███ ░███ ░███ ░███░███  ███ ░███ ░███  ███░░███   ░███ ███
+ ████ █████░░████████ ████ █████░░██████ ░░██████  ████ █████░░████████  ░░█████
+░░░░ ░░░░░  ░░░░░░░░ ░░░░ ░░░░░  ░░░░░░   ░░░░░░  ░░░░ ░░░░░  ░░░░░░░░    ░░░░░
+"""
+
+
+def print_banner():
+    print0(BANNER)
+
+
+DEVICE_TYPES = ("cuda", "mps", "cpu")
+
+
+def autodetect_device_type():
+    """Prefer CUDA, then MPS, then CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def check_device_type(device_type):
+    """Resolve '' to the autodetected type and reject devices this machine does not have."""
+    if device_type == "":
+        device_type = autodetect_device_type()
+        print0(f"Autodetected device type: {device_type}")
+    if device_type not in DEVICE_TYPES:
+        raise UserError(f"unknown --device_type={device_type!r}; use one of cpu, cuda, mps (or leave it empty to autodetect)")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device_type=cuda but no CUDA device is available; use --device_type=cpu or install a CUDA build of torch")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device_type=mps but MPS is not available on this machine; use --device_type=cpu")
+    return device_type
+
+
+def compute_init(device_type):
+    """Seed, precision settings and (under torchrun) the process group. Returns (ddp, rank, local_rank, world_size, device)."""
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    if ddp and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", device_id=device if device_type == "cuda" else None)
+        dist.barrier()
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def peak_memory_mib(device_type):
+    """Peak memory of this process: the allocator's peak on CUDA, the process's peak RSS elsewhere."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 1024 / 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def device_peak_flops(device):
+    """Peak dense bf16 FLOP/s of the accelerator, for MFU. None when unknown (MFU is then not printed)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for key, flops in (("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("a10g", 125e12), ("l40s", 362e12),
+                       ("l4", 121e12), ("4090", 165e12), ("3090", 71e12), ("v100", 125e12), ("a6000", 155e12)):
+        if key in name:
+            return flops
+    return None
