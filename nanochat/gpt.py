@@ -1,0 +1,349 @@
+"""The GPT model (nanochat, early November 2025) and AdaptiveSVDLinear, its switchable layer.
+
+Facts the model matches (DESIGN.md section 3): rotary embeddings without positional embeddings,
+parameter-free RMSNorm, QK norm, ReLU^2 MLP, untied soft-capped lm_head, no biases, MQA/GQA-ready.
+"""
+
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SOFTCAP = 15.0
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 65536
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+
+    @classmethod
+    def from_depth(cls, depth, vocab_size, sequence_len):
+        """The one dial: model_dim = 64 * depth, heads of (at most) 128 dims."""
+        model_dim = 64 * depth
+        n_head = max(1, -(-model_dim // 128))
+        return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
+                   n_head=n_head, n_kv_head=n_head, n_embd=model_dim)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x, cos, sin):
+    """Half-split rotation of the last dim: (x1, x2) -> (x1 cos + x2 sin, -x1 sin + x2 cos)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class AdaptiveSVDLinear(nn.Module):
+    """A bias-free Linear that can train either its full weight or a low-rank minor subspace.
+
+    full:    y = x W^T, W = `weight` trainable.
+    lowrank: y = x (W_p + B A)^T, W_p = U_k S_k V_k^T frozen (held in `weight`), B = U_m sqrt(S_m),
+             A = sqrt(S_m) V_m^T trainable (MiLoRA initialisation from the minor triples).
+
+    In both modes the effective weight W_eff is formed explicitly and `weight` keeps requires_grad,
+    so after backward `weight.grad` is dL/dW_eff: the analysis sees the true gradient of the layer in
+    either mode, and B.grad = G A^T, A.grad = B^T G follow from the chain rule. `weight` is simply not
+    in any optimizer while the layer is low-rank. The state dict holds only the merged W_eff under
+    `weight`, so checkpoints load into a plain GPT; the factors are saved separately for resume.
+    """
+
+    def __init__(self, in_features, out_features, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.B = None
+        self.A = None
+        self.protect_U = None  # orthonormal bases of the principal subspace for --svd_protect=project
+        self.protect_V = None
+
+    @property
+    def mode(self):
+        return "full" if self.B is None else "lowrank"
+
+    @property
+    def rank(self):
+        return 0 if self.B is None else self.B.shape[1]
+
+    def effective_weight(self):
+        if self.B is None:
+            return self.weight
+        return torch.addmm(self.weight, self.B, self.A)
+
+    def forward(self, x):
+        return F.linear(x, self.effective_weight())
+
+    @torch.no_grad()
+    def merged_weight(self):
+        return self.effective_weight().detach().clone()
+
+    @torch.no_grad()
+    def to_lowrank(self, U, S, Vh, r):
+        """Split W_eff = U S V^T into frozen top (g - r) triples and trainable bottom r triples.
+        U, S, Vh is a complete thin SVD of the current W_eff."""
+        g = S.shape[0]
+        k = g - r
+        dev, dt = self.weight.device, self.weight.dtype
+        U, S, Vh = U.to(dev, torch.float32), S.to(dev, torch.float32), Vh.to(dev, torch.float32)
+        W_p = (U[:, :k] * S[:k]) @ Vh[:k]
+        sq = S[k:].sqrt()
+        self.weight.data.copy_(W_p.to(dt))
+        self.B = nn.Parameter((U[:, k:] * sq).to(dt).contiguous())
+        self.A = nn.Parameter((sq[:, None] * Vh[k:]).to(dt).contiguous())
+        if self.protect_U is not None or self.protect_V is not None:
+            self.set_protection(U[:, :k], Vh[:k].T)
+
+    @torch.no_grad()
+    def to_full(self):
+        """Merge B A back into the weight; the layer trains the full matrix again."""
+        self.weight.data.copy_(self.effective_weight())
+        self.B = None
+        self.A = None
+        self.protect_U = self.protect_V = None
+
+    def set_protection(self, U_k, V_k):
+        """Remember the principal bases so B's and A's gradients can be kept out of them."""
+        self.protect_U = U_k.contiguous()
+        self.protect_V = V_k.contiguous()
+
+    @torch.no_grad()
+    def project_factor_grads(self):
+        """--svd_protect=project: B.grad <- (I - U_k U_k^T) B.grad, A.grad <- A.grad (I - V_k V_k^T)."""
+        if self.B is None or self.protect_U is None:
+            return
+        if self.B.grad is not None:
+            self.B.grad.sub_(self.protect_U @ (self.protect_U.T @ self.B.grad))
+        if self.A.grad is not None:
+            self.A.grad.sub_((self.A.grad @ self.protect_V) @ self.protect_V.T)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        w = self.weight if self.B is None else self.effective_weight().detach()
+        destination[prefix + "weight"] = w if keep_vars else w.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if self.B is not None:
+            self.to_full()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, r={self.rank}"
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.n_embd = config.n_embd
+        self.head_dim = config.n_embd // config.n_head
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        self.c_q = nn.Linear(self.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=False)
+
+    def forward(self, x, cos_sin, kv_cache):
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = cos_sin
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q), norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        Tq, Tk = q.size(2), k.size(2)
+        gqa = self.n_head != self.n_kv_head
+        if kv_cache is None or Tq == Tk:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif Tq == 1:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
+        else:
+            # a chunk of new queries after a prefix in the cache: see the whole prefix, causal within the chunk
+            prefix = Tk - Tq
+            mask = torch.ones((Tq, Tk), dtype=torch.bool, device=q.device)
+            mask[:, prefix:] = torch.tril(mask[:, prefix:])
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos_sin, kv_cache):
+        x = x + self.attn(norm(x), cos_sin, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+def softcap_cross_entropy_chunks(x, weight, targets, chunk, need_grad):
+    """Per-token cross-entropy of soft-capped logits 15 tanh(x W^T / 15), a chunk of rows at a time.
+
+    The full (tokens x vocab) logits never exist at once: each chunk's gradient is formed right
+    away (dz = softmax(z) - onehot, dlogits = dz (1 - tanh^2)), so memory stays O(chunk x vocab) and
+    the elementwise work is a few in-place passes over a cache-sized buffer. On a CPU step dominated
+    by the 65,536-wide lm_head this is what brings the step close to matmul speed.
+    Returns (losses (N,), grad_x, grad_w), the gradients being those of the mean over valid targets.
+    """
+    N = x.shape[0]
+    valid = targets != -1
+    count = valid.sum().clamp(min=1)
+    losses = torch.empty(N, dtype=torch.float32, device=x.device)
+    grad_x = torch.empty_like(x) if need_grad else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+    w = weight.float()
+    for s in range(0, N, chunk):
+        xs = x[s:s + chunk].float()
+        ts = targets[s:s + chunk].clamp(min=0)[:, None]
+        vs = valid[s:s + chunk]
+        t = xs @ w.T
+        t.div_(SOFTCAP).tanh_()                          # t = tanh(logits / 15)
+        z = t * SOFTCAP                                  # soft-capped logits
+        m = z.amax(dim=1, keepdim=True)
+        z.sub_(m).exp_()                                 # exp(z - max)
+        sumexp = z.sum(dim=1, keepdim=True)
+        z_target = SOFTCAP * t.gather(1, ts)
+        losses[s:s + chunk] = (m + sumexp.log() - z_target).squeeze(1) * vs
+        if need_grad:
+            z.div_(sumexp)                               # softmax
+            z.scatter_add_(1, ts, torch.full_like(z_target, -1.0))
+            t.mul_(t).neg_().add_(1.0)                   # dtanh = 1 - tanh^2
+            z.mul_(t).mul_((vs.float() / count)[:, None])  # d(mean loss) / d(x W^T)
+            grad_x[s:s + chunk] = (z @ w).to(x.dtype)
+            grad_w.addmm_(z.T, xs)
+    return losses, grad_x, grad_w
+
+
+class SoftcapCrossEntropyMean(torch.autograd.Function):
+    """Mean soft-capped cross-entropy over valid targets, gradients formed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        losses, grad_x, grad_w = softcap_cross_entropy_chunks(x, weight, targets, chunk, need_grad)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return losses.sum() / (targets != -1).sum().clamp(min=1)
+
+    @staticmethod
+    def backward(ctx, grad_mean):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_mean, (grad_w * grad_mean).to(ctx.weight_dtype), None, None
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # rotary tables cover 10x the training length so generation can run past it
+        self.rotary_seq_len = config.sequence_len * 10
+        head_dim = config.n_embd // config.n_head
+        cos, sin = self._precompute_rotary(self.rotary_seq_len, head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.ce_chunk = 64
+
+    def _precompute_rotary(self, seq_len, head_dim, base=10000, device=None):
+        if device is None:
+            device = self.transformer.wte.weight.device
+        channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (base ** (channel / head_dim))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """N(0, std) Linears with std = 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)); N(0,1) embedding;
+        zero lm_head and output projections, so the first loss is exactly ln(vocab)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, AdaptiveSVDLinear)):
+                fan_out, fan_in = module.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, 1.0)
+        self.lm_head.weight.zero_()
+        for block in self.transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+        head_dim = self.config.n_embd // self.config.n_head
+        cos, sin = self._precompute_rotary(self.rotary_seq_len, head_dim)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self):
+        """FLOPs per token: 6 (N - N_embedding) for the matmuls plus 12 L H D T for attention."""
+        nparams_embedding = self.transformer.wte.weight.numel()
+        c = self.config
+        l, h, q, t = c.n_layer, c.n_head, c.n_embd // c.n_head, c.sequence_len
+        return 6 * (self.num_params() - nparams_embedding) + 12 * l * h * q * t
+
+    def matrix_params(self):
+        """The 2-D weights inside the blocks (Muon's); in low-rank layers the factors B and A."""
+        return [p for p in self.transformer.h.parameters()]
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        B, T = idx.size()
+        T0 = 0 if kv_cache is None else kv_cache.get_pos()
+        assert T0 + T <= self.cos.size(1), f"sequence length {T0 + T} exceeds the rotary cache {self.cos.size(1)}"
+        cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos_sin, kv_cache)
+        x = norm(x)
+        if targets is None:
+            logits = self.lm_head(x).float()
+            return SOFTCAP * torch.tanh(logits / SOFTCAP)
+        x2, t2 = x.view(B * T, -1), targets.reshape(-1)
+        if torch.compiler.is_compiling():
+            # the compiler fuses the plain formula well; the chunked function is for eager mode
+            logits = SOFTCAP * torch.tanh(self.lm_head(x2).float() / SOFTCAP)
+            return F.cross_entropy(logits, t2, ignore_index=-1, reduction=loss_reduction)
+        if loss_reduction == "mean":
+            return SoftcapCrossEntropyMean.apply(x2, self.lm_head.weight, t2, self.ce_chunk)
+        if loss_reduction == "none":
+            with torch.no_grad():
+                losses, _, _ = softcap_cross_entropy_chunks(x2, self.lm_head.weight, t2, self.ce_chunk, False)
+            return losses.view(B, T)
+        raise ValueError(f"unknown loss_reduction {loss_reduction!r}")

@@ -1,0 +1,128 @@
+"""Optimizers: Muon for the 2-D matrices inside the blocks, AdamW for embedding and lm_head.
+
+One implementation serves single-process and torch.distributed runs: the training loop averages
+gradients across ranks before `step()`, so every rank holds the same (replicated) state and takes
+the same update. Muon keys its state by parameter name, which lets the adaptive-SVD cycle swap one
+layer's weight for its factors B and A while every other parameter's state stays untouched.
+"""
+
+import torch
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz5(G, steps=5):
+    """Approximately orthogonalise G (or a batch of G) with the quintic Newton-Schulz iteration.
+
+    Works on the Frobenius-normalised matrix, wide orientation (rows <= cols) so X X^T is small.
+    bf16 on CUDA like upstream nanochat; fp32 elsewhere, where bf16 matmuls are not faster.
+    """
+    a, b, c = NS_COEFFS
+    X = G.bfloat16() if G.is_cuda else G.float()
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c) if A.dim() == 3 else torch.addmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a) if X.dim() == 3 else torch.addmm(X, B, X, beta=a)
+    if transposed:
+        X = X.mT
+    return X
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D weights.
+
+    update = NS5(nesterov(momentum(grad))) * sqrt(max(1, rows/cols)), no weight decay.
+    `named_params` is a list of (name, parameter); state_dict/load_state_dict are keyed by name.
+    """
+
+    def __init__(self, named_params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+        named_params = list(named_params)
+        self.names = {p: n for n, p in named_params}
+        super().__init__([p for _, p in named_params],
+                         dict(lr=lr, initial_lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+
+    def params(self):
+        return self.param_groups[0]["params"]
+
+    @torch.no_grad()
+    def step(self):
+        group = self.param_groups[0]
+        momentum, nesterov = group["momentum"], group["nesterov"]
+        by_shape = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            by_shape.setdefault(p.shape, []).append(p)
+        for shape, ps in by_shape.items():
+            grads = torch.stack([p.grad for p in ps])
+            bufs = []
+            for p in ps:
+                st = self.state[p]
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(st["momentum_buffer"])
+            buf = torch.stack(bufs)
+            buf.lerp_(grads, 1 - momentum)
+            update = grads.lerp_(buf, momentum) if nesterov else buf
+            update = zeropower_via_newtonschulz5(update, group["ns_steps"])
+            scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
+            for i, p in enumerate(ps):
+                bufs[i].copy_(buf[i])
+                p.add_(update[i].to(p.dtype), alpha=-group["lr"] * scale)
+
+    def replace(self, old, new):
+        """Swap parameter `old` for the (name, parameter, momentum_buffer) entries in `new`.
+        Every other parameter keeps its state object untouched."""
+        params = self.param_groups[0]["params"]
+        idx = next(i for i, p in enumerate(params) if p is old)
+        self.state.pop(old, None)
+        del self.names[old]
+        entries = []
+        for name, p, buf in new:
+            self.names[p] = name
+            self.state[p]["momentum_buffer"] = buf.to(p.dtype).clone()
+            entries.append(p)
+        params[idx:idx + 1] = entries
+
+    def state_dict(self):
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        buffers = {self.names[p]: self.state[p]["momentum_buffer"] for p in self.params() if "momentum_buffer" in self.state[p]}
+        return {"group": group, "param_names": [self.names[p] for p in self.params()], "momentum": buffers}
+
+    def load_state_dict(self, sd):
+        names = [self.names[p] for p in self.params()]
+        if sorted(names) != sorted(sd["param_names"]):
+            raise ValueError("Muon state does not match the model's matrix parameters")
+        self.param_groups[0].update(sd["group"])
+        by_name = {self.names[p]: p for p in self.params()}
+        for name, buf in sd["momentum"].items():
+            p = by_name[name]
+            self.state[p]["momentum_buffer"] = buf.to(device=p.device, dtype=p.dtype).clone()
+
+
+def build_optimizers(model, matrix_lr, embedding_lr, unembedding_lr, weight_decay=0.0):
+    """Muon for the block matrices, AdamW (betas 0.8/0.95, eps 1e-10) for embedding and lm_head,
+    the AdamW rates scaled by (model_dim/768)^-0.5 as in nanochat."""
+    model_dim = model.config.n_embd
+    scale = (model_dim / 768) ** -0.5
+    matrices = [(n, p) for n, p in model.named_parameters() if n.startswith("transformer.h.")]
+    device = model.get_device()
+    fused = device.type in ("cuda", "cpu")
+    adamw = torch.optim.AdamW(
+        [dict(params=[model.lm_head.weight], lr=unembedding_lr * scale),
+         dict(params=[model.transformer.wte.weight], lr=embedding_lr * scale)],
+        betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, fused=fused)
+    for group in adamw.param_groups:
+        group["initial_lr"] = group["lr"]
+    muon = Muon(matrices, lr=matrix_lr, momentum=0.95)
+    return muon, adamw
+
+
+def muon_momentum(step):
+    """Nesterov momentum ramped linearly 0.85 -> 0.95 over the first 300 steps."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95

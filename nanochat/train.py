@@ -1,0 +1,425 @@
+"""The one pretraining loop, shared by the baseline and the adaptive-SVD run.
+
+`train(cfg, hook)` does nanochat's base training: horizon precedence, gradient accumulation, LR and
+momentum schedules, clipping, periodic validation bpb, sampling, checkpoints and exact resume.
+A `TrainHook` is where a method plugs in without forking the loop: it may swap layers before the
+optimizers exist, and it runs once per update after the gradients are final and before the
+optimizer step (which is where the adaptive-SVD analysis happens).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import CHECKPOINT_NAME, checkpoint_dir, load_checkpoint, save_checkpoint
+from nanochat.cli import flag
+from nanochat.common import (UserError, check_device_type, compute_cleanup, compute_init, device_peak_flops,
+                             peak_memory_mib, print0, print_banner)
+from nanochat.dataloader import DataLoader
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import build_optimizers, muon_momentum
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    run: str = flag("", "wandb run name; empty = no wandb (WANDB_MODE=offline works on clusters)")
+    device_type: str = flag("", "cpu | cuda | mps; empty = autodetect (CUDA > MPS > CPU)")
+    depth: int = flag(20, "number of transformer layers; model_dim = 64 * depth")
+    max_seq_len: int = flag(2048, "context length in tokens")
+    num_iterations: int = flag(-1, "number of optimizer steps; -1 = derive from target_flops or the data:param ratio")
+    target_flops: float = flag(-1.0, "compute budget in FLOPs; used when num_iterations = -1")
+    target_param_data_ratio: int = flag(20, "tokens per parameter (Chinchilla); used when both above are -1")
+    device_batch_size: int = flag(32, "sequences per forward/backward on one device")
+    total_batch_size: int = flag(524288, "tokens per optimizer step (all ranks, all micro-batches)")
+    embedding_lr: float = flag(0.2, "AdamW learning rate of the token embedding (scaled by (model_dim/768)^-0.5)")
+    unembedding_lr: float = flag(0.004, "AdamW learning rate of lm_head (scaled by (model_dim/768)^-0.5)")
+    matrix_lr: float = flag(0.02, "Muon learning rate of the block matrices")
+    weight_decay: float = flag(0.0, "AdamW weight decay of embedding and lm_head")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this value; 0 = no clipping")
+    warmup_ratio: float = flag(0.0, "fraction of steps with linear LR warmup")
+    warmdown_ratio: float = flag(0.2, "fraction of steps at the end with linear LR decay")
+    final_lr_frac: float = flag(0.0, "LR multiplier reached at the end of the warmdown")
+    eval_every: int = flag(250, "evaluate validation bpb every N steps (and at the end); -1 = only at the end")
+    eval_tokens: int = flag(20 * 524288, "validation tokens per evaluation")
+    core_metric_every: int = flag(-1, "CORE metric every N steps; -1 = off (not available in this version)")
+    sample_every: int = flag(2000, "print samples every N steps (and at the end); -1 = only at the end")
+    save_every: int = flag(-1, "also save a checkpoint every N steps; -1 = only at the end")
+    model_tag: str = flag("", "checkpoint folder name under base_checkpoints/; empty = the script's default")
+    output_dir: str = flag(".", "directory that holds base_checkpoints/")
+    data_dir: str = flag("", "directory of parquet shards; empty = $NANOCHAT_BASE_DIR/base_data")
+    resume: bool = flag(False, "continue the run saved in base_checkpoints/<tag>/checkpoint.pt exactly")
+    compile: str = flag("auto", "torch.compile: auto (on for CUDA only) | true | false")
+    seed: int = flag(42, "random seed of the model init")
+
+
+def validate(cfg):
+    """Range checks before anything is created or written."""
+    checks = [
+        (cfg.depth >= 1, "--depth must be >= 1"),
+        (cfg.max_seq_len >= 2, "--max_seq_len must be >= 2"),
+        (cfg.device_batch_size >= 1, "--device_batch_size must be >= 1"),
+        (cfg.total_batch_size >= 1, "--total_batch_size must be >= 1"),
+        (cfg.num_iterations == -1 or cfg.num_iterations >= 1, "--num_iterations must be >= 1 (or -1 to derive it)"),
+        (cfg.target_param_data_ratio > 0, "--target_param_data_ratio must be > 0"),
+        (cfg.matrix_lr > 0 and cfg.embedding_lr > 0 and cfg.unembedding_lr > 0, "learning rates must be > 0"),
+        (cfg.grad_clip >= 0, "--grad_clip must be >= 0"),
+        (0 <= cfg.warmup_ratio <= 1 and 0 <= cfg.warmdown_ratio <= 1 and cfg.warmup_ratio + cfg.warmdown_ratio <= 1,
+         "--warmup_ratio and --warmdown_ratio must lie in [0, 1] and add up to at most 1"),
+        (0 <= cfg.final_lr_frac <= 1, "--final_lr_frac must lie in [0, 1]"),
+        (cfg.eval_every == -1 or cfg.eval_every >= 1, "--eval_every must be >= 1 or -1"),
+        (cfg.eval_tokens >= 1, "--eval_tokens must be >= 1"),
+        (cfg.sample_every == -1 or cfg.sample_every >= 1, "--sample_every must be >= 1 or -1"),
+        (cfg.save_every == -1 or cfg.save_every >= 1, "--save_every must be >= 1 or -1"),
+        (cfg.compile in ("auto", "true", "false"), "--compile must be auto, true or false"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+    if cfg.core_metric_every > 0:
+        raise UserError("--core_metric_every > 0 needs the CORE evaluation, which this version does not have; use --core_metric_every=-1")
+
+
+class TrainHook:
+    """No-op hook: the plain baseline. Subclasses add a method to the same loop."""
+    name = "baseline"
+
+    def prepare_model(self, model):
+        """Called after init, before the optimizers exist: swap layers here."""
+
+    def attach(self, run):
+        """Called once the optimizers, output directory and logger exist."""
+
+    def after_backward(self, step, last_step):
+        """Called for update number `step` (1-based) with final, reduced, clipped gradients."""
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        """Restore what state_dict returned, after the dense weights and before optimizer state."""
+
+    def summary(self):
+        return {}
+
+
+@dataclass
+class Run:
+    """What a hook may use of the live run."""
+    cfg: TrainConfig
+    model: GPT
+    muon: object
+    adamw: object
+    device: torch.device
+    ckpt_dir: str
+    log: object  # log(dict, step) -> wandb when enabled
+    rank: int
+    world_size: int
+
+
+def lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if it < warmup:
+        return (it + 1) / warmup
+    if it <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - it) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def _init_wandb(cfg, master):
+    if not cfg.run or not master:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print0("wandb is not installed; continuing without it")
+        return None
+    for mode in (None, "offline"):
+        try:
+            return wandb.init(project="nanochat", name=cfg.run, config=dataclasses.asdict(cfg), mode=mode)
+        except Exception as e:  # a missing login or no network must never stop training
+            print0(f"wandb init failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                   + ("retrying offline" if mode is None else "continuing without wandb"))
+    return None
+
+
+def _resolve_horizon(cfg, num_params, flops_per_token):
+    if cfg.num_iterations > 0:
+        print0(f"Using user-provided number of iterations: {cfg.num_iterations:,}")
+        return cfg.num_iterations
+    if cfg.target_flops > 0:
+        n = round(cfg.target_flops / (flops_per_token * cfg.total_batch_size))
+        print0(f"Calculated number of iterations from target FLOPs: {n:,}")
+        return max(1, n)
+    n = max(1, (cfg.target_param_data_ratio * num_params) // cfg.total_batch_size)
+    print0(f"Calculated number of iterations from target data:param ratio: {n:,}")
+    return n
+
+
+class _StopRequest:
+    """SIGTERM/SIGUSR1 (SLURM's warning before the time limit) ask the loop to save and exit."""
+
+    def __init__(self):
+        self.signum = None
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
+def train(cfg, hook=None, default_tag=None):
+    hook = hook or TrainHook()
+    validate(cfg)
+    device_type = check_device_type(cfg.device_type)
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes()
+    model_tag = cfg.model_tag or default_tag or f"d{cfg.depth}"
+    ckpt_dir = checkpoint_dir(cfg.output_dir, model_tag)
+    resume_ckpt = load_checkpoint(os.path.join(ckpt_dir, CHECKPOINT_NAME)) if cfg.resume else None
+
+    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    master = rank == 0
+    torch.manual_seed(cfg.seed)
+    print_banner()
+
+    vocab_size = tokenizer.get_vocab_size()
+    print0(f"Vocab size: {vocab_size:,}")
+    model_config = GPTConfig.from_depth(cfg.depth, vocab_size, cfg.max_seq_len)
+    print0(f"num_layers: {model_config.n_layer}")
+    print0(f"model_dim: {model_config.n_embd}")
+    print0(f"num_heads: {model_config.n_head}")
+    print0(f"num_kv_heads: {model_config.n_kv_head}")
+
+    tokens_per_fwdbwd = cfg.device_batch_size * cfg.max_seq_len * world_size
+    if cfg.total_batch_size % tokens_per_fwdbwd != 0:
+        raise UserError(f"--total_batch_size={cfg.total_batch_size} is not a multiple of device_batch_size * max_seq_len * "
+                        f"world_size = {tokens_per_fwdbwd}; pick a total batch that divides exactly")
+    grad_accum_steps = cfg.total_batch_size // tokens_per_fwdbwd
+    eval_steps = cfg.eval_tokens // tokens_per_fwdbwd
+    if eval_steps < 1:
+        raise UserError(f"--eval_tokens={cfg.eval_tokens} is less than one batch ({tokens_per_fwdbwd} tokens); raise it")
+    print0(f"Tokens / micro-batch / rank: {cfg.device_batch_size} x {cfg.max_seq_len} = {cfg.device_batch_size * cfg.max_seq_len:,}")
+    print0(f"Total batch size {cfg.total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}")
+
+    with torch.device("meta"):
+        model = GPT(model_config)
+    model.to_empty(device=device)
+    model.init_weights()
+    hook.prepare_model(model)
+    num_params = model.num_params()
+    flops_per_token = model.estimate_flops()
+    print0(f"Number of parameters: {num_params:,}")
+    print0(f"Estimated FLOPs per token: {flops_per_token:e}")
+    num_iterations = _resolve_horizon(cfg, num_params, flops_per_token)
+    print0(f"Total number of training tokens: {num_iterations * cfg.total_batch_size:,}")
+    print0(f"Tokens : Params ratio: {num_iterations * cfg.total_batch_size / num_params:.2f}")
+    print0(f"Total training FLOPs estimate: {flops_per_token * num_iterations * cfg.total_batch_size:e}")
+
+    muon, adamw = build_optimizers(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.weight_decay)
+    wandb_run = _init_wandb(cfg, master)
+
+    def log(data, step):
+        if wandb_run is not None:
+            wandb_run.log(data, step=step)
+
+    run = Run(cfg, model, muon, adamw, device, ckpt_dir, log, rank, world_size)
+    hook.attach(run)
+
+    step, smooth_loss, total_time, min_val_bpb, loader_state = 0, 0.0, 0.0, float("inf"), None
+    if resume_ckpt is not None:
+        step, smooth_loss, total_time, min_val_bpb, loader_state = _restore(
+            resume_ckpt, cfg, model, muon, adamw, hook, rank, world_size, num_iterations)
+        print0(f"Resumed from {ckpt_dir} at step {step}")
+
+    start_step = step
+    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    data_dir = cfg.data_dir or None
+    train_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", device,
+                              rank=rank, world_size=world_size, data_dir=data_dir, state=loader_state)
+    train_iter = iter(train_loader)
+    peak_flops = device_peak_flops(device)
+    stop = _StopRequest()
+    ema_beta = 0.9
+    val_bpb = None
+
+    def save(step):
+        loader_states = [None] * world_size
+        if ddp:
+            dist.all_gather_object(loader_states, train_loader.state_dict())
+        else:
+            loader_states = [train_loader.state_dict()]
+        hook_state = hook.state_dict()
+        if master:
+            ckpt = {
+                "model": model.state_dict(),
+                "metadata": {"model_config": model_config.to_dict(), "step": step, "val_bpb": val_bpb,
+                             "train_config": dataclasses.asdict(cfg), "num_iterations": num_iterations,
+                             "run_kind": hook.name, "world_size": world_size},
+                "optim": {"muon": muon.state_dict(), "adamw": adamw.state_dict()},
+                "loop": {"step": step, "smooth_loss": smooth_loss, "total_time": total_time,
+                         "min_val_bpb": min_val_bpb, "dataloader": loader_states},
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else torch.zeros(0)},
+                "adaptive": hook_state,
+            }
+            config = {"model_config": model_config.to_dict(), "train_config": dataclasses.asdict(cfg), "step": step,
+                      "num_iterations": num_iterations, "val_bpb": val_bpb, "min_val_bpb": _finite_or_none(min_val_bpb),
+                      "run_kind": hook.name, "adaptive": hook.summary()}
+            save_checkpoint(ckpt_dir, ckpt, config)
+            print0(f"Saved checkpoint to {ckpt_dir} (step {step})")
+        if ddp:
+            dist.barrier()
+
+    while True:
+        last_step = step == num_iterations
+        if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+            model.eval()
+            val_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", device,
+                                    rank=rank, world_size=world_size, data_dir=data_dir)
+            with autocast:
+                val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+            model.train()
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
+            log({"val/bpb": val_bpb}, step)
+        if master and (last_step or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
+            _print_samples(model, tokenizer, autocast)
+        if last_step or (cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0):
+            save(step)
+        if last_step:
+            break
+        if _stop_requested(stop, device, ddp):
+            save(step)
+            print0(f"Stopped by signal {stop.signum} at step {step}; continue with --resume")
+            break
+
+        t0 = time.time()
+        for _ in range(grad_accum_steps):
+            x, y = next(train_iter)
+            with autocast:
+                loss = train_model(x, y)
+            train_loss = loss.detach()
+            (loss / grad_accum_steps).backward()
+        if ddp:
+            _all_reduce_grads(model, world_size)
+            dist.all_reduce(train_loss)
+            train_loss /= world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        hook.after_backward(step + 1, step + 1 == num_iterations)
+        lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+        for opt in (muon, adamw):
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        muon.param_groups[0]["momentum"] = muon_momentum(step)
+        muon.step()
+        adamw.step()
+        model.zero_grad(set_to_none=True)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        step += 1
+
+        loss_value = train_loss.item()
+        if not math.isfinite(loss_value):
+            raise RuntimeError(f"training loss became {loss_value} at step {step}; lower the learning rates")
+        smooth_loss = ema_beta * smooth_loss + (1 - ema_beta) * loss_value
+        debiased = smooth_loss / (1 - ema_beta ** step)
+        total_time += dt
+        tok_per_sec = int(cfg.total_batch_size / dt)
+        mfu = f"{100 * flops_per_token * cfg.total_batch_size / dt / (peak_flops * world_size):.2f}" if peak_flops else "n/a"
+        pct = 100 * step / num_iterations
+        print0(f"step {step:05d}/{num_iterations:05d} ({pct:.2f}%) | loss: {debiased:.6f} | grad norm: {grad_norm.item():.4f} | "
+               f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu} | total time: {total_time / 60:.2f}m")
+        log({"train/loss": debiased, "train/grad_norm": grad_norm.item(), "train/lrm": lrm, "train/dt": dt,
+             "train/tok_per_sec": tok_per_sec}, step)
+
+    print0(f"Peak memory usage: {peak_memory_mib(device_type):.2f} MiB")
+    print0(f"Total training time: {total_time / 60:.2f}m")
+    print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
+    if wandb_run is not None:
+        wandb_run.summary["min_val_bpb"] = min_val_bpb
+        wandb_run.finish()
+    compute_cleanup()
+    return {"step": step, "min_val_bpb": min_val_bpb, "val_bpb": val_bpb, "ckpt_dir": ckpt_dir,
+            "total_time": total_time, "num_iterations": num_iterations}
+
+
+def _finite_or_none(x):
+    return x if math.isfinite(x) else None
+
+
+def _stop_requested(stop, device, ddp):
+    """All ranks must agree to stop, or one would wait forever in the next collective."""
+    flag_value = torch.tensor(1 if stop.signum is not None else 0, device=device)
+    if ddp:
+        dist.all_reduce(flag_value, op=dist.ReduceOp.MAX)
+    return bool(flag_value.item())
+
+
+def _all_reduce_grads(model, world_size):
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+RESUME_MUST_MATCH = ("depth", "max_seq_len", "device_batch_size", "total_batch_size", "seed")
+
+
+def _restore(ckpt, cfg, model, muon, adamw, hook, rank, world_size, num_iterations):
+    saved = ckpt["metadata"].get("train_config", {})
+    for key in RESUME_MUST_MATCH:
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise UserError(f"--resume: the checkpoint was trained with --{key}={saved[key]}, not {getattr(cfg, key)}; "
+                            f"use the same value to continue exactly")
+    if ckpt["metadata"].get("world_size", 1) != world_size:
+        raise UserError(f"--resume: the checkpoint was written by {ckpt['metadata']['world_size']} ranks, this run has {world_size}")
+    if ckpt["metadata"].get("num_iterations") != num_iterations:
+        print0(f"Warning: --resume with a different horizon ({ckpt['metadata'].get('num_iterations')} -> {num_iterations}); "
+               f"the LR schedule changes from here")
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+        hook.load_state_dict(ckpt.get("adaptive", {}))
+        muon.load_state_dict(ckpt["optim"]["muon"])
+        adamw.load_state_dict(ckpt["optim"]["adamw"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UserError(f"--resume: checkpoint does not match this model ({str(e).splitlines()[0][:150]})") from None
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if model.get_device().type == "cuda" and ckpt["rng"]["cuda"].numel():
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], model.get_device())
+    loop = ckpt["loop"]
+    return loop["step"], loop["smooth_loss"], loop["total_time"], loop["min_val_bpb"], loop["dataloader"][rank]
+
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "The opposite of hot is",
+                  "Shall I compare thee to"]
+
+
+def _print_samples(model, tokenizer, autocast):
+    model.eval()
+    engine = Engine(model, tokenizer)
+    with autocast:
+        for prompt in SAMPLE_PROMPTS:
+            tokens = tokenizer(prompt, prepend="<|bos|>")
+            sample, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
+            print0(json.dumps(tokenizer.decode(sample[0][1:]), ensure_ascii=False))
+    model.train()

@@ -1,0 +1,20 @@
+"""Baseline pretraining of a nanochat-style GPT (no adaptive SVD), on the shared training loop.
+
+Example (CPU, a few minutes):
+  python -m scripts.base_train --depth=4 --max_seq_len=512 --device_batch_size=1 \\
+      --total_batch_size=512 --num_iterations=100 --eval_tokens=512 --device_type=cpu
+Checkpoints go to <output_dir>/base_checkpoints/d<depth>_baseline/ unless --model_tag is given.
+"""
+
+from nanochat.cli import parse_args
+from nanochat.common import run_cli
+from nanochat.train import TrainConfig, train
+
+
+def main(argv):
+    cfg = parse_args(TrainConfig, argv, prog="python -m scripts.base_train", description=__doc__)
+    train(cfg, default_tag=f"d{cfg.depth}_baseline")
+
+
+if __name__ == "__main__":
+    run_cli(main)
