@@ -1,0 +1,135 @@
+"""Deterministic, resumable packed loader: parquet shards -> BOS-prefixed token stream -> (B, T) batches.
+
+The stream of one rank is: for each epoch, for each of its row groups in file order (global row-group
+index % world_size == rank, so ranks never share one), for each document, BOS + the document's tokens.
+Each batch takes the next B*T+1 tokens of that stream: inputs are the first B*T, targets the last B*T.
+"""
+
+import bisect
+import itertools
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from nanochat.common import UserError
+from nanochat.dataset import PREPARE_HINT, list_shards
+
+STATE_KEYS = ("epoch", "shard", "row_group", "doc", "offset")
+
+
+class DataLoader:
+    """Iterate forever over (inputs, targets) LongTensors of shape (B, T) on device.
+
+    state_dict() gives the exact position of the next unconsumed token as plain ints; passing it back as
+    state= makes the next batch bit-identical to the one the uninterrupted loader would have produced.
+    A state saved by another rank (or another world size) points at a row group this rank does not own:
+    the loader then starts at this rank's next row group after that point (close, but not exact).
+    """
+
+    def __init__(self, tokenizer, B, T, split, device, rank=0, world_size=1, data_dir=None, state=None, tokenizer_threads=4):
+        if B < 1 or T < 1:
+            raise UserError(f"batch size and sequence length must be >= 1, got B={B}, T={T}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.tokenizer, self.B, self.T = tokenizer, B, T
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda"  # pinned memory only helps (and only exists) for CUDA copies
+        self.bos = tokenizer.get_bos_token_id()
+        self.threads = tokenizer_threads
+        self.paths = list_shards(data_dir, split)
+        self.split = split
+        # Every row group in global order as (shard, row group); this rank owns global indices rank, rank + world_size, ...
+        all_row_groups = [(s, g) for s, path in enumerate(self.paths) for g in range(self._parquet(path).num_row_groups)]
+        self.global_index = {key: i for i, key in enumerate(all_row_groups)}
+        self.owned = range(rank, len(all_row_groups), world_size)
+        self.row_groups = all_row_groups[rank::world_size]
+        if not self.row_groups:
+            raise UserError(f"the {split} split has {len(all_row_groups)} row groups, fewer than world size {world_size}; "
+                            f"rebuild the data with more documents ({PREPARE_HINT})")
+        self._open = (None, None)
+        self._seek(state or {"epoch": 0, "shard": self.row_groups[0][0], "row_group": self.row_groups[0][1], "doc": 0, "offset": 0})
+
+    def _parquet(self, path):
+        try:
+            return pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"cannot read shard {path} ({e}); delete it and {PREPARE_HINT}") from None
+
+    def _load(self, pos):
+        """Tokenize row group number pos of this rank into one flat tensor plus document start offsets."""
+        shard, group = self.row_groups[pos]
+        if self._open[0] != shard:
+            self._open = (shard, self._parquet(self.paths[shard]))
+        try:
+            texts = self._open[1].read_row_group(group, columns=["text"]).column("text").to_pylist()
+        except (pa.ArrowException, OSError, KeyError) as e:
+            raise UserError(f"cannot read the text column of {self.paths[shard]} ({e}); {PREPARE_HINT}") from None
+        token_lists = self.tokenizer.encode([t or "" for t in texts], prepend=self.bos, num_threads=self.threads)
+        lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+        self.doc_starts = np.concatenate([[0], np.cumsum(lengths)])
+        flat = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=int(self.doc_starts[-1]))
+        self.tokens = torch.from_numpy(flat)
+        self.pos, self.cursor = pos, 0
+
+    def _seek(self, state):
+        try:
+            epoch, shard, group, doc, offset = (int(state[k]) for k in STATE_KEYS)
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"data loader state must be a dict with int keys {', '.join(STATE_KEYS)}, got {state!r}") from None
+        target = self.global_index.get((shard, group))
+        if target is None:
+            raise UserError(f"data loader state points at row group {group} of shard {shard}, which the {self.split} data in "
+                            f"{os.path.dirname(self.paths[0])} does not have; the data changed since the state was saved")
+        self.epoch = epoch
+        pos = bisect.bisect_left(self.owned, target)
+        if pos < len(self.owned) and self.owned[pos] == target:
+            self._load(pos)
+            if not (0 <= doc < len(self.doc_starts) - 1 and 0 <= self.doc_starts[doc] + offset < self.doc_starts[doc + 1]):
+                raise UserError(f"data loader state (doc {doc}, offset {offset}) does not fit shard {shard} row group {group}; "
+                                "the data or tokenizer changed since the state was saved")
+            self.cursor = int(self.doc_starts[doc] + offset)
+        elif pos < len(self.owned):
+            self._load(pos)
+        else:
+            self.epoch += 1
+            self._load(0)
+
+    def _next_position(self):
+        return (self.epoch, self.pos + 1) if self.pos + 1 < len(self.row_groups) else (self.epoch + 1, 0)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        needed = self.B * self.T + 1
+        pieces = []
+        while needed:
+            if self.cursor == len(self.tokens):
+                self.epoch, pos = self._next_position()
+                self._load(pos)
+                continue
+            take = min(needed, len(self.tokens) - self.cursor)
+            pieces.append(self.tokens[self.cursor:self.cursor + take])
+            self.cursor += take
+            needed -= take
+        window = torch.cat(pieces)
+        if self.pin:
+            window = window.pin_memory()
+        inputs = window[:-1].view(self.B, self.T).to(self.device, non_blocking=self.pin)
+        targets = window[1:].view(self.B, self.T).to(self.device, non_blocking=self.pin)
+        return inputs, targets
+
+    def state_dict(self):
+        """Position of the next unconsumed token, as plain ints (safe for torch.load(weights_only=True))."""
+        if self.cursor == len(self.tokens):
+            epoch, pos = self._next_position()
+            doc = offset = 0
+        else:
+            epoch, pos = self.epoch, self.pos
+            doc = int(np.searchsorted(self.doc_starts, self.cursor, side="right")) - 1
+            offset = self.cursor - int(self.doc_starts[doc])
+        shard, group = self.row_groups[pos]
+        return {"epoch": epoch, "shard": shard, "row_group": group, "doc": doc, "offset": offset}
