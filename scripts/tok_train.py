@@ -3,12 +3,13 @@
     python -m scripts.tok_train [--max_chars=2000000000] [--doc_cap=10000] [--vocab_size=65536] [--data_dir=DIR]
 """
 
-import argparse
+import dataclasses
 import os
 import time
 
 import pyarrow.parquet as pq
 
+from nanochat.cli import flag, parse_args
 from nanochat.common import UserError, run_cli
 from nanochat.dataset import get_data_dir, list_shards
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
@@ -16,22 +17,20 @@ from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 SAMPLE_TEXT = "Hello world! The year 2025 has 365 days; naïve café, 東京, emoji 🙂.\n\n\tdef f(x):\n        return x ** 2"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(message)  # run_cli turns it into one line on stderr and exit status 2
+@dataclasses.dataclass
+class TokTrainConfig:
+    max_chars: int = flag(2_000_000_000, "stop reading the train shards after this many characters")
+    doc_cap: int = flag(10_000, "use at most this many characters of each document")
+    vocab_size: int = flag(65536, "vocabulary size including the 9 special tokens (a small corpus may give fewer)")
+    data_dir: str = flag("", "shard directory; empty = <base>/base_data")
 
 
-def parse_args(argv):
-    parser = _Parser(prog="python -m scripts.tok_train", description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--max_chars", "--max-chars", type=int, default=2_000_000_000, help="stop reading after this many characters (default: 2e9)")
-    parser.add_argument("--doc_cap", "--doc-cap", type=int, default=10_000, help="use at most this many characters of each document (default: 10000)")
-    parser.add_argument("--vocab_size", "--vocab-size", type=int, default=65536, help="vocabulary size including the 9 special tokens (default: 65536)")
-    parser.add_argument("--data_dir", "--data-dir", default=None, help="shard directory (default: <base>/base_data)")
-    args = parser.parse_args(argv)
+def parse_config(argv):
+    cfg = parse_args(TokTrainConfig, argv, prog="python -m scripts.tok_train", description=__doc__)
     for name in ("max_chars", "doc_cap"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    return args
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    return cfg
 
 
 def text_iterator(paths, max_chars, doc_cap, stats):
@@ -72,8 +71,8 @@ def compression_summary(tokenizer, data_dir):
 
 
 def main(argv):
-    args = parse_args(argv)
-    data_dir = get_data_dir(args.data_dir)
+    args = parse_config(argv)
+    data_dir = get_data_dir(args.data_dir or None)
     paths = list_shards(data_dir, "train")
     print(f"Training a tokenizer with vocab size {args.vocab_size:,} on up to {args.max_chars:,} chars "
           f"of {len(paths)} train shards in {data_dir}", flush=True)

@@ -144,8 +144,8 @@ def test_tok_train_cli_end_to_end(isolated_base_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--bogus=1"], "unrecognized arguments"),
-    (["--vocab_size=lots"], "invalid int value"),
+    (["--bogus=1"], "unknown flag --bogus"),
+    (["--vocab_size=lots"], "--vocab_size expects int"),
     ([], "no train shards in .*prepare_data"),
 ])
 def test_tok_train_cli_errors(isolated_base_dir, args, message):
@@ -158,9 +158,10 @@ def test_tok_train_cli_errors(isolated_base_dir, args, message):
 
 
 def test_tok_train_range_checks():
-    from scripts.tok_train import parse_args
+    from scripts.tok_train import parse_config
 
-    assert parse_args(["--max-chars", "5", "--doc_cap=7"]).max_chars == 5
+    cfg = parse_config(["--max-chars", "2e9", "--doc_cap=7", "--data_dir", "/x"])
+    assert (cfg.max_chars, cfg.doc_cap, cfg.vocab_size, cfg.data_dir) == (2_000_000_000, 7, 65536, "/x")
     for bad in (["--doc_cap=0"], ["--max_chars=-1"]):
         with pytest.raises(UserError, match="must be >= 1"):
-            parse_args(bad)
+            parse_config(bad)
