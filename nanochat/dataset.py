@@ -14,6 +14,7 @@ Sources, all ending in parquet shards of the same format:
   fineweb  - FineWeb-Edu shards downloaded from Hugging Face, as upstream nanochat does
 """
 
+import concurrent.futures
 import glob
 import importlib.util
 import json
@@ -310,9 +311,18 @@ def _download(url, path, retries, backoff, timeout):
     return error
 
 
-def download_fineweb(num_shards, data_dir=None, base_url=None, retries=5, backoff=2.0, timeout=60, log=print):
-    """Download the first num_shards FineWeb-Edu train shards and the fixed val shard (existing ones are kept).
+def _download_error(error, base_url, index, retries):
+    if isinstance(error, urllib.error.HTTPError):
+        return UserError(f"downloading {base_url}/shard_{index:05d}.parquet failed after {retries} tries (HTTP {error.code} {error.reason})")
+    host = base_url.split("/")[2] if "://" in base_url else base_url
+    return UserError(f"cannot reach {host} to download shard_{index:05d}.parquet after {retries} tries ({getattr(error, 'reason', error)}); "
+                     "without internet use --source=offline (or --source=files / --source=hf_disk)")
 
+
+def download_fineweb(num_shards, data_dir=None, base_url=None, retries=5, backoff=2.0, timeout=60, workers=4, log=print):
+    """Download the first num_shards FineWeb-Edu train shards and the fixed val shard, `workers` at a time.
+
+    Shards already present are kept, so an interrupted download resumes where it stopped.
     base_url defaults to $NANOCHAT_FINEWEB_URL, else Hugging Face.
     """
     if not 1 <= num_shards <= FINEWEB_VAL_INDEX:
@@ -331,19 +341,17 @@ def download_fineweb(num_shards, data_dir=None, base_url=None, retries=5, backof
             raise UserError(f"{data_dir} holds data from source {previous!r}; use another --data_dir or delete it first")
     os.makedirs(data_dir, exist_ok=True)
     jobs = [(FINEWEB_VAL_INDEX, shard_name("val", 0))] + [(i, shard_name("train", i)) for i in range(num_shards)]
-    for n, (index, name) in enumerate(jobs, 1):
-        path = os.path.join(data_dir, name)
-        if os.path.exists(path):
-            continue
-        error = _download(f"{base_url}/shard_{index:05d}.parquet", path, retries, backoff, timeout)
-        if isinstance(error, urllib.error.HTTPError):
-            raise UserError(f"downloading {base_url}/shard_{index:05d}.parquet failed after {retries} tries (HTTP {error.code} {error.reason})")
-        if error is not None:
-            host = base_url.split("/")[2] if "://" in base_url else base_url
-            reason = getattr(error, "reason", error)
-            raise UserError(f"cannot reach {host} to download shard_{index:05d}.parquet after {retries} tries ({reason}); "
-                            "without internet use --source=offline (or --source=files / --source=hf_disk)")
-        log(f"downloaded {name} ({n}/{len(jobs)})")
+    jobs = [(index, os.path.join(data_dir, name)) for index, name in jobs if not os.path.exists(os.path.join(data_dir, name))]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(_download, f"{base_url}/shard_{index:05d}.parquet", path, retries, backoff, timeout): (index, path)
+                   for index, path in jobs}
+        for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            index, path = futures[future]
+            error = future.result()
+            if error is not None:
+                pool.shutdown(cancel_futures=True)
+                raise _download_error(error, base_url, index, retries)
+            log(f"downloaded {os.path.basename(path)} ({n}/{len(jobs)})")
     train = list_shards(data_dir, "train")
     manifest = {
         "source": "fineweb",

@@ -19,7 +19,7 @@ SOURCE_FLAGS = {  # flags that only make sense for one source, so a misplaced on
     "offline": {"domains", "max_chars_per_domain"},
     "files": {"files", "txt_split"},
     "hf_disk": {"dataset_path", "hf_split"},
-    "fineweb": {"num_shards", "retries"},
+    "fineweb": {"num_shards", "retries", "workers"},
 }
 SHARD_FLAGS = {"docs_per_shard", "val_docs", "val_fraction", "seed"}  # the shard writer's, unused by fineweb
 
@@ -43,6 +43,7 @@ def parse_args(argv):
     p.add_argument("--hf_split", "--hf-split", default=None, help="hf_disk: split of a saved DatasetDict (default: train)")
     p.add_argument("--num_shards", "--num-shards", type=int, default=None, help="fineweb: train shards to download (default: 8, max 1822)")
     p.add_argument("--retries", type=int, default=None, help="fineweb: tries per shard (default: 5)")
+    p.add_argument("--workers", type=int, default=None, help="fineweb: parallel downloads (default: 4)")
     p.add_argument("--docs_per_shard", "--docs-per-shard", type=int, default=None, help="documents per train shard (default: 2000)")
     p.add_argument("--val_docs", "--val-docs", type=int, default=None, help="documents in the val shard (default: 5%% of all)")
     p.add_argument("--val_fraction", "--val-fraction", type=float, default=None, help="fraction of documents for val (default: 0.05)")
@@ -56,7 +57,7 @@ def parse_args(argv):
         raise UserError("give --val_docs or --val_fraction, not both")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
-    for name in ("max_chars_per_domain", "num_shards", "retries", "docs_per_shard", "val_docs"):
+    for name in ("max_chars_per_domain", "num_shards", "retries", "workers", "docs_per_shard", "val_docs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.source == "files" and not args.files:
@@ -71,7 +72,7 @@ def main(argv):
     data_dir = get_data_dir(args.data_dir)
     t0 = time.time()
     if args.source == "fineweb":
-        manifest = download_fineweb(args.num_shards or 8, data_dir, retries=args.retries or 5)
+        manifest = download_fineweb(args.num_shards or 8, data_dir, retries=args.retries or 5, workers=args.workers or 4)
         print(f"FineWeb-Edu: {manifest['train']['shards']} train shards ({manifest['train']['docs']:,} docs) and the val shard "
               f"({manifest['val']['docs']:,} docs) in {os.path.abspath(data_dir)} [{time.time() - t0:.1f}s]")
         return
