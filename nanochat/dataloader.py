@@ -87,7 +87,7 @@ class DataLoader:
         pos = bisect.bisect_left(self.owned, target)
         if pos < len(self.owned) and self.owned[pos] == target:
             self._load(pos)
-            if not (0 <= doc < len(self.doc_starts) - 1 and 0 <= self.doc_starts[doc] + offset < self.doc_starts[doc + 1]):
+            if not (0 <= doc < len(self.doc_starts) - 1 and 0 <= offset < self.doc_starts[doc + 1] - self.doc_starts[doc]):
                 raise UserError(f"data loader state (doc {doc}, offset {offset}) does not fit shard {shard} row group {group}; "
                                 "the data or tokenizer changed since the state was saved")
             self.cursor = int(self.doc_starts[doc] + offset)

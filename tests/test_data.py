@@ -304,14 +304,29 @@ def test_state_at_an_exact_row_group_end(data):
     assert all(torch.equal(a, b) for a, b in zip(next(resumed), expected))
 
 
+def test_state_from_another_rank_moves_to_this_ranks_next_row_group(data):
+    data_dir, tok = data
+    other = {"epoch": 0, "shard": 0, "row_group": 2, "doc": 3, "offset": 1}  # global row group 2 belongs to rank 0 of 2
+    loader = DataLoader(tok, 1, 8, "train", "cpu", rank=1, world_size=2, data_dir=data_dir, state=other)
+    assert loader.state_dict() == {"epoch": 0, "shard": 0, "row_group": 3, "doc": 0, "offset": 0}
+    # The very last row group, given to the rank that does not own it: wrap to that rank's first one, next epoch.
+    shards = list_shards(data_dir, "train")
+    num_groups = [pq.ParquetFile(p).num_row_groups for p in shards]
+    rank = sum(num_groups) % 2  # the last global index, sum - 1, belongs to the other rank
+    last = {"epoch": 0, "shard": len(shards) - 1, "row_group": num_groups[-1] - 1, "doc": 0, "offset": 0}
+    loader = DataLoader(tok, 1, 8, "train", "cpu", rank=rank, world_size=2, data_dir=data_dir, state=last)
+    assert loader.state_dict() == {"epoch": 1, "shard": 0, "row_group": rank, "doc": 0, "offset": 0}
+
+
 def test_loader_errors(data, tmp_path):
     data_dir, tok = data
     with pytest.raises(UserError, match=r"no train shards in .*prepare_data"):
         DataLoader(tok, 1, 8, "train", "cpu", data_dir=str(tmp_path))
     with pytest.raises(UserError, match="does not have"):
         DataLoader(tok, 1, 8, "train", "cpu", data_dir=data_dir, state={"epoch": 0, "shard": 99, "row_group": 0, "doc": 0, "offset": 0})
-    with pytest.raises(UserError, match="does not fit"):
-        DataLoader(tok, 1, 8, "train", "cpu", data_dir=data_dir, state={"epoch": 0, "shard": 0, "row_group": 0, "doc": 10**6, "offset": 0})
+    for doc, offset in ((10**6, 0), (0, 10**6), (1, -1)):
+        with pytest.raises(UserError, match="does not fit"):
+            DataLoader(tok, 1, 8, "train", "cpu", data_dir=data_dir, state={"epoch": 0, "shard": 0, "row_group": 0, "doc": doc, "offset": offset})
     with pytest.raises(UserError, match="must be a dict"):
         DataLoader(tok, 1, 8, "train", "cpu", data_dir=data_dir, state={"epoch": 0})
     (tmp_path / "train_00000.parquet").write_bytes(b"not parquet")
