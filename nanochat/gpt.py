@@ -205,41 +205,56 @@ class Block(nn.Module):
         return x + self.mlp(norm(x))
 
 
-def softcap_cross_entropy_chunks(x, weight, targets, chunk, need_grad):
-    """Per-token cross-entropy of soft-capped logits 15 tanh(x W^T / 15), a chunk of rows at a time.
+_WORKSPACE = {}
 
-    The full (tokens x vocab) logits never exist at once: each chunk's gradient is formed right
-    away (dz = softmax(z) - onehot, dlogits = dz (1 - tanh^2)), so memory stays O(chunk x vocab) and
-    the elementwise work is a few in-place passes over a cache-sized buffer. On a CPU step dominated
-    by the 65,536-wide lm_head this is what brings the step close to matmul speed.
+
+def _workspace(name, rows, cols, device):
+    """Reused (rows x cols) fp32 buffers: a fresh 100+ MB tensor every step costs page faults on CPU."""
+    key = (name, device)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < rows * cols:
+        buf = _WORKSPACE[key] = torch.empty(rows * cols, dtype=torch.float32, device=device)
+    return buf[:rows * cols].view(rows, cols)
+
+
+def softcap_cross_entropy_chunks(x, weight, targets, need_grad, max_elements=2 ** 25):
+    """Per-token cross-entropy of soft-capped logits z = 15 tanh(x W^T / 15), a chunk of rows at a time.
+
+    Gradients are formed in the same pass: with e = exp(z - max) and s = sum(e),
+    dL/d(x W^T) = (e / s - onehot) (1 - tanh^2), and the per-row factors (1/s, 1/count) are applied
+    to the small (rows x d) matrices instead of the (rows x vocab) one. The chunk is as many rows as
+    fit in `max_elements` logits, so at most two such buffers exist and they are reused across calls.
     Returns (losses (N,), grad_x, grad_w), the gradients being those of the mean over valid targets.
     """
-    N = x.shape[0]
+    N, V = x.shape[0], weight.shape[0]
+    chunk = max(1, min(N, max_elements // V))
     valid = targets != -1
     count = valid.sum().clamp(min=1)
     losses = torch.empty(N, dtype=torch.float32, device=x.device)
     grad_x = torch.empty_like(x) if need_grad else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+    grad_w = None
     w = weight.float()
     for s in range(0, N, chunk):
         xs = x[s:s + chunk].float()
+        rows = xs.shape[0]
         ts = targets[s:s + chunk].clamp(min=0)[:, None]
         vs = valid[s:s + chunk]
-        t = xs @ w.T
-        t.div_(SOFTCAP).tanh_()                          # t = tanh(logits / 15)
-        z = t * SOFTCAP                                  # soft-capped logits
-        m = z.amax(dim=1, keepdim=True)
-        z.sub_(m).exp_()                                 # exp(z - max)
-        sumexp = z.sum(dim=1, keepdim=True)
+        t = torch.mm(xs / SOFTCAP, w.T, out=_workspace("t", rows, V, x.device))
+        t.tanh_()                                        # t = tanh(logits / 15)
+        m = SOFTCAP * t.amax(dim=1, keepdim=True)
+        e = torch.add(-m, t, alpha=SOFTCAP, out=_workspace("e", rows, V, x.device))
+        e.exp_()                                         # e = exp(z - max z)
+        sumexp = e.sum(dim=1, keepdim=True)
         z_target = SOFTCAP * t.gather(1, ts)
         losses[s:s + chunk] = (m + sumexp.log() - z_target).squeeze(1) * vs
         if need_grad:
-            z.div_(sumexp)                               # softmax
-            z.scatter_add_(1, ts, torch.full_like(z_target, -1.0))
-            t.mul_(t).neg_().add_(1.0)                   # dtanh = 1 - tanh^2
-            z.mul_(t).mul_((vs.float() / count)[:, None])  # d(mean loss) / d(x W^T)
-            grad_x[s:s + chunk] = (z @ w).to(x.dtype)
-            grad_w.addmm_(z.T, xs)
+            e.scatter_add_(1, ts, -sumexp)               # e - s * onehot = s (softmax - onehot)
+            t.mul_(t)
+            e.addcmul_(e, t, value=-1.0)                 # times (1 - tanh^2)
+            row_scale = vs.float()[:, None] / (sumexp * count)
+            grad_x[s:s + chunk] = (torch.mm(e, w) * row_scale).to(x.dtype)
+            gw = torch.mm(e.T, xs * row_scale)
+            grad_w = gw if grad_w is None else grad_w.add_(gw)
     return losses, grad_x, grad_w
 
 
@@ -247,9 +262,9 @@ class SoftcapCrossEntropyMean(torch.autograd.Function):
     """Mean soft-capped cross-entropy over valid targets, gradients formed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk):
+    def forward(ctx, x, weight, targets):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        losses, grad_x, grad_w = softcap_cross_entropy_chunks(x, weight, targets, chunk, need_grad)
+        losses, grad_x, grad_w = softcap_cross_entropy_chunks(x, weight, targets, need_grad)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return losses.sum() / (targets != -1).sum().clamp(min=1)
@@ -257,7 +272,7 @@ class SoftcapCrossEntropyMean(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mean):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_mean, (grad_w * grad_mean).to(ctx.weight_dtype), None, None
+        return grad_x * grad_mean, (grad_w * grad_mean).to(ctx.weight_dtype), None
 
 
 class GPT(nn.Module):
@@ -275,7 +290,6 @@ class GPT(nn.Module):
         cos, sin = self._precompute_rotary(self.rotary_seq_len, head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        self.ce_chunk = 64
 
     def _precompute_rotary(self, seq_len, head_dim, base=10000, device=None):
         if device is None:
@@ -341,9 +355,9 @@ class GPT(nn.Module):
             logits = SOFTCAP * torch.tanh(self.lm_head(x2).float() / SOFTCAP)
             return F.cross_entropy(logits, t2, ignore_index=-1, reduction=loss_reduction)
         if loss_reduction == "mean":
-            return SoftcapCrossEntropyMean.apply(x2, self.lm_head.weight, t2, self.ce_chunk)
+            return SoftcapCrossEntropyMean.apply(x2, self.lm_head.weight, t2)
         if loss_reduction == "none":
             with torch.no_grad():
-                losses, _, _ = softcap_cross_entropy_chunks(x2, self.lm_head.weight, t2, self.ce_chunk, False)
+                losses, _, _ = softcap_cross_entropy_chunks(x2, self.lm_head.weight, t2, False)
             return losses.view(B, T)
         raise ValueError(f"unknown loss_reduction {loss_reduction!r}")

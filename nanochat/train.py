@@ -171,13 +171,18 @@ def _resolve_horizon(cfg, num_params, flops_per_token):
 class _StopRequest:
     """SIGTERM/SIGUSR1 (SLURM's warning before the time limit) ask the loop to save and exit."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self):
         self.signum = None
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
         self.signum = signum
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def train(cfg, hook=None, default_tag=None):
@@ -256,6 +261,7 @@ def train(cfg, hook=None, default_tag=None):
     stop = _StopRequest()
     ema_beta = 0.9
     val_bpb = None
+    losses = []  # raw per-step training loss of this process, returned for tests and reports
 
     def save(step):
         loader_states = [None] * world_size
@@ -335,6 +341,7 @@ def train(cfg, hook=None, default_tag=None):
         step += 1
 
         loss_value = train_loss.item()
+        losses.append(loss_value)
         if not math.isfinite(loss_value):
             raise RuntimeError(f"training loss became {loss_value} at step {step}; lower the learning rates")
         smooth_loss = ema_beta * smooth_loss + (1 - ema_beta) * loss_value
@@ -348,6 +355,7 @@ def train(cfg, hook=None, default_tag=None):
         log({"train/loss": debiased, "train/grad_norm": grad_norm.item(), "train/lrm": lrm, "train/dt": dt,
              "train/tok_per_sec": tok_per_sec}, step)
 
+    stop.restore()
     print0(f"Peak memory usage: {peak_memory_mib(device_type):.2f} MiB")
     print0(f"Total training time: {total_time / 60:.2f}m")
     print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
@@ -356,7 +364,8 @@ def train(cfg, hook=None, default_tag=None):
         wandb_run.finish()
     compute_cleanup()
     return {"step": step, "min_val_bpb": min_val_bpb, "val_bpb": val_bpb, "ckpt_dir": ckpt_dir,
-            "total_time": total_time, "num_iterations": num_iterations}
+            "total_time": total_time, "num_iterations": num_iterations, "losses": losses,
+            "stopped_by_signal": stop.signum}
 
 
 def _finite_or_none(x):

@@ -1,0 +1,115 @@
+"""The shared training loop end to end on the real offline corpus: learning, checkpoints, exact resume, CLI errors."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import CHECKPOINT_NAME
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.train import TrainConfig, TrainHook, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=256, eval_tokens=1024,
+            sample_every=-1, device_type="cpu")
+
+
+@pytest.fixture
+def base(prepared_base, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(prepared_base))
+    return prepared_base
+
+
+def test_training_lowers_validation_bpb(base, tmp_path, capsys):
+    result = train(TrainConfig(**TINY, num_iterations=40, eval_every=40, output_dir=str(tmp_path)))
+    out = capsys.readouterr().out
+    bpbs = [float(line.split()[-1]) for line in out.splitlines() if "Validation bpb" in line]
+    assert len(bpbs) == 2 and bpbs[1] < bpbs[0] - 0.3
+    assert result["losses"][-1] < result["losses"][0] - 1.0
+    for needed in ("Vocab size: 4,096", "num_layers: 2", "model_dim: 128", "num_heads: 1",
+                   "Number of parameters:", "step 00001/00040 (2.50%) | loss:", "Peak memory usage:",
+                   "Total training time:", "Minimum validation bpb:"):
+        assert needed in out
+
+
+def test_checkpoint_loads_strictly_into_plain_gpt(base, tmp_path):
+    train(TrainConfig(**TINY, num_iterations=3, output_dir=str(tmp_path)), default_tag="d2_test")
+    ckpt_dir = tmp_path / "base_checkpoints" / "d2_test"
+    assert (ckpt_dir / "config.json").exists()
+    ckpt = torch.load(ckpt_dir / CHECKPOINT_NAME, map_location="cpu")  # weights_only default
+    model = GPT(GPTConfig(**ckpt["metadata"]["model_config"]))
+    model.load_state_dict(ckpt["model"])  # strict
+    assert not [f for f in os.listdir(ckpt_dir) if ".tmp" in f]
+
+
+class StopAt(TrainHook):
+    """Sends SIGUSR1 (what SLURM sends before the time limit) to this process during step `at`."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def after_backward(self, step, last_step):
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_signal_save_and_resume_is_exact(base, tmp_path):
+    cfg = dict(TINY, num_iterations=8, eval_every=-1)
+    full = train(TrainConfig(**cfg, output_dir=str(tmp_path / "a")))
+    first = train(TrainConfig(**cfg, output_dir=str(tmp_path / "b")), hook=StopAt(4))
+    assert first["stopped_by_signal"] == signal.SIGUSR1 and first["step"] == 4
+    assert first["losses"] == full["losses"][:4]
+    rest = train(TrainConfig(**cfg, output_dir=str(tmp_path / "b"), resume=True))
+    assert rest["losses"] == full["losses"][4:]
+    a = torch.load(tmp_path / "a/base_checkpoints/d2" / CHECKPOINT_NAME)["model"]
+    b = torch.load(tmp_path / "b/base_checkpoints/d2" / CHECKPOINT_NAME)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def run_cli(args, env_base, cwd=ROOT):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(env_base))
+    return subprocess.run([sys.executable, "-m", "scripts.base_train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--no_such_flag=1"], "unknown flag --no_such_flag"),
+    (["--depht=4"], "did you mean --depth"),
+    (["--depth=four"], "--depth expects int"),
+    (["--depth=0"], "--depth must be >= 1"),
+    (["--device_type=tpu"], "unknown --device_type"),
+    (["--device_type=cuda"], "no CUDA device"),
+    (["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=100", "--device_type=cpu"],
+     "not a multiple of"),
+])
+def test_cli_errors_are_one_line(base, args, expect):
+    if "cuda" in str(args) and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = run_cli(args, base)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert expect in r.stderr
+
+
+def test_missing_tokenizer_is_one_line(tmp_path):
+    r = run_cli(["--depth=2", "--device_type=cpu"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "tokenizer" in r.stderr and "scripts.tok_train" in r.stderr
+
+
+def test_corrupt_checkpoint_is_one_line_and_left_intact(base, tmp_path):
+    ckpt_dir = tmp_path / "base_checkpoints" / "d2_baseline"
+    ckpt_dir.mkdir(parents=True)
+    (ckpt_dir / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    r = run_cli(["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=128",
+                 "--device_type=cpu", "--resume", f"--output_dir={tmp_path}"], base)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "corrupt" in r.stderr
+    assert (ckpt_dir / CHECKPOINT_NAME).read_bytes() == b"not a checkpoint"
+
+
+def test_help_lists_flags(base):
+    r = run_cli(["--help"], base)
+    assert r.returncode == 0 and "--num_iterations" in r.stdout and "--device_type" in r.stdout
