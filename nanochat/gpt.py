@@ -66,7 +66,8 @@ class AdaptiveSVDLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.B = None
         self.A = None
-        self.protect_U = None  # orthonormal bases of the principal subspace for --svd_protect=project
+        self.protect = False   # --svd_protect=project: keep B A out of the principal subspace
+        self.protect_U = None  # orthonormal bases of that subspace while low-rank
         self.protect_V = None
 
     @property
@@ -102,7 +103,7 @@ class AdaptiveSVDLinear(nn.Module):
         self.weight.data.copy_(W_p.to(dt))
         self.B = nn.Parameter((U[:, k:] * sq).to(dt).contiguous())
         self.A = nn.Parameter((sq[:, None] * Vh[k:]).to(dt).contiguous())
-        if self.protect_U is not None or self.protect_V is not None:
+        if self.protect:
             self.set_protection(U[:, :k], Vh[:k].T)
 
     @torch.no_grad()

@@ -75,18 +75,20 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update[i].to(p.dtype), alpha=-group["lr"] * scale)
 
     def replace(self, old, new):
-        """Swap parameter `old` for the (name, parameter, momentum_buffer) entries in `new`.
-        Every other parameter keeps its state object untouched."""
+        """Swap the parameters in `old` (contiguous in the group) for the (name, parameter, momentum)
+        entries in `new`. Every other parameter keeps its state object untouched."""
         params = self.param_groups[0]["params"]
-        idx = next(i for i, p in enumerate(params) if p is old)
-        self.state.pop(old, None)
-        del self.names[old]
+        idx = min(i for i, p in enumerate(params) if any(p is o for o in old))
+        for o in old:
+            self.state.pop(o, None)
+            del self.names[o]
+        params[:] = [p for p in params if not any(p is o for o in old)]
         entries = []
         for name, p, buf in new:
             self.names[p] = name
             self.state[p]["momentum_buffer"] = buf.to(p.dtype).clone()
             entries.append(p)
-        params[idx:idx + 1] = entries
+        params[idx:idx] = entries
 
     def state_dict(self):
         group = {k: v for k, v in self.param_groups[0].items() if k != "params"}

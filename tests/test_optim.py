@@ -60,7 +60,7 @@ def test_replace_keeps_other_state_and_installs_momentum():
     other = {n: opt.state[p]["momentum_buffer"].clone() for n, p in ps if n != "p1"}
     B, A = torch.nn.Parameter(torch.randn(8, 2)), torch.nn.Parameter(torch.randn(2, 8))
     mB, mA = torch.randn(8, 2), torch.randn(2, 8)
-    opt.replace(ps[1][1], [("p1.B", B, mB), ("p1.A", A, mA)])
+    opt.replace([ps[1][1]], [("p1.B", B, mB), ("p1.A", A, mA)])
     assert [opt.names[p] for p in opt.params()] == ["p0", "p1.B", "p1.A", "p2"]
     assert torch.equal(opt.state[B]["momentum_buffer"], mB) and torch.equal(opt.state[A]["momentum_buffer"], mA)
     for n, p in ps:
@@ -68,6 +68,9 @@ def test_replace_keeps_other_state_and_installs_momentum():
             assert torch.equal(opt.state[p]["momentum_buffer"], other[n])
     sd = opt.state_dict()
     assert set(sd["momentum"]) == {"p0", "p1.B", "p1.A", "p2"}
+    W = torch.nn.Parameter(torch.randn(8, 8))
+    opt.replace([B, A], [("p1", W, torch.ones(8, 8))])
+    assert [opt.names[p] for p in opt.params()] == ["p0", "p1", "p2"] and B not in opt.state
 
 
 def test_state_dict_round_trip_is_order_independent():

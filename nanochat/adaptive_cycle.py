@@ -1,0 +1,371 @@
+"""The adaptive-SVD analysis cycle: ties the pure method (nanochat/adaptive_svd.py) to a live run.
+
+Every `svd_interval` steps (and at the last step), between backward and the optimizer step, for each
+target layer: SVD of W_eff, metrics against the previous analysis, a decision, then the action
+(switch to low rank, switch back to full, or re-split the low-rank layer with the new r) with the
+layer's Muon momentum carried by the gradient-consistent rule. Logs to the console, to
+`svd_metrics.jsonl` next to the checkpoint and to wandb. Its state goes into the checkpoint.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from nanochat import adaptive_svd as asvd
+from nanochat.cli import flag
+from nanochat.common import UserError, print0
+from nanochat.gpt import AdaptiveSVDLinear
+from nanochat.train import TrainConfig, TrainHook
+
+ATTN = ("c_q", "c_k", "c_v", "c_proj")
+MLP = ("c_fc", "mlp.c_proj")
+_P = asvd.SVDPolicy
+
+
+@dataclass
+class AdaptiveConfig(TrainConfig):
+    adaptive_svd: bool = flag(True, "run the adaptive SVD analysis and switching (false = plain baseline loop)")
+    adaptive_svd_target_layer: int = flag(0, "block index whose matrices are analysed; -1 = all blocks")
+    svd_targets: str = flag("c_q", "comma list of matrices: c_q,c_k,c_v,c_proj (attention), c_fc, mlp.c_proj, or attn / mlp / all")
+    svd_interval: int = flag(20, "analyse every N steps (and at the last step)")
+    svd_method: str = flag("auto", "exact | warm | auto (exact for small matrices, warm-started subspace iteration for large)")
+    svd_protect: str = flag("none", "none | project: keep B's and A's gradients out of the frozen principal subspace")
+    svd_warmup_steps: int = flag(_P.svd_warmup_steps, "no switch before this step")
+    svd_ratio_danger: float = flag(_P.svd_ratio_danger, "alignment_ratio (gradient or update) that switches full -> low-rank")
+    svd_overlap_stable: float = flag(_P.svd_overlap_stable, "subspace overlap above chance counted as a stable principal subspace")
+    svd_reconstruction_max: float = flag(_P.svd_reconstruction_max, "reconstruction error at the proposed r allowed for the stability switch")
+    svd_trainable_fraction_min: float = flag(_P.svd_trainable_fraction_min, "low-rank factors must follow at least this share of ||G||^2")
+    svd_angle_max: float = flag(_P.svd_angle_max, "radians of principal-subspace rotation that send a low-rank layer back to full")
+    svd_patience: int = flag(_P.svd_patience, "consecutive bad analyses before low-rank -> full; analyses held after any switch")
+    svd_rank_decay: float = flag(_P.svd_rank_decay, "r shrinks by this factor when the minor spectrum is stable")
+    svd_minor_change_tol: float = flag(_P.svd_minor_change_tol, "relative minor-spectrum change separating shrink from grow")
+    svd_rank_min: int = flag(_P.svd_rank_min, "lower bound of r")
+    svd_principal_energy: float = flag(_P.svd_principal_energy, "share of ||W||_F^2 the principal part holds at first (chooses k_min)")
+
+
+def policy_from(cfg):
+    return asvd.SVDPolicy(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(asvd.SVDPolicy)})
+
+
+def validate_adaptive(cfg):
+    checks = [
+        (cfg.svd_interval >= 1, "--svd_interval must be >= 1"),
+        (cfg.svd_method in ("exact", "warm", "auto"), "--svd_method must be exact, warm or auto"),
+        (cfg.svd_protect in ("none", "project"), "--svd_protect must be none or project"),
+        (cfg.svd_ratio_danger > 0, "--svd_ratio_danger must be > 0"),
+        (0 < cfg.svd_rank_decay < 1, "--svd_rank_decay must lie in (0, 1)"),
+        (cfg.svd_rank_min >= 2, "--svd_rank_min must be >= 2"),
+        (0 < cfg.svd_principal_energy < 1, "--svd_principal_energy must lie in (0, 1)"),
+        (cfg.svd_patience >= 1, "--svd_patience must be >= 1"),
+        (cfg.svd_minor_change_tol > 0, "--svd_minor_change_tol must be > 0"),
+        (0 <= cfg.svd_trainable_fraction_min <= 1, "--svd_trainable_fraction_min must lie in [0, 1]"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+
+
+def resolve_targets(model, target_layer, targets):
+    """[(display name, parameter-path prefix, module)] for the chosen blocks and matrices."""
+    n_layer = len(model.transformer.h)
+    if target_layer == -1:
+        blocks = range(n_layer)
+    elif 0 <= target_layer < n_layer:
+        blocks = [target_layer]
+    else:
+        raise UserError(f"--adaptive_svd_target_layer={target_layer} is out of range for depth {n_layer}; use 0..{n_layer - 1} or -1")
+    names = []
+    for item in (t.strip() for t in targets.split(",") if t.strip()):
+        expanded = {"attn": ATTN, "mlp": MLP, "all": ATTN + MLP}.get(item, (item,))
+        for name in expanded:
+            if name not in ATTN + MLP + ("mlp.c_fc", "attn.c_proj"):
+                raise UserError(f"unknown --svd_targets entry {item!r}; use c_q, c_k, c_v, c_proj, c_fc, mlp.c_proj, attn, mlp or all")
+            names.append(name)
+    if not names:
+        raise UserError("--svd_targets is empty; name at least one matrix, e.g. c_q")
+    resolved = []
+    for b in blocks:
+        for name in dict.fromkeys(names):
+            path = name if "." in name else ("mlp." + name if name == "c_fc" else "attn." + name)
+            resolved.append((f"block{b}.{path}", f"transformer.h.{b}.{path}", b, path))
+    return resolved
+
+
+def _swap_in(block, path):
+    """Replace the plain Linear at `path` of a block by an AdaptiveSVDLinear holding the same weight."""
+    parent_name, attr = path.split(".")
+    parent = getattr(block, parent_name)
+    old = getattr(parent, attr)
+    if isinstance(old, AdaptiveSVDLinear):
+        return old
+    new = AdaptiveSVDLinear(old.in_features, old.out_features, device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+    setattr(parent, attr, new)
+    return new
+
+
+def _fmt(x, digits=4):
+    return "n/a" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+
+
+class AdaptiveSVDHook(TrainHook):
+    name = "adaptive_svd"
+
+    def __init__(self, cfg):
+        validate_adaptive(cfg)
+        self.cfg = cfg
+        self.policy = policy_from(cfg)
+        self.layers = {}   # display name -> (param prefix, module)
+        self.states = {}   # display name -> asvd.LayerSVDState
+        self.k_min = {}    # display name -> k_min chosen at the first analysis
+        self.prev_res = {} # display name -> top-k SVDResult of the previous analysis (warm start)
+        self.switches = {"to_lowrank": 0, "to_full": 0}
+        self.jsonl_path = None
+
+    # -- setup -------------------------------------------------------------------------------
+    def prepare_model(self, model):
+        for display, prefix, b, path in resolve_targets(model, self.cfg.adaptive_svd_target_layer, self.cfg.svd_targets):
+            module = _swap_in(model.transformer.h[b], path)
+            module.protect = self.cfg.svd_protect == "project"
+            self.layers[display] = (prefix, module)
+            self.states[display] = asvd.LayerSVDState()
+        print0(f"Adaptive SVD: {len(self.layers)} target layer(s): {', '.join(self.layers)}; interval {self.cfg.svd_interval}, "
+               f"method {self.cfg.svd_method}, protect {self.cfg.svd_protect}")
+
+    def attach(self, run):
+        self.run = run
+        self.compiling = run.cfg.compile == "true" or (run.cfg.compile == "auto" and run.device.type == "cuda")
+        if self.compiling:
+            # let the factor shapes be dynamic, so a new r re-uses the compiled graph
+            torch._dynamo.config.force_parameter_static_shapes = False
+        self.jsonl_path = os.path.join(run.ckpt_dir, "svd_metrics.jsonl")
+        if run.rank == 0:
+            os.makedirs(run.ckpt_dir, exist_ok=True)
+            if not self.cfg.resume:
+                open(self.jsonl_path, "w").close()
+
+    # -- every step --------------------------------------------------------------------------
+    def after_backward(self, step, last_step):
+        if self.cfg.svd_protect == "project":
+            for _, module in self.layers.values():
+                module.project_factor_grads()
+        if step % self.cfg.svd_interval == 0 or last_step:
+            self.analyze(step)
+
+    # -- the analysis ------------------------------------------------------------------------
+    def analyze(self, step):
+        t0 = time.time()
+        print0(f"=== SVD Analysis at step {step} ===")
+        for display, (prefix, module) in self.layers.items():
+            record = self._analyze_layer(step, display, prefix, module)
+            self._log(step, display, record)
+        print0(f"=== SVD Analysis complete === ({(time.time() - t0) * 1000:.0f} ms)")
+
+    def _svd(self, display, W, k, complete):
+        prev = self.prev_res.get(display)
+        method = "exact" if complete or prev is None else self.cfg.svd_method
+        return asvd.svd(W, method=method, prev=prev, k=k)
+
+    def _analyze_layer(self, step, display, prefix, module):
+        state = self.states[display]
+        W = module.effective_weight().detach().float()
+        G = module.weight.grad
+        G = None if G is None else G.detach().float()
+        g = min(W.shape)
+        r_prop = state.r
+        k = None if r_prop is None else g - r_prop
+        # low-rank layers are re-split at every analysis, which needs every singular triple
+        res = self._svd(display, W, k, complete=state.mode == "lowrank" or r_prop is None)
+        record = {"step": step, "layer": display, "mode": state.mode, "shape": list(W.shape), "svd_method": res.method,
+                  "svd_notes": list(res.notes)}
+        if res.method == "failed":
+            print0(f"  [{display}] SVD failed ({res.reason}); layer skipped at this analysis")
+            record.update(action="skipped", reason=f"svd_failed: {res.reason}")
+            return record
+        if r_prop is None:
+            k_min = asvd.choose_k(res.S, self.policy.svd_principal_energy, res.frob_sq, g)
+            if k_min is None:  # e.g. a zero-initialised projection that has not moved yet
+                print0(f"  [{display}] no spectrum yet (||W||_F = {res.frob_sq ** 0.5:.3g}); baseline deferred")
+                record.update(action="skipped", reason="zero_matrix")
+                return record
+            self.k_min[display] = k_min
+            r_prop = asvd.initial_rank(g, k_min)
+        dW = None if state.prev_W is None else W - state.prev_W
+        B, A = (module.B.detach().float(), module.A.detach().float()) if module.mode == "lowrank" else (None, None)
+        metrics = asvd.layer_metrics(res, r_prop, G=G, dW=dW, prev_U_k=state.prev_U_k, prev_minor_S=state.prev_minor_S, B=B, A=A)
+        action, reason = asvd.decide(metrics, state, self.policy, step)
+        if not state.has_baseline:
+            print0(f"  [{display}] Initial SVD computed (k_min={self.k_min[display]}, r={r_prop}, "
+                   f"stable_rank={_fmt(metrics['stable_rank'], 1)}, effective_rank_95={metrics['effective_rank_95']})")
+        else:
+            self._print_metrics(display, state.mode, metrics)
+        r_max = g - self.k_min[display]
+        r_next = asvd.next_rank(r_prop, metrics["minor_spectrum_change"], r_min=min(self.policy.svd_rank_min, r_max),
+                                r_max=r_max, decay=self.policy.svd_rank_decay, tol=self.policy.svd_minor_change_tol)
+        if action == asvd.TO_LOWRANK and not res.complete:
+            res = asvd.svd(W, method="exact")
+            if res.method == "failed":
+                action, reason = asvd.KEEP, f"svd_failed: {res.reason}"
+        if action == asvd.TO_LOWRANK:
+            self._switch_to_lowrank(prefix, module, res, r_prop, G)
+            print0(f"  [{display}] SWITCHED TO LOW-RANK (r={r_prop}) - Reason: {reason}")
+            self.switches["to_lowrank"] += 1
+            r_after = r_prop
+        elif action == asvd.TO_FULL:
+            self._switch_to_full(prefix, module)
+            print0(f"  [{display}] SWITCHED TO FULL MATRIX - Reason: {reason}")
+            self.switches["to_full"] += 1
+            r_after = r_prop
+        else:
+            if r_next != r_prop:
+                print0(f"  [{display}] Updated r: {r_prop} -> {r_next}")
+            if state.mode == "lowrank":
+                self._resplit(prefix, module, res, r_next, G)
+            r_after = r_next
+        new_state = asvd.advance_state(state, action, metrics, self.policy)
+        k_after = g - r_after
+        minor_S = res.S[k_after:].clone() if res.complete else None
+        self.states[display] = dataclasses.replace(new_state, r=r_after, prev_U_k=res.U[:, :k_after].clone(),
+                                                   prev_W=W.clone(), prev_minor_S=minor_S)
+        self.prev_res[display] = asvd.SVDResult(res.U[:, :k_after].clone(), res.S[:k_after].clone(), res.Vh[:k_after].clone(),
+                                                res.method, False, res.frob_sq)
+        if action == asvd.KEEP and reason != "initial_svd_baseline":
+            print0(f"  [{display}] Decision: {reason} (mode={module.mode}, r={r_after})")
+        record.update(metrics, action=action, reason=reason, mode_after=module.mode, r_after=r_after,
+                      trainable_params=self._trainable(module))
+        return record
+
+    def _print_metrics(self, display, mode, m):
+        print0(f"  [{display}] mode={mode} k={m['k']} r={m['r']}")
+        print0(f"    gradient: principal_alignment={_fmt(m['principal_alignment'])} minor_alignment={_fmt(m['minor_alignment'])} "
+               f"alignment_ratio={_fmt(m['alignment_ratio'], 3)} (random = 1)")
+        print0(f"    update:   principal_alignment={_fmt(m['update_principal_alignment'])} minor_alignment={_fmt(m['update_minor_alignment'])} "
+               f"alignment_ratio={_fmt(m['update_alignment_ratio'], 3)}")
+        print0(f"    subspace_angle={_fmt(m['subspace_angle'])} rad subspace_overlap={_fmt(m['subspace_overlap'])} "
+               f"(above chance {_fmt(m['subspace_overlap_above_chance'])}) reconstruction_error={_fmt(m['reconstruction_error'])}")
+        line = (f"    effective_rank_95={m['effective_rank_95']} effective_rank_99={m['effective_rank_99']} "
+                f"stable_rank={_fmt(m['stable_rank'], 2)} minor_spectrum_change={_fmt(m['minor_spectrum_change'])}")
+        if m["trainable_fraction"] is not None:
+            line += f" trainable_fraction={_fmt(m['trainable_fraction'])} (random {_fmt(m['trainable_fraction_baseline'])})"
+        print0(line)
+
+    # -- actions -----------------------------------------------------------------------------
+    def _muon_buffer(self, p):
+        return self.run.muon.state[p].get("momentum_buffer", torch.zeros_like(p)).float()
+
+    def _install_factors(self, prefix, module, old_params, M_W, G):
+        """After module.to_lowrank: give B, A their momentum and this step's gradient, replacing old_params in Muon."""
+        B, A = module.B, module.A
+        M_B, M_A = asvd.momentum_to_lowrank(M_W, B.detach().float(), A.detach().float())
+        if G is not None:
+            B.grad = (G @ A.detach().float().T).to(B.dtype)
+            A.grad = (B.detach().float().T @ G).to(A.dtype)
+        if module.protect_U is not None:
+            U_k, V_k = module.protect_U.float(), module.protect_V.float()
+            M_B = M_B - U_k @ (U_k.T @ M_B)
+            M_A = M_A - (M_A @ V_k) @ V_k.T
+            module.project_factor_grads()
+        self.run.muon.replace(old_params, [(prefix + ".B", B, M_B), (prefix + ".A", A, M_A)])
+        self._mark_dynamic(module)
+
+    def _switch_to_lowrank(self, prefix, module, res, r, G):
+        M_W = self._muon_buffer(module.weight)
+        weight = module.weight
+        module.to_lowrank(res.U, res.S, res.Vh, r)
+        self._install_factors(prefix, module, [weight], M_W, G)
+        self._compile_reset()
+
+    def _switch_to_full(self, prefix, module):
+        B, A = module.B, module.A
+        M_W = asvd.momentum_to_full(self._muon_buffer(B), self._muon_buffer(A), B.detach().float(), A.detach().float())
+        module.to_full()
+        # weight.grad already holds dL/dW_eff, the gradient the full matrix trains on now
+        self.run.muon.replace([B, A], [(prefix + ".weight", module.weight, M_W)])
+        self._compile_reset()
+
+    def _resplit(self, prefix, module, res, r, G):
+        """Re-compute the principal part from the merged W_eff and split at the new r (function preserved)."""
+        B, A = module.B, module.A
+        M_W = asvd.momentum_to_full(self._muon_buffer(B), self._muon_buffer(A), B.detach().float(), A.detach().float())
+        module.to_lowrank(res.U, res.S, res.Vh, r)
+        self._install_factors(prefix, module, [B, A], M_W, G)
+
+    def _mark_dynamic(self, module):
+        # r changes at every re-split; dynamic factor shapes keep torch.compile from recompiling for each r
+        if self.compiling:
+            torch._dynamo.mark_dynamic(module.B, 1)
+            torch._dynamo.mark_dynamic(module.A, 0)
+
+    def _compile_reset(self):
+        # a mode switch changes the module structure: drop compiled graphs once (one recompile per
+        # switch event) instead of letting guard failures pile entries up to the recompile limit
+        if self.compiling:
+            torch._dynamo.reset()
+
+    @staticmethod
+    def _trainable(module):
+        return module.weight.numel() if module.mode == "full" else module.B.numel() + module.A.numel()
+
+    # -- logging -----------------------------------------------------------------------------
+    def _log(self, step, display, record):
+        clean = {k: (v.item() if torch.is_tensor(v) else v) for k, v in record.items()}
+        if self.run.rank == 0:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(clean) + "\n")
+        data = {f"svd/{display}/{k}": v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        data[f"svd/{display}/lowrank"] = int(clean.get("mode_after", clean["mode"]) == "lowrank")
+        self.run.log(data, step)
+
+    # -- checkpoint --------------------------------------------------------------------------
+    def state_dict(self):
+        layers = {}
+        for display, (prefix, module) in self.layers.items():
+            st = self.states[display]
+            entry = {"state": {f.name: getattr(st, f.name) for f in dataclasses.fields(st)},
+                     "k_min": self.k_min.get(display), "mode": module.mode}
+            prev = self.prev_res.get(display)
+            if prev is not None:
+                entry["prev_res"] = {"U": prev.U, "S": prev.S, "Vh": prev.Vh, "method": prev.method, "frob_sq": prev.frob_sq}
+            if module.mode == "lowrank":
+                entry.update(W_p=module.weight.detach().clone(), B=module.B.detach().clone(), A=module.A.detach().clone())
+                if module.protect_U is not None:
+                    entry.update(protect_U=module.protect_U.clone(), protect_V=module.protect_V.clone())
+            layers[display] = entry
+        return {"layers": layers, "switches": dict(self.switches)}
+
+    def load_state_dict(self, sd):
+        if not sd:
+            raise ValueError("the checkpoint has no adaptive-SVD state (was it written by the baseline?)")
+        if set(sd["layers"]) != set(self.layers):
+            raise ValueError(f"checkpoint analysed layers {sorted(sd['layers'])}, this run targets {sorted(self.layers)}")
+        self.switches = dict(sd["switches"])
+        for display, entry in sd["layers"].items():
+            prefix, module = self.layers[display]
+            self.states[display] = asvd.LayerSVDState(**entry["state"])
+            if entry["k_min"] is not None:
+                self.k_min[display] = entry["k_min"]
+            if "prev_res" in entry:
+                pr = entry["prev_res"]
+                self.prev_res[display] = asvd.SVDResult(pr["U"], pr["S"], pr["Vh"], pr["method"], False, pr["frob_sq"])
+            if entry["mode"] == "lowrank":
+                weight = module.weight
+                with torch.no_grad():
+                    module.weight.copy_(entry["W_p"])
+                module.B = nn.Parameter(entry["B"].to(weight.device).clone())
+                module.A = nn.Parameter(entry["A"].to(weight.device).clone())
+                if "protect_U" in entry:
+                    module.set_protection(entry["protect_U"].to(weight.device), entry["protect_V"].to(weight.device))
+                # momentum placeholders; the optimizer's own state_dict fills them next
+                self.run.muon.replace([weight], [(prefix + ".B", module.B, torch.zeros_like(module.B)),
+                                                 (prefix + ".A", module.A, torch.zeros_like(module.A))])
+
+    def summary(self):
+        modes = {d: m.mode for d, (_, m) in self.layers.items()}
+        ranks = {d: m.rank for d, (_, m) in self.layers.items()}
+        return {"modes": modes, "ranks": ranks, "switches": dict(self.switches)}

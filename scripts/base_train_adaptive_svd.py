@@ -1,0 +1,28 @@
+"""Pretraining with adaptive SVD: the baseline loop plus the SVD analysis hook.
+
+Every --svd_interval steps (and at the last step) each target matrix is analysed: do its gradient
+and its applied update concentrate on the directions it has already learned (clobbering risk,
+measured against the random baseline)? Layers switch between full-matrix training and low-rank
+training of their minor singular subspace. Phase 1 of the researcher's guide:
+
+  python -m scripts.base_train_adaptive_svd --depth=4 --max_seq_len=512 --device_batch_size=1 \\
+      --eval_tokens=512 --core_metric_every=-1 --total_batch_size=512 --num_iterations=100 --device_type=cpu
+
+Checkpoints and svd_metrics.jsonl go to <output_dir>/base_checkpoints/d<depth>/.
+Method, metrics and every threshold flag: experiments/ADAPTIVE_SVD_METHOD.md.
+"""
+
+from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
+from nanochat.cli import parse_args
+from nanochat.common import run_cli
+from nanochat.train import train
+
+
+def main(argv):
+    cfg = parse_args(AdaptiveConfig, argv, prog="python -m scripts.base_train_adaptive_svd", description=__doc__)
+    hook = AdaptiveSVDHook(cfg) if cfg.adaptive_svd else None
+    train(cfg, hook=hook, default_tag=f"d{cfg.depth}" if cfg.adaptive_svd else f"d{cfg.depth}_baseline")
+
+
+if __name__ == "__main__":
+    run_cli(main)
