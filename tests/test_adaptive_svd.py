@@ -12,6 +12,15 @@ import torch
 from nanochat import adaptive_svd as asvd
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every matrix here is tiny: one thread avoids thread hand-off stalls on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def orthonormal(n, k, seed):
     return scipy.linalg.orth(np.random.default_rng(seed).standard_normal((n, k)))
 
