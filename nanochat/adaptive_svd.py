@@ -49,7 +49,7 @@ def _first_line(err):
 
 def _energy(S):
     """sum S^2 as a Python float, accumulated in float64 on CPU (S has at most g entries)."""
-    return float(S.detach().to("cpu", torch.float64).square().sum())
+    return float(S.detach().cpu().double().square().sum())
 
 
 @dataclass
@@ -78,7 +78,7 @@ def _exact(W):
     if W.is_cuda:
         # gesvd is slower than the default gesvdj/gesvda but converges where they do not
         attempts.append(("gesvd driver", lambda: _thin_svd(W, driver="gesvd")))
-    attempts.append(("float64 on CPU", lambda: _thin_svd(W.to("cpu", torch.float64))))
+    attempts.append(("float64 on CPU", lambda: _thin_svd(W.cpu().double())))
     for name, attempt in attempts:
         try:
             U, S, Vh = attempt()
@@ -86,7 +86,7 @@ def _exact(W):
             notes.append(f"svd ({name}) failed: {_first_line(e)}")
             continue
         if all(bool(torch.isfinite(t).all()) for t in (U, S, Vh)):
-            return tuple(t.to(W.device, torch.float32) for t in (U, S, Vh)), notes
+            return tuple(t.float().to(W.device) for t in (U, S, Vh)), notes
         notes.append(f"svd ({name}) returned non-finite values")
     return None, notes
 
@@ -136,14 +136,15 @@ def _noting_device(res, W):
 
 
 def svd(W, method="exact", prev=None, k=None, *, iters=1, oversample=16, tol=0.02,
-        auto_exact_max_dim=512, seed=0):
+        auto_exact_max_dim=512, auto_warm_max_share=0.25, seed=0):
     """SVD of a weight matrix in fp32, never raising on bad data and never returning NaN.
 
     method: 'exact' = full thin SVD (complete=True); 'warm' = top-k triples only (complete=False)
     by subspace iteration from `prev` (an earlier SVDResult of a matrix of the same shape),
     accepted when residual = ||W V_k - U_k S_k||_F / ||S_k||_F <= tol, else an exact SVD;
-    'auto' = exact when min(W.shape) <= auto_exact_max_dim or no usable previous result (or k),
-    warm otherwise. Non-finite input gives a failed result; convergence errors retry with another
+    'auto' = warm when min(W.shape) > auto_exact_max_dim, k <= auto_warm_max_share * g and a
+    usable previous result exists, exact otherwise (warm costs grow with k: at k ~ g/2 it is no
+    faster than exact, scripts/bench_svd.py). Non-finite input gives a failed result; convergence errors retry with another
     driver, then float64 on CPU; if all fail, a failed result. Results are on W's device even where
     the SVD itself had to run on CPU (MPS).
     """
@@ -160,7 +161,9 @@ def svd(W, method="exact", prev=None, k=None, *, iters=1, oversample=16, tol=0.0
     notes = []
     why_not_warm = _warm_unusable(W, prev, k)
     if method == "auto":
-        method = "exact" if min(W.shape) <= auto_exact_max_dim or why_not_warm else "warm"
+        g = min(W.shape)
+        warm_pays = g > auto_exact_max_dim and k is not None and k <= auto_warm_max_share * g
+        method = "warm" if warm_pays and not why_not_warm else "exact"
     if method == "warm" and why_not_warm:
         notes.append(f"warm start impossible ({why_not_warm}): exact SVD")
     elif method == "warm":
@@ -236,7 +239,7 @@ def principal_angles(U_prev, U_now):
     if A.shape[1] > B.shape[1]:
         A, B = B, A
     M = B.T @ A
-    cos = _linalg(torch.linalg.svdvals, M).clamp(0.0, 1.0).to("cpu", torch.float64)
+    cos = _linalg(torch.linalg.svdvals, M).clamp(0.0, 1.0).cpu().double()
     overlap = float(cos.square().mean())
     c_min = float(cos[-1])
     if c_min * c_min < 0.5:
@@ -274,7 +277,7 @@ def effective_rank(S, energy=0.95, total=None):
     total = _energy(S) if total is None else total
     if not total > 0:
         return None
-    cum = S.detach().to("cpu", torch.float64).square().cumsum(0)
+    cum = S.detach().cpu().double().square().cumsum(0)
     hit = torch.nonzero(cum >= energy * total)
     return int(hit[0]) + 1 if len(hit) else None
 
@@ -292,8 +295,8 @@ def minor_spectrum_change(S_minor_prev, S_minor_now):
     m = min(S_minor_prev.numel(), S_minor_now.numel())
     if m == 0:
         return None
-    prev = S_minor_prev.detach().to("cpu", torch.float64)[-m:]
-    now = S_minor_now.detach().to("cpu", torch.float64)[-m:]
+    prev = S_minor_prev.detach().cpu().double()[-m:]
+    now = S_minor_now.detach().cpu().double()[-m:]
     denom = float(prev.norm())
     return float((now - prev).norm()) / denom if denom > 0 else None
 

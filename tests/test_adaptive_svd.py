@@ -229,6 +229,7 @@ def test_warm_svd_tracks_top_subspace_after_drift():
     assert again.method == "warm"
     assert asvd.svd(W2, "auto", prev=res, k=k).method == "exact"  # 200 <= 512: small matrices go exact
     assert asvd.svd(W2, "auto", k=k, auto_exact_max_dim=100).method == "exact"  # no previous basis
+    assert asvd.svd(W2, "auto", prev=res, k=60, auto_exact_max_dim=100).method == "exact"  # k > g/4: no gain
 
 
 def test_warm_svd_falls_back_to_exact_on_a_bad_start():
