@@ -23,6 +23,7 @@ from nanochat.checkpoint_manager import CHECKPOINT_NAME, checkpoint_dir, load_ch
 from nanochat.cli import flag
 from nanochat.common import (UserError, check_device_type, compute_cleanup, compute_init, device_peak_flops,
                              peak_memory_mib, print0, print_banner)
+from nanochat.core_eval import evaluate_core, load_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
@@ -52,7 +53,9 @@ class TrainConfig:
     final_lr_frac: float = flag(0.0, "LR multiplier reached at the end of the warmdown")
     eval_every: int = flag(250, "evaluate validation bpb every N steps (and at the end); -1 = only at the end")
     eval_tokens: int = flag(20 * 524288, "validation tokens per evaluation")
-    core_metric_every: int = flag(-1, "CORE metric every N steps; -1 = off (not available in this version)")
+    core_metric_every: int = flag(-1, "CORE metric (DCLM) every N steps and at the end; -1 = off. Needs the eval bundle in "
+                                  "$NANOCHAT_BASE_DIR/eval_bundle (python -m scripts.base_eval --download_bundle)")
+    core_metric_max_per_task: int = flag(500, "examples per task for the in-training CORE metric; -1 = all")
     sample_every: int = flag(2000, "print samples every N steps (and at the end); -1 = only at the end")
     save_every: int = flag(-1, "also save a checkpoint every N steps; -1 = only at the end")
     model_tag: str = flag("", "checkpoint folder name under base_checkpoints/; empty = the script's default")
@@ -86,8 +89,8 @@ def validate(cfg):
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
-    if cfg.core_metric_every > 0:
-        raise UserError("--core_metric_every > 0 needs the CORE evaluation, which this version does not have; use --core_metric_every=-1")
+    if cfg.core_metric_every > 0 and (cfg.core_metric_max_per_task == 0 or cfg.core_metric_max_per_task < -1):
+        raise UserError("--core_metric_max_per_task must be >= 1 or -1 (all)")
 
 
 class TrainHook:
@@ -191,6 +194,8 @@ def train(cfg, hook=None, default_tag=None):
     device_type = check_device_type(cfg.device_type)
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes()
+    # the CORE bundle is read now, so a missing one stops the run before any training
+    core_tasks = load_bundle(max_per_task=cfg.core_metric_max_per_task) if cfg.core_metric_every > 0 else None
     model_tag = cfg.model_tag or default_tag or f"d{cfg.depth}"
     ckpt_dir = checkpoint_dir(cfg.output_dir, model_tag)
     resume_ckpt = load_checkpoint(os.path.join(ckpt_dir, CHECKPOINT_NAME)) if cfg.resume else None
@@ -261,6 +266,7 @@ def train(cfg, hook=None, default_tag=None):
     stop = _StopRequest()
     ema_beta = 0.9
     val_bpb = None
+    core = resume_ckpt["metadata"].get("core") if resume_ckpt is not None else None  # the latest CORE result
     losses = []  # raw per-step training loss of this process, returned for tests and reports
 
     def save(step):
@@ -275,7 +281,7 @@ def train(cfg, hook=None, default_tag=None):
                 "model": model.state_dict(),
                 "metadata": {"model_config": model_config.to_dict(), "step": step, "val_bpb": val_bpb,
                              "train_config": dataclasses.asdict(cfg), "num_iterations": num_iterations,
-                             "run_kind": hook.name, "world_size": world_size},
+                             "run_kind": hook.name, "world_size": world_size, "core": core},
                 "optim": {"muon": muon.state_dict(), "adamw": adamw.state_dict()},
                 "loop": {"step": step, "smooth_loss": smooth_loss, "total_time": total_time,
                          "min_val_bpb": min_val_bpb, "dataloader": loader_states},
@@ -285,7 +291,8 @@ def train(cfg, hook=None, default_tag=None):
             }
             config = {"model_config": model_config.to_dict(), "train_config": dataclasses.asdict(cfg), "step": step,
                       "num_iterations": num_iterations, "val_bpb": val_bpb, "min_val_bpb": _finite_or_none(min_val_bpb),
-                      "run_kind": hook.name, "adaptive": hook.summary()}
+                      "run_kind": hook.name, "adaptive": hook.summary(),
+                      "core_metric": core["core_metric"] if core else None, "core": core}
             save_checkpoint(ckpt_dir, ckpt, config)
             print0(f"Saved checkpoint to {ckpt_dir} (step {step})")
         if ddp:
@@ -303,6 +310,9 @@ def train(cfg, hook=None, default_tag=None):
             min_val_bpb = min(min_val_bpb, val_bpb)
             print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
             log({"val/bpb": val_bpb}, step)
+        if (core_tasks is not None and step > 0 and (last_step or step % cfg.core_metric_every == 0)
+                and not (core and core["step"] == step)):  # a resumed run does not redo its last result
+            core = _core_metric(model, tokenizer, device, core_tasks, autocast, step, log)
         if master and (last_step or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
             _print_samples(model, tokenizer, autocast)
         if last_step or (cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0):
@@ -365,7 +375,19 @@ def train(cfg, hook=None, default_tag=None):
     compute_cleanup()
     return {"step": step, "min_val_bpb": min_val_bpb, "val_bpb": val_bpb, "ckpt_dir": ckpt_dir,
             "total_time": total_time, "num_iterations": num_iterations, "losses": losses,
-            "stopped_by_signal": stop.signum}
+            "stopped_by_signal": stop.signum, "core_metric": core["core_metric"] if core else None}
+
+
+def _core_metric(model, tokenizer, device, tasks, autocast, step, log):
+    """CORE on the uncompiled model (prompt lengths vary); every rank takes part."""
+    model.eval()
+    with autocast:
+        out = evaluate_core(model, tokenizer, device, tasks=tasks)
+    model.train()
+    print0(f"Step {step:05d} | CORE metric: {out['core_metric']:.4f}")
+    log({"core_metric": out["core_metric"], **{f"core/{label}": v for label, v in out["centered_results"].items()}}, step)
+    return {"step": step, "core_metric": out["core_metric"], "centered_results": out["centered_results"],
+            "results": out["results"]}
 
 
 def _finite_or_none(x):
