@@ -9,11 +9,14 @@ layer's Muon momentum carried by the gradient-consistent rule. Logs to the conso
 
 import dataclasses
 import json
+import math
 import os
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from nanochat import adaptive_svd as asvd
@@ -114,6 +117,22 @@ def _fmt(x, digits=4):
     return "n/a" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
+def assign_owners(layers, world_size):
+    """{display name: rank that analyses it}: the largest SVDs first, each to the least-loaded rank
+    (cost ~ n_out * n_in * min(n_out, n_in)). Deterministic, so every rank computes the same map."""
+    def cost(module):
+        n_out, n_in = module.weight.shape
+        return n_out * n_in * min(n_out, n_in)
+
+    load = [0] * world_size
+    owner = {}
+    for i, display in sorted(enumerate(layers), key=lambda item: (-cost(layers[item[1]][1]), item[0])):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[display] = rank
+        load[rank] += cost(layers[display][1])
+    return owner
+
+
 class AdaptiveSVDHook(TrainHook):
     name = "adaptive_svd"
 
@@ -149,6 +168,12 @@ class AdaptiveSVDHook(TrainHook):
             os.makedirs(run.ckpt_dir, exist_ok=True)
             if not self.cfg.resume:
                 open(self.jsonl_path, "w").close()
+        self.distributed = run.world_size > 1 and dist.is_initialized()
+        self.owner = assign_owners(self.layers, run.world_size if self.distributed else 1)
+        if self.distributed:
+            per_rank = [sum(1 for o in self.owner.values() if o == r) for r in range(run.world_size)]
+            print0(f"Adaptive SVD: analysis spread over {run.world_size} ranks by layer (layers per rank: "
+                   f"{', '.join(map(str, per_rank))}); factors and decisions broadcast to every rank")
 
     # -- every step --------------------------------------------------------------------------
     def after_backward(self, step, last_step):
@@ -160,19 +185,79 @@ class AdaptiveSVDHook(TrainHook):
 
     # -- the analysis ------------------------------------------------------------------------
     def analyze(self, step):
+        """One analysis of every target layer. Two phases, so that ranks can share the work:
+        plan (SVD, metrics, decision; changes nothing) on the layer's owner rank, then the plans are
+        exchanged and every rank applies every plan (switch, re-split, state), so all ranks hold the
+        same factors, momentum and state. Every rank enters the same collectives whatever happens
+        inside a plan: a failed SVD is a plan that skips the layer, an exception is sent as an error
+        that all ranks raise together."""
         t0 = time.time()
         print0(f"=== SVD Analysis at step {step} ===")
+        rank = self.run.rank if self.distributed else 0
+        plans = {}
+        for display, (_, module) in self.layers.items():
+            if self.owner[display] == rank:
+                try:
+                    plans[display] = self._plan_layer(step, display, module)
+                except Exception as e:  # a bug, not a numerical failure: all ranks must still meet below
+                    traceback.print_exc()
+                    plans[display] = {"error": f"{type(e).__name__}: {e}"}
+        if self.distributed:
+            plans = self._exchange(plans)
+        for display, plan in plans.items():
+            if "error" in plan:
+                raise RuntimeError(f"adaptive SVD analysis of {display} failed on rank {self.owner[display]}: {plan['error']}")
         for display, (prefix, module) in self.layers.items():
-            record = self._analyze_layer(step, display, prefix, module)
-            self._log(step, display, record)
+            plan = plans[display]
+            self._apply_plan(display, prefix, module, plan)
+            for line in plan["lines"]:
+                print0(line)
+            self._log(step, display, plan["record"])
         print0(f"=== SVD Analysis complete === ({(time.time() - t0) * 1000:.0f} ms)")
+
+    def _exchange(self, local):
+        """All ranks get every layer's plan: the small parts through one all_gather_object, the SVD
+        tensors through one broadcast per owner rank (sizes known to all from the gathered parts)."""
+        metas = {}
+        for display, plan in local.items():
+            meta = dict(plan)
+            res = meta.pop("res", None)
+            if res is not None:
+                meta["res_meta"] = {"shapes": [tuple(t.shape) for t in (res.U, res.S, res.Vh)], "method": res.method,
+                                    "complete": res.complete, "frob_sq": res.frob_sq}
+            metas[display] = meta
+        gathered = [None] * self.run.world_size
+        dist.all_gather_object(gathered, metas)
+        plans = {}
+        for src in range(self.run.world_size):
+            mine = src == self.run.rank
+            owned = [d for d in self.layers if self.owner[d] == src and "res_meta" in gathered[src][d]]
+            sizes = [math.prod(shape) for d in owned for shape in gathered[src][d]["res_meta"]["shapes"]]
+            if sizes:  # the same on every rank, so every rank takes part or none does
+                if mine:
+                    flat = torch.cat([t.detach().float().reshape(-1) for d in owned
+                                      for t in (local[d]["res"].U, local[d]["res"].S, local[d]["res"].Vh)])
+                else:
+                    flat = torch.empty(sum(sizes), dtype=torch.float32, device=self.run.device)
+                dist.broadcast(flat, src=src)
+                pieces = iter(torch.split(flat, sizes))
+            for display in (d for d in self.layers if self.owner[d] == src):
+                plan = gathered[src][display]
+                meta = plan.pop("res_meta", None)
+                if meta is not None:
+                    U, S, Vh = (next(pieces).view(shape) for shape in meta["shapes"])
+                    plan["res"] = asvd.SVDResult(U, S, Vh, meta["method"], meta["complete"], meta["frob_sq"])
+                plans[display] = plan
+        return {d: plans[d] for d in self.layers}
 
     def _svd(self, display, W, k, complete):
         prev = self.prev_res.get(display)
         method = "exact" if complete or prev is None else self.cfg.svd_method
         return asvd.svd(W, method=method, prev=prev, k=k)
 
-    def _analyze_layer(self, step, display, prefix, module):
+    def _plan_layer(self, step, display, module):
+        """SVD, metrics, decision and next r of one layer; changes nothing. Returns the plan: console
+        lines, the JSON record, and (unless the layer is skipped) what `_apply_plan` needs."""
         state = self.states[display]
         W = module.effective_weight().detach().float()
         G = module.weight.grad
@@ -184,76 +269,101 @@ class AdaptiveSVDHook(TrainHook):
         res = self._svd(display, W, k, complete=state.mode == "lowrank" or r_prop is None)
         record = {"step": step, "layer": display, "mode": state.mode, "shape": list(W.shape), "svd_method": res.method,
                   "svd_notes": list(res.notes)}
+        lines = []
         if res.method == "failed":
-            print0(f"  [{display}] SVD failed ({res.reason}); layer skipped at this analysis")
+            lines.append(f"  [{display}] SVD failed ({res.reason}); layer skipped at this analysis")
             record.update(action="skipped", reason=f"svd_failed: {res.reason}")
-            return record
+            return {"lines": lines, "record": record}
+        k_min = self.k_min.get(display)
         if r_prop is None:
             k_min = asvd.choose_k(res.S, self.policy.svd_principal_energy, res.frob_sq, g)
             if k_min is None:  # e.g. a zero-initialised projection that has not moved yet
-                print0(f"  [{display}] no spectrum yet (||W||_F = {res.frob_sq ** 0.5:.3g}); baseline deferred")
+                lines.append(f"  [{display}] no spectrum yet (||W||_F = {res.frob_sq ** 0.5:.3g}); baseline deferred")
                 record.update(action="skipped", reason="zero_matrix")
-                return record
-            self.k_min[display] = k_min
+                return {"lines": lines, "record": record}
             r_prop = asvd.initial_rank(g, k_min)
         dW = None if state.prev_W is None else W - state.prev_W
         B, A = (module.B.detach().float(), module.A.detach().float()) if module.mode == "lowrank" else (None, None)
         metrics = asvd.layer_metrics(res, r_prop, G=G, dW=dW, prev_U_k=state.prev_U_k, prev_minor_S=state.prev_minor_S, B=B, A=A)
         action, reason = asvd.decide(metrics, state, self.policy, step)
         if not state.has_baseline:
-            print0(f"  [{display}] Initial SVD computed (k_min={self.k_min[display]}, r={r_prop}, "
-                   f"stable_rank={_fmt(metrics['stable_rank'], 1)}, effective_rank_95={metrics['effective_rank_95']})")
+            lines.append(f"  [{display}] Initial SVD computed (k_min={k_min}, r={r_prop}, "
+                         f"stable_rank={_fmt(metrics['stable_rank'], 1)}, effective_rank_95={metrics['effective_rank_95']})")
         else:
-            self._print_metrics(display, state.mode, metrics)
-        r_max = g - self.k_min[display]
+            lines += self._metric_lines(display, state.mode, metrics)
+        r_max = g - k_min
         r_next = asvd.next_rank(r_prop, metrics["minor_spectrum_change"], r_min=min(self.policy.svd_rank_min, r_max),
                                 r_max=r_max, decay=self.policy.svd_rank_decay, tol=self.policy.svd_minor_change_tol)
         if action == asvd.TO_LOWRANK and not res.complete:
-            res = asvd.svd(W, method="exact")
-            if res.method == "failed":
-                action, reason = asvd.KEEP, f"svd_failed: {res.reason}"
+            complete = asvd.svd(W, method="exact")
+            if complete.method == "failed":
+                action, reason = asvd.KEEP, f"svd_failed: {complete.reason}"
+            else:
+                res = complete
         if action == asvd.TO_LOWRANK:
-            self._switch_to_lowrank(prefix, module, res, r_prop, G)
-            print0(f"  [{display}] SWITCHED TO LOW-RANK (r={r_prop}) - Reason: {reason}")
-            self.switches["to_lowrank"] += 1
-            r_after = r_prop
+            lines.append(f"  [{display}] SWITCHED TO LOW-RANK (r={r_prop}) - Reason: {reason}")
+            r_after, mode_after = r_prop, "lowrank"
         elif action == asvd.TO_FULL:
-            self._switch_to_full(prefix, module)
-            print0(f"  [{display}] SWITCHED TO FULL MATRIX - Reason: {reason}")
-            self.switches["to_full"] += 1
-            r_after = r_prop
+            lines.append(f"  [{display}] SWITCHED TO FULL MATRIX - Reason: {reason}")
+            r_after, mode_after = r_prop, "full"
         else:
             if r_next != r_prop:
-                print0(f"  [{display}] Updated r: {r_prop} -> {r_next}")
-            if state.mode == "lowrank":
-                self._resplit(prefix, module, res, r_next, G)
-            r_after = r_next
-        new_state = asvd.advance_state(state, action, metrics, self.policy)
-        k_after = g - r_after
+                lines.append(f"  [{display}] Updated r: {r_prop} -> {r_next}")
+            r_after, mode_after = r_next, state.mode
+        if action == asvd.KEEP and reason != "initial_svd_baseline":
+            lines.append(f"  [{display}] Decision: {reason} (mode={mode_after}, r={r_after})")
+        # what applying the plan reads of the SVD: every triple to (re-)split, else the top k it keeps
+        keep = g if mode_after == "lowrank" else g - r_after
+        res = asvd.SVDResult(res.U[:, :keep], res.S, res.Vh[:keep], res.method, res.complete, res.frob_sq)
+        n_out, n_in = W.shape
+        trainable = n_out * n_in if mode_after == "full" else r_after * (n_out + n_in)
+        record.update(metrics, action=action, reason=reason, mode_after=mode_after, r_after=r_after,
+                      trainable_params=trainable)
+        return {"lines": lines, "record": record, "res": res, "action": action, "metrics": metrics,
+                "k_min": k_min, "r_after": r_after}
+
+    def _apply_plan(self, display, prefix, module, plan):
+        """Carry out one layer's plan on this rank: switch or re-split, carry momentum, update the state."""
+        if "res" not in plan:
+            return
+        res, action, r_after = plan["res"], plan["action"], plan["r_after"]
+        state = self.states[display]
+        W = module.effective_weight().detach().float()
+        G = module.weight.grad
+        G = None if G is None else G.detach().float()
+        self.k_min[display] = plan["k_min"]
+        if action == asvd.TO_LOWRANK:
+            self._switch_to_lowrank(prefix, module, res, r_after, G)
+            self.switches["to_lowrank"] += 1
+        elif action == asvd.TO_FULL:
+            self._switch_to_full(prefix, module)
+            self.switches["to_full"] += 1
+        elif state.mode == "lowrank":
+            self._resplit(prefix, module, res, r_after, G)
+        new_state = asvd.advance_state(state, action, plan["metrics"], self.policy)
+        k_after = min(W.shape) - r_after
         minor_S = res.S[k_after:].clone() if res.complete else None
         self.states[display] = dataclasses.replace(new_state, r=r_after, prev_U_k=res.U[:, :k_after].clone(),
                                                    prev_W=W.clone(), prev_minor_S=minor_S)
         self.prev_res[display] = asvd.SVDResult(res.U[:, :k_after].clone(), res.S[:k_after].clone(), res.Vh[:k_after].clone(),
                                                 res.method, False, res.frob_sq)
-        if action == asvd.KEEP and reason != "initial_svd_baseline":
-            print0(f"  [{display}] Decision: {reason} (mode={module.mode}, r={r_after})")
-        record.update(metrics, action=action, reason=reason, mode_after=module.mode, r_after=r_after,
-                      trainable_params=self._trainable(module))
-        return record
 
-    def _print_metrics(self, display, mode, m):
-        print0(f"  [{display}] mode={mode} k={m['k']} r={m['r']}")
-        print0(f"    gradient: principal_alignment={_fmt(m['principal_alignment'])} minor_alignment={_fmt(m['minor_alignment'])} "
-               f"alignment_ratio={_fmt(m['alignment_ratio'], 3)} (random = 1)")
-        print0(f"    update:   principal_alignment={_fmt(m['update_principal_alignment'])} minor_alignment={_fmt(m['update_minor_alignment'])} "
-               f"alignment_ratio={_fmt(m['update_alignment_ratio'], 3)}")
-        print0(f"    subspace_angle={_fmt(m['subspace_angle'])} rad subspace_overlap={_fmt(m['subspace_overlap'])} "
-               f"(above chance {_fmt(m['subspace_overlap_above_chance'])}) reconstruction_error={_fmt(m['reconstruction_error'])}")
+    @staticmethod
+    def _metric_lines(display, mode, m):
         line = (f"    effective_rank_95={m['effective_rank_95']} effective_rank_99={m['effective_rank_99']} "
                 f"stable_rank={_fmt(m['stable_rank'], 2)} minor_spectrum_change={_fmt(m['minor_spectrum_change'])}")
         if m["trainable_fraction"] is not None:
             line += f" trainable_fraction={_fmt(m['trainable_fraction'])} (random {_fmt(m['trainable_fraction_baseline'])})"
-        print0(line)
+        return [
+            f"  [{display}] mode={mode} k={m['k']} r={m['r']}",
+            f"    gradient: principal_alignment={_fmt(m['principal_alignment'])} minor_alignment={_fmt(m['minor_alignment'])} "
+            f"alignment_ratio={_fmt(m['alignment_ratio'], 3)} (random = 1)",
+            f"    update:   principal_alignment={_fmt(m['update_principal_alignment'])} minor_alignment={_fmt(m['update_minor_alignment'])} "
+            f"alignment_ratio={_fmt(m['update_alignment_ratio'], 3)}",
+            f"    subspace_angle={_fmt(m['subspace_angle'])} rad subspace_overlap={_fmt(m['subspace_overlap'])} "
+            f"(above chance {_fmt(m['subspace_overlap_above_chance'])}) reconstruction_error={_fmt(m['reconstruction_error'])}",
+            line,
+        ]
 
     # -- actions -----------------------------------------------------------------------------
     def _muon_buffer(self, p):

@@ -202,6 +202,9 @@ def train(cfg, hook=None, default_tag=None):
 
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     master = rank == 0
+    if ddp:
+        print0(f"Distributed: {world_size} ranks, backend {dist.get_backend()}; gradients all-reduced before clipping, "
+               f"optimizer state replicated")
     torch.manual_seed(cfg.seed)
     print_banner()
 
@@ -325,12 +328,16 @@ def train(cfg, hook=None, default_tag=None):
             break
 
         t0 = time.time()
+        micro_losses = []
         for _ in range(grad_accum_steps):
             x, y = next(train_iter)
             with autocast:
                 loss = train_model(x, y)
-            train_loss = loss.detach()
+            micro_losses.append(loss.detach())
             (loss / grad_accum_steps).backward()
+        # the step's loss is the mean over its micro-batches (and over ranks below), so N ranks and one
+        # process with N times the accumulation report the same number
+        train_loss = torch.stack(micro_losses).mean()
         if ddp:
             _all_reduce_grads(model, world_size)
             dist.all_reduce(train_loss)
