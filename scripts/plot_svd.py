@@ -1,0 +1,254 @@
+"""Figures of a run (finished, still running, or copied back from the cluster) from its files.
+
+    python -m scripts.plot_svd RUN_DIR [--baseline BASELINE_RUN_DIR] [--out DIR] [--log FILE] [--spectra]
+    python -m scripts.plot_svd --forgetting OUT/forgetting.json --out DIR
+
+RUN_DIR is an adaptive run's checkpoint folder (svd_metrics.jsonl, config.json or command.txt, train.log;
+--log names another console log, e.g. a SLURM .out file). Writes PNGs to --out (default RUN_DIR/figures):
+  loss_bpb.png            training loss (console EMA) and val bpb over steps, adaptive vs baseline
+  mode_rank.png           per layer: r after each analysis, low-rank periods shaded, switches marked
+  alignment_ratio.png     per layer: gradient and update alignment_ratio, random baseline (1) and the
+                          run's own svd_ratio_danger threshold drawn
+  principal_alignment.png per layer: principal alignment of the gradient and its random baseline sqrt(k/n_out)
+  subspace.png            per layer: subspace overlap (and above chance), reconstruction error
+  spectra.png             (--spectra) singular values per layer at step 0 (re-created from the seed) and at
+                          the checkpoint's step, for the run and the baseline (reads checkpoint.pt)
+  forgetting.png          (--forgetting) A's and B's val bpb during phase B, per variant
+"""
+
+import argparse
+import json
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from nanochat.common import UserError, run_cli  # noqa: E402
+from scripts.run_logs import find_log, layer_records, parse_log, read_jsonl, run_settings  # noqa: E402
+
+DPI = 90
+
+
+def _grid(n, title, sharey=False):
+    ncols = min(4, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.3 * nrows + 0.6), squeeze=False, sharex=True, sharey=sharey)
+    fig.suptitle(title)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _short(layer):
+    return layer.replace("block", "b").replace(".attn.", ".").replace(".mlp.", ".mlp.")
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _series(recs, key):
+    pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_loss(runs, path):
+    """runs: [(label, parsed log)]."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for label, log in runs:
+        if log["steps"]:
+            a1.plot(log["steps"], log["loss"], label=label, lw=1)
+        if log["val_steps"]:
+            a2.plot(log["val_steps"], log["val_bpb"], marker="o", ms=3, label=label)
+    a1.set(xlabel="step", ylabel="training loss (EMA, nats)", title="training loss")
+    a2.set(xlabel="step", ylabel="val bits per byte", title="validation bpb")
+    for ax in (a1, a2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if any(log["loss"] for _, log in runs):
+        lo = min(min(log["loss"]) for _, log in runs if log["loss"])
+        a1.set_ylim(lo - 0.2, lo + 3.0)
+    return _save(fig, path)
+
+
+def plot_mode_rank(layers, path):
+    fig, axes = _grid(len(layers), "rank r after each analysis (shaded: low-rank mode; ^ to low-rank, v to full)")
+    for ax, (name, recs) in zip(axes, layers.items()):
+        steps, r = _series(recs, "r_after")
+        ax.plot(steps, r, lw=1.2, color="C0")
+        for rec in recs:
+            if rec["mode_after"] == "lowrank":
+                ax.axvspan(rec["step"] - 0.5 * _interval(recs), rec["step"] + 0.5 * _interval(recs), color="C1", alpha=0.15, lw=0)
+            if rec["action"] == "to_lowrank":
+                ax.plot(rec["step"], rec["r_after"], "^", color="C3", ms=5)
+            elif rec["action"] == "to_full":
+                ax.plot(rec["step"], rec["r_after"], "v", color="k", ms=5)
+        g = min(recs[0]["shape"])
+        ax.set_ylim(0, g)
+        ax.set_title(_short(name), fontsize=9)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _interval(recs):
+    steps = sorted({r["step"] for r in recs})
+    return min((b - a for a, b in zip(steps, steps[1:])), default=1)
+
+
+def plot_alignment_ratio(layers, danger, path):
+    fig, axes = _grid(len(layers), f"alignment ratio p^2/(k/n_out): gradient and update (random = 1, danger = {danger})", sharey=True)
+    for ax, (name, recs) in zip(axes, layers.items()):
+        ax.plot(*_series(recs, "alignment_ratio"), lw=1.2, label="gradient")
+        ax.plot(*_series(recs, "update_alignment_ratio"), lw=1.2, label="update dW")
+        ax.axhline(1.0, color="gray", ls="--", lw=1, label="random")
+        if danger is not None:
+            ax.axhline(danger, color="C3", ls=":", lw=1.2, label="svd_ratio_danger")
+        ax.set_title(_short(name), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_principal_alignment(layers, path):
+    fig, axes = _grid(len(layers), "principal alignment ||U_k^T G||/||G|| of the gradient vs its random baseline sqrt(k/n_out)", sharey=True)
+    for ax, (name, recs) in zip(axes, layers.items()):
+        ax.plot(*_series(recs, "principal_alignment"), lw=1.2, label="gradient")
+        ax.plot(*_series(recs, "update_principal_alignment"), lw=1.0, alpha=0.8, label="update dW")
+        pts = [(r["step"], math.sqrt(r["k"] / r["shape"][0])) for r in recs if isinstance(r.get("k"), int)]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color="gray", ls="--", lw=1, label="random sqrt(k/n_out)")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(_short(name), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_subspace(layers, path):
+    fig, axes = _grid(len(layers), "principal subspace overlap with the previous analysis, and reconstruction error at r", sharey=True)
+    for ax, (name, recs) in zip(axes, layers.items()):
+        ax.plot(*_series(recs, "subspace_overlap"), lw=1.2, label="overlap (mean cos^2)")
+        ax.plot(*_series(recs, "subspace_overlap_above_chance"), lw=1.0, label="overlap above chance")
+        ax.plot(*_series(recs, "reconstruction_error"), lw=1.2, label="reconstruction error")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(_short(name), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _spectra_of(run_dir):
+    """{layer display name: (S at step 0, S at the checkpoint)} for the analysed layers of a run folder."""
+    import torch
+
+    from nanochat.checkpoint_manager import load_checkpoint
+    from nanochat.gpt import GPT, GPTConfig
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
+    meta = ckpt["metadata"]
+    torch.manual_seed(meta["train_config"]["seed"])  # the same init the run started from
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**meta["model_config"]))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    init = model.state_dict()
+    out = {}
+    for key, W in ckpt["model"].items():
+        if W.ndim == 2 and key.startswith("transformer.h."):
+            parts = key.split(".")  # transformer.h.<b>.<attn|mlp>.<name>.weight
+            name = f"block{parts[2]}.{parts[3]}.{parts[4]}"
+            out[name] = (torch.linalg.svdvals(init[key].float()).numpy(), torch.linalg.svdvals(W.float()).numpy())
+    return out, meta["step"]
+
+
+def plot_spectra(run_dir, baseline_dir, layer_names, path):
+    mine, step = _spectra_of(run_dir)
+    base = _spectra_of(baseline_dir)[0] if baseline_dir else {}
+    names = [n for n in layer_names if n in mine] or list(mine)
+    fig, axes = _grid(len(names), f"singular values (log scale) at step 0 and step {step}")
+    for ax, name in zip(axes, names):
+        s0, s1 = mine[name]
+        if s0.max() > 0:
+            ax.semilogy(s0, color="gray", ls="--", lw=1, label="step 0")
+        ax.semilogy(s1, lw=1.3, label=f"this run, step {step}")
+        if name in base:
+            ax.semilogy(base[name][1], lw=1.1, alpha=0.8, label=f"baseline, step {step}")
+        ax.set_title(_short(name), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_forgetting(path_json, path):
+    data = json.load(open(path_json))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    steps_a = data["steps_a"]
+    for i, r in enumerate(data["results"]):
+        xs = [c["step"] - steps_a for c in r["curve"]]
+        a1.plot(xs, [c["A_val_bpb"] for c in r["curve"]], marker="o", ms=3, color=f"C{i}", label=r["variant"])
+        a2.plot(xs, [c["B_val_bpb"] for c in r["curve"]], marker="o", ms=3, color=f"C{i}", label=r["variant"])
+    a1.set(xlabel="steps on domain B", ylabel="val bpb on A", title="domain A (forgetting: up is worse)")
+    a2.set(xlabel="steps on domain B", ylabel="val bpb on B", title="domain B (learning: down is better)")
+    for ax in (a1, a2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
+def make_figures(run_dir, out, baseline=None, log=None, spectra=False, prefix=""):
+    """All figures of one run; returns the paths written. Works while the run is still writing."""
+    os.makedirs(out, exist_ok=True)
+    written = []
+    logs = [("adaptive" if baseline else os.path.basename(os.path.normpath(run_dir)), parse_log(find_log(run_dir, log)))]
+    if baseline:
+        logs.insert(0, ("baseline", parse_log(find_log(baseline))))
+    if any(lg["steps"] for _, lg in logs):
+        written.append(plot_loss(logs, os.path.join(out, prefix + "loss_bpb.png")))
+    layers = layer_records(read_jsonl(os.path.join(run_dir, "svd_metrics.jsonl")))
+    if layers:
+        settings, _ = run_settings(run_dir)
+        danger = settings.get("svd_ratio_danger") if settings else None
+        written.append(plot_mode_rank(layers, os.path.join(out, prefix + "mode_rank.png")))
+        written.append(plot_alignment_ratio(layers, danger, os.path.join(out, prefix + "alignment_ratio.png")))
+        written.append(plot_principal_alignment(layers, os.path.join(out, prefix + "principal_alignment.png")))
+        written.append(plot_subspace(layers, os.path.join(out, prefix + "subspace.png")))
+    if spectra and os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        written.append(plot_spectra(run_dir, baseline, list(layers), os.path.join(out, prefix + "spectra.png")))
+    return written
+
+
+def main(argv):
+    p = argparse.ArgumentParser(prog="python -m scripts.plot_svd", description=__doc__.split("\n")[0])
+    p.add_argument("run_dir", nargs="?", help="an adaptive run's checkpoint folder")
+    p.add_argument("--baseline", help="the baseline run's checkpoint folder (loss/bpb and spectra comparison)")
+    p.add_argument("--log", help="console log of RUN_DIR if it is not RUN_DIR/train.log (e.g. a SLURM .out file)")
+    p.add_argument("--out", help="where the PNGs go (default RUN_DIR/figures)")
+    p.add_argument("--prefix", default="", help="prefix of every file name")
+    p.add_argument("--spectra", action="store_true", help="also plot singular-value spectra from checkpoint.pt")
+    p.add_argument("--forgetting", help="forgetting.json of scripts.forgetting: plot its curves")
+    args = p.parse_args(argv)
+    written = []
+    if args.forgetting:
+        out = args.out or os.path.dirname(os.path.abspath(args.forgetting))
+        os.makedirs(out, exist_ok=True)
+        written.append(plot_forgetting(args.forgetting, os.path.join(out, args.prefix + "forgetting.png")))
+    if args.run_dir:
+        if not os.path.isdir(args.run_dir):
+            raise UserError(f"{args.run_dir} is not a folder; give a run's checkpoint folder")
+        written += make_figures(args.run_dir, args.out or os.path.join(args.run_dir, "figures"), args.baseline, args.log,
+                                args.spectra, args.prefix)
+    if not args.run_dir and not args.forgetting:
+        raise UserError("give a run folder and/or --forgetting FILE")
+    if not written:
+        raise UserError(f"nothing to plot yet in {args.run_dir} (no step lines in the log, no svd_metrics.jsonl)")
+    for path in written:
+        print(path)
+
+
+if __name__ == "__main__":
+    run_cli(main)
