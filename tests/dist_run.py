@@ -1,0 +1,106 @@
+"""Training-loop runner for tests/test_distributed.py (not a test module itself).
+
+    torchrun --standalone --nproc_per_node=2 tests/dist_run.py --depth=2 ...   # each rank
+    DIST_RUN_EMULATE=2 python tests/dist_run.py --depth=2 ...                 # one process, data of 2 ranks
+
+Flags are the adaptive script's (nanochat.adaptive_cycle.AdaptiveConfig); --adaptive_svd=false runs
+the plain loop. Each rank writes $DIST_RUN_OUT/rank<r>.json: the SVD records it logged, its step
+losses, and a SHA-256 of every dense weight, low-rank factor and Muon momentum, so a test can check
+that all ranks hold the same state.
+
+DIST_RUN_EMULATE=N (one process only): micro-batch i of a step comes from the loader of rank i % N
+of an N-rank run, for validation too. Ranks read disjoint row groups, so this is what makes one
+process with N-fold gradient accumulation see exactly the tokens that N ranks see in one step.
+
+Fault injection: DIST_RUN_FAIL_SVD_RANK=r makes every SVD on rank r fail (a numerical failure, which
+skips the layers that rank analyses); DIST_RUN_RAISE_RANK=r makes planning raise on rank r (a bug).
+"""
+
+import hashlib
+import json
+import os
+
+import torch
+
+from nanochat import adaptive_svd as asvd
+from nanochat import train as train_module
+from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
+from nanochat.cli import parse_args
+from nanochat.common import get_dist_info, run_cli
+from nanochat.dataloader import DataLoader
+
+OUT = os.environ.get("DIST_RUN_OUT", ".")
+RANK = get_dist_info()[1]
+
+
+class EmulatedRanksLoader:
+    """Round-robin over the loaders of ranks 0..N-1: what N ranks read in one micro-batch each."""
+
+    def __init__(self, tokenizer, B, T, split, device, rank=0, world_size=1, data_dir=None, state=None, **kwargs):
+        assert world_size == 1 and state is None, "emulation is for a fresh single-process run"
+        n = int(os.environ["DIST_RUN_EMULATE"])
+        self.loaders = [DataLoader(tokenizer, B, T, split, device, rank=r, world_size=n, data_dir=data_dir, **kwargs)
+                        for r in range(n)]
+        self.turn = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.loaders[self.turn])
+        self.turn = (self.turn + 1) % len(self.loaders)
+        return batch
+
+    def state_dict(self):
+        return self.loaders[0].state_dict()
+
+
+class RecordingHook(AdaptiveSVDHook):
+    """The real hook; also keeps every record this rank logs (all ranks log all layers)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.records = []
+
+    def _log(self, step, display, record):
+        self.records.append(json.loads(json.dumps({k: (v.item() if torch.is_tensor(v) else v) for k, v in record.items()})))
+        super()._log(step, display, record)
+
+    def _plan_layer(self, step, display, module):
+        if os.environ.get("DIST_RUN_RAISE_RANK") == str(RANK):
+            raise ValueError("injected planning error")
+        return super()._plan_layer(step, display, module)
+
+
+def digest(t):
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def main(argv):
+    cfg = parse_args(AdaptiveConfig, argv, prog="tests/dist_run.py", description=__doc__)
+    if os.environ.get("DIST_RUN_EMULATE"):
+        train_module.DataLoader = EmulatedRanksLoader
+    if os.environ.get("DIST_RUN_FAIL_SVD_RANK") == str(RANK):
+        asvd.svd = lambda *a, **k: asvd.SVDResult(reason="injected failure")
+    hook = RecordingHook(cfg) if cfg.adaptive_svd else train_module.TrainHook()
+    state = {}
+
+    def attach(run, _attach=hook.attach):
+        state["run"] = run
+        _attach(run)
+
+    hook.attach = attach
+    result = train_module.train(cfg, hook=hook, default_tag=f"d{cfg.depth}")
+    run = state["run"]
+    params = {name: digest(p) for name, p in run.model.named_parameters()}
+    momentum = {run.muon.names[p]: digest(run.muon.state[p]["momentum_buffer"]) for p in run.muon.params()
+                if "momentum_buffer" in run.muon.state[p]}
+    out = {"rank": RANK, "losses": result["losses"], "val_bpb": result["val_bpb"], "params": params, "momentum": momentum,
+           "records": getattr(hook, "records", [])}
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    run_cli(main)
