@@ -147,6 +147,7 @@ def run_variant(name, args, train_argv):
         "forgetting": last["A_val_bpb"] - first["A_val_bpb"],
         "b_bpb_before": first["B_val_bpb"], "b_bpb_after": last["B_val_bpb"],
         "b_learning": first["B_val_bpb"] - last["B_val_bpb"],
+        "phase_a_svd": svd_phase_summary(os.path.join(dir_a, "svd_metrics.jsonl")),
         "phase_b_svd": svd_phase_summary(os.path.join(dir_b, "svd_metrics.jsonl")),
     }
 
@@ -185,6 +186,19 @@ def markdown(results, command):
         lines.append(f"| {r['variant']} | {fmt(r['phase_a_final_val_bpb'])} | {fmt(r['a_bpb_before'])} | {fmt(r['a_bpb_after'])} | "
                      f"{r['forgetting']:+.4f} | {fmt(r['b_bpb_before'])} | {fmt(r['b_bpb_after'])} | {r['b_learning']:+.4f} | "
                      f"{fmt(s.get('lowrank_share'), 2)} | {s.get('to_lowrank', 'n/a')} / {s.get('to_full', 'n/a')} |")
+    lines += ["", "SVD analyses per phase (means over all layer-analyses of the phase):", "",
+              "| variant | phase | analyses | low-rank share | to low / to full | reasons | alignment ratio (grad) | "
+              "alignment ratio (update) | subspace overlap | subspace angle | trainable fraction | mean r |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for phase in ("a", "b"):
+            s = r.get(f"phase_{phase}_svd")
+            if not s:
+                continue
+            lines.append(f"| {r['variant']} | {phase.upper()} | {s['analyses']} | {fmt(s['lowrank_share'], 2)} | {s['to_lowrank']} / {s['to_full']} | "
+                         f"{', '.join(s['reasons']) or '-'} | {fmt(s['mean_alignment_ratio'], 3)} | {fmt(s['mean_update_alignment_ratio'], 3)} | "
+                         f"{fmt(s['mean_subspace_overlap'], 3)} | {fmt(s['mean_subspace_angle'], 3)} | {fmt(s['mean_trainable_fraction'], 3)} | "
+                         f"{fmt(s['mean_r_after'], 1)} |")
     return "\n".join(lines) + "\n"
 
 
