@@ -52,27 +52,25 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         group = self.param_groups[0]
         momentum, nesterov = group["momentum"], group["nesterov"]
+        # batch Newton-Schulz over matrices of one shape, tall ones transposed to wide so that
+        # e.g. (1024, 256) and (256, 1024) share a batch
         by_shape = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
-            by_shape.setdefault(p.shape, []).append(p)
-        for shape, ps in by_shape.items():
-            grads = torch.stack([p.grad for p in ps])
-            bufs = []
-            for p in ps:
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(st["momentum_buffer"])
-            buf = torch.stack(bufs)
-            buf.lerp_(grads, 1 - momentum)
-            update = grads.lerp_(buf, momentum) if nesterov else buf
-            update = zeropower_via_newtonschulz5(update, group["ns_steps"])
-            scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
-            for i, p in enumerate(ps):
-                bufs[i].copy_(buf[i])
-                p.add_(update[i].to(p.dtype), alpha=-group["lr"] * scale)
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p)
+            buf = st["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)
+            update = p.grad.lerp(buf, momentum) if nesterov else buf
+            tall = p.shape[0] > p.shape[1]
+            by_shape.setdefault(tuple(sorted(p.shape)), []).append((p, update.mT if tall else update))
+        for shape, entries in by_shape.items():
+            ortho = zeropower_via_newtonschulz5(torch.stack([u for _, u in entries]), group["ns_steps"])
+            for (p, _), o in zip(entries, ortho):
+                scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+                p.add_((o.mT if p.shape[0] > p.shape[1] else o).to(p.dtype), alpha=-group["lr"] * scale)
 
     def replace(self, old, new):
         """Swap the parameters in `old` (contiguous in the group) for the (name, parameter, momentum)

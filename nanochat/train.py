@@ -342,7 +342,7 @@ def train(cfg, hook=None, default_tag=None):
             _all_reduce_grads(model, world_size)
             dist.all_reduce(train_loss)
             train_loss /= world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = clip_gradients(model, cfg.grad_clip)
         hook.after_backward(step + 1, step + 1 == num_iterations)
         lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
         for opt in (muon, adamw):
@@ -395,6 +395,16 @@ def _core_metric(model, tokenizer, device, tasks, autocast, step, log):
     log({"core_metric": out["core_metric"], **{f"core/{label}": v for label, v in out["centered_results"].items()}}, step)
     return {"step": step, "core_metric": out["core_metric"], "centered_results": out["centered_results"],
             "results": out["results"]}
+
+
+def clip_gradients(model, max_norm):
+    """Global-norm clipping that only rescales when the norm exceeds max_norm (0 = never): the
+    usual unconditional multiply by min(1, max_norm/norm) is a full pass over every gradient."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm > 0 and norm.item() > max_norm:
+        torch._foreach_mul_(grads, max_norm / (norm.item() + 1e-6))
+    return norm
 
 
 def _finite_or_none(x):

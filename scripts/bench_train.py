@@ -2,13 +2,15 @@
 
 In one run on the same machine it measures (1) the best fp32 matmul throughput over a few square
 sizes (the "peak"), and (2) the training step of the researcher's Phase 1 configuration (depth 4,
-seq 512, device batch 1, total batch 512) split into forward, backward and optimizer time, then
+seq 512, device batch 1, total batch 512) split into forward, backward and optimizer time (medians
+over the timed steps), then
 prints model FLOP/s (nanochat's FLOPs/token estimate x tokens / step time) over that peak.
 Synthetic tokens: the step's cost does not depend on the data.
 
   python -m scripts.bench_train [--steps=20] [--depth=4] [--seq=512] [--batch=1] [--device_type=cpu]
 """
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ from nanochat.cli import flag, parse_args
 from nanochat.common import check_device_type, run_cli
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
+from nanochat.train import clip_gradients
 
 
 @dataclass
@@ -66,14 +69,14 @@ def main(argv):
     muon, adamw = build_optimizers(model, 0.02, 0.2, 0.004)
     x = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), device=device)
     y = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), device=device)
-    times = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    times = {"forward": [], "backward": [], "optimizer": []}
     for i in range(3 + cfg.steps):
         t0 = time.perf_counter()
         loss = model(x, y)
         sync(device)
         t1 = time.perf_counter()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_gradients(model, 1.0)
         sync(device)
         t2 = time.perf_counter()
         muon.step()
@@ -82,15 +85,17 @@ def main(argv):
         sync(device)
         t3 = time.perf_counter()
         if i >= 3:
-            times["forward"] += t1 - t0
-            times["backward"] += t2 - t1
-            times["optimizer"] += t3 - t2
-    step = sum(times.values()) / cfg.steps
+            times["forward"].append(t1 - t0)
+            times["backward"].append(t2 - t1)
+            times["optimizer"].append(t3 - t2)
+    # medians: robust to the odd step slowed by something else on the machine
+    times = {k: statistics.median(v) for k, v in times.items()}
+    step = sum(times.values())
     flops = model.estimate_flops() * cfg.batch * cfg.seq
-    print(f"Phase 1 step (depth {cfg.depth}, seq {cfg.seq}, batch {cfg.batch}): {step * 1000:.1f} ms "
+    print(f"Phase 1 step (depth {cfg.depth}, seq {cfg.seq}, batch {cfg.batch}), median of {cfg.steps}: {step * 1000:.1f} ms "
           f"({cfg.batch * cfg.seq / step:,.0f} tok/s)")
     for k, v in times.items():
-        print(f"  {k:<9} {v / cfg.steps * 1000:8.1f} ms  ({100 * v / cfg.steps / step:4.1f}%)")
+        print(f"  {k:<9} {v * 1000:8.1f} ms  ({100 * v / step:4.1f}%)")
     print(f"model FLOPs/step: {flops / 1e9:.2f} GFLOP -> {flops / step / 1e9:.1f} GFLOP/s")
     print(f"model FLOP/s / matmul peak: {100 * flops / step / peak:.1f}%")
 
