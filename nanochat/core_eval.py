@@ -91,7 +91,7 @@ def load_bundle(bundle_dir=None, max_per_task=-1):
         if not isinstance(specs, list) or not specs:
             raise ValueError("icl_tasks is empty")
         with open(meta_path, encoding="utf-8", newline="") as f:
-            baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+            baselines = {row["Eval Task"]: row["Random baseline"] for row in csv.DictReader(f)}
     except Exception as e:  # yaml errors, missing keys, bad numbers: all mean a damaged bundle
         raise UserError(f"the CORE eval bundle at {bundle_dir} is malformed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
                         f"delete it and {PREPARE_HINT}") from None
@@ -102,8 +102,10 @@ def load_bundle(bundle_dir=None, max_per_task=-1):
         if task_type not in TASK_TYPES or "dataset_uri" not in spec:
             raise UserError(f"the CORE eval bundle at {bundle_dir} has a task entry this evaluator cannot run ({str(spec)[:100]}); "
                             f"supported types: {', '.join(TASK_TYPES)}")
-        if label not in baselines:
-            raise UserError(f"{META_FILE} in {bundle_dir} has no random baseline for task {label!r}")
+        try:
+            baseline = float(baselines[label])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{META_FILE} in {bundle_dir} has no random baseline for task {label!r}") from None
         shots = spec.get("num_fewshot", [0])
         shots = shots[0] if isinstance(shots, list) else shots
         data_path = os.path.join(bundle_dir, DATA_DIRNAME, spec["dataset_uri"])
@@ -114,7 +116,7 @@ def load_bundle(bundle_dir=None, max_per_task=-1):
         random.Random(SHUFFLE_SEED).shuffle(data)  # files are often ordered; a cut must be a fair sample
         if max_per_task > 0:
             data = data[:max_per_task]
-        tasks.append(CoreTask(label, task_type, int(shots), spec.get("continuation_delimiter", " "), baselines[label], data))
+        tasks.append(CoreTask(label, task_type, int(shots), spec.get("continuation_delimiter", " "), baseline, data))
     return tasks
 
 

@@ -277,6 +277,20 @@ def test_core_metric_in_training_loop(core_run):
     assert meta["core"]["core_metric"] == config["core_metric"]
 
 
+def test_resumed_run_keeps_its_core_result(core_run, tmp_path, capsys, monkeypatch):
+    """Resuming at a step whose CORE is already in the checkpoint does not evaluate it again."""
+    import shutil
+    from nanochat.train import TrainConfig, train
+    shutil.copytree(core_run["out_dir"] / "base_checkpoints", tmp_path / "base_checkpoints")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(core_run["base"]))
+    result = train(TrainConfig(**TINY, num_iterations=6, eval_every=-1, core_metric_every=2, core_metric_max_per_task=3,
+                               output_dir=str(tmp_path), resume=True), default_tag="d2_core")
+    lines = [l for l in capsys.readouterr().out.splitlines() if "| CORE metric:" in l]
+    assert [l.split("|")[0].strip() for l in lines] == ["Step 00006"]
+    config = json.loads((tmp_path / "base_checkpoints" / "d2_core" / "config.json").read_text())
+    assert config["core"]["step"] == 6 and config["core_metric"] == result["core_metric"]
+
+
 def test_standalone_script_end_to_end(core_run):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(core_run["base"]), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "scripts.base_eval", "--model_tag=d2_core", f"--output_dir={core_run['out_dir']}",
