@@ -302,8 +302,15 @@ def minor_spectrum_change(S_minor_prev, S_minor_now):
 
 
 def _range_basis(X):
-    """Orthonormal basis of the column span of X, dropping numerically null directions (rank-deficient X)."""
-    U, S, _ = _linalg(_thin_svd, X.detach().float())
+    """Orthonormal basis of the column span of X, dropping numerically null directions (rank-deficient X).
+    A QR is enough (and several times cheaper) when R's diagonal shows full column rank; else an SVD."""
+    X = X.detach().float()
+    if X.shape[0] >= X.shape[1] > 0:
+        Q, R = _linalg(torch.linalg.qr, X)
+        d = R.diagonal().abs()
+        if float(d.min()) > float(d.max()) * max(X.shape) * 1e3 * torch.finfo(torch.float32).eps:
+            return Q
+    U, S, _ = _linalg(_thin_svd, X)
     if S.numel() == 0 or float(S[0]) == 0:
         return U[:, :0]
     keep = S > S[0] * max(X.shape) * torch.finfo(torch.float32).eps
