@@ -14,7 +14,8 @@ Writes <out>/comparison.json and <out>/comparison.md. Columns: final and minimum
 log), tokens (config.json), loop training time (the log's "Total training time", evaluation excluded)
 and process wall time, peak memory, and from svd_metrics.jsonl: share of layer-analyses in low-rank
 mode, switches each way, mean r in low-rank mode, trainable parameters and Muon optimizer-state bytes
-of the analysed layers (for the baseline: the same layers at full size).
+of the analysed layers (for the baseline: the same layers at full size). On a shared machine the loop
+time picks up pauses; "time estimate" = steps x median step + the logged SVD analysis time is robust to them.
 """
 
 import argparse
@@ -81,6 +82,8 @@ def summarize(run_dir, kind, seed, reference_records=None):
            "mean_step_ms": sum(log["dt_ms"]) / len(log["dt_ms"]) if log["dt_ms"] else None,
            "median_step_ms": statistics.median(log["dt_ms"]) if log["dt_ms"] else None,
            "svd_analysis_s": sum(log["svd_analysis_ms"]) / 1000 if kind == "adaptive" else 0.0,
+           "paused_steps": paused_steps(log["dt_ms"]),
+           "time_estimate_s": time_estimate(log, kind),
            "wall_s": wall, "peak_memory_mib": log["peak_memory_mib"]}
     summary = svd_summary(records) if kind == "adaptive" else None
     if summary:
@@ -93,10 +96,30 @@ def summarize(run_dir, kind, seed, reference_records=None):
     return row
 
 
+def paused_steps(dt_ms):
+    """Steps that took over 5x the median: the process was paused or starved (a shared machine)."""
+    if not dt_ms:
+        return None
+    med = statistics.median(dt_ms)
+    return sum(d > 5 * med for d in dt_ms)
+
+
+def time_estimate(log, kind):
+    """Contention-robust training time: steps x median step + the logged SVD analysis time (adaptive).
+
+    The median leaves out steps stretched by other processes (and the adaptive run's analysis steps,
+    whose own cost is added back from the "=== SVD Analysis complete === (N ms)" lines)."""
+    if not log["dt_ms"]:
+        return None
+    svd = sum(log["svd_analysis_ms"]) / 1000 if kind == "adaptive" else 0.0
+    return len(log["dt_ms"]) * statistics.median(log["dt_ms"]) / 1000 + svd
+
+
 COLUMNS = [("run", "run", None), ("tokens", "tokens", "{:,}"), ("final_val_bpb", "final val bpb", "{:.4f}"),
            ("min_val_bpb", "min val bpb", "{:.4f}"), ("train_time_s", "train time (s)", "{:.1f}"),
            ("mean_step_ms", "mean step (ms)", "{:.1f}"), ("median_step_ms", "median step (ms)", "{:.1f}"),
-           ("svd_analysis_s", "SVD analysis time (s)", "{:.1f}"), ("wall_s", "process wall (s)", "{:.1f}"),
+           ("svd_analysis_s", "SVD analysis time (s)", "{:.1f}"), ("paused_steps", "steps > 5x median", "{}"),
+           ("time_estimate_s", "time estimate: steps x median + SVD (s)", "{:.1f}"), ("wall_s", "process wall (s)", "{:.1f}"),
            ("peak_memory_mib", "peak memory (MiB)", "{:.1f}"), ("lowrank_share", "low-rank share of layer-analyses", "{:.3f}"),
            ("to_lowrank", "switches to low-rank", "{}"), ("to_full", "switches to full", "{}"), ("mean_r", "mean r (low-rank)", "{:.1f}"),
            ("trainable_params_end", "trainable params, analysed layers (end)", "{:,}"),
@@ -120,7 +143,7 @@ def ratios(rows):
             continue
         b, a = pair["baseline"], pair["adaptive"]
         ratio = {"seed": seed, "equal_tokens": a["tokens"] == b["tokens"]}
-        for key in ("train_time_s", "median_step_ms", "wall_s", "final_val_bpb", "min_val_bpb", "peak_memory_mib"):
+        for key in ("train_time_s", "time_estimate_s", "median_step_ms", "wall_s", "final_val_bpb", "min_val_bpb", "peak_memory_mib"):
             ratio[key] = a[key] / b[key] if a.get(key) and b.get(key) else None
         out.append(ratio)
     return out
@@ -129,11 +152,11 @@ def ratios(rows):
 def markdown(rows, rat, command):
     lines = [f"Command: `{command}`", "", "| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
-    lines += ["", "| seed | equal tokens | train time ratio | median step ratio | wall ratio | final bpb ratio | min bpb ratio | peak memory ratio |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| seed | equal tokens | train time ratio | time estimate ratio | median step ratio | wall ratio | final bpb ratio | min bpb ratio | peak memory ratio |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rat:
         lines.append(f"| {r['seed']} | {r['equal_tokens']} | " + " | ".join(
-            "n/a" if r[k] is None else f"{r[k]:.4f}" for k in ("train_time_s", "median_step_ms", "wall_s", "final_val_bpb", "min_val_bpb", "peak_memory_mib")) + " |")
+            "n/a" if r[k] is None else f"{r[k]:.4f}" for k in ("train_time_s", "time_estimate_s", "median_step_ms", "wall_s", "final_val_bpb", "min_val_bpb", "peak_memory_mib")) + " |")
     return "\n".join(lines) + "\n"
 
 
