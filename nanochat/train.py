@@ -342,7 +342,7 @@ def train(cfg, hook=None, default_tag=None):
             _all_reduce_grads(model, world_size)
             dist.all_reduce(train_loss)
             train_loss /= world_size
-        grad_norm = clip_gradients(model, cfg.grad_clip)
+        grad_norm = clip_gradients(model, cfg.grad_clip, muon.params() + [p for g in adamw.param_groups for p in g["params"]])
         hook.after_backward(step + 1, step + 1 == num_iterations)
         lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
         for opt in (muon, adamw):
@@ -397,11 +397,14 @@ def _core_metric(model, tokenizer, device, tasks, autocast, step, log):
             "results": out["results"]}
 
 
-def clip_gradients(model, max_norm):
-    """Global-norm clipping that only rescales when the norm exceeds max_norm (0 = never): the
-    usual unconditional multiply by min(1, max_norm/norm) is a full pass over every gradient."""
+def clip_gradients(model, max_norm, trained=None):
+    """Global-norm clipping over the `trained` parameters (default: all), rescaling every gradient
+    of the model, and only when the norm exceeds max_norm (0 = never): the usual unconditional
+    multiply by min(1, max_norm/norm) is a full pass over every gradient. A low-rank layer's frozen
+    weight carries dL/dW_eff for the analysis; it is scaled with the rest but not counted twice."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
+    counted = grads if trained is None else [p.grad for p in trained if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(counted)
     if max_norm > 0 and norm.item() > max_norm:
         torch._foreach_mul_(grads, max_norm / (norm.item() + 1e-6))
     return norm
