@@ -177,9 +177,11 @@ nanochat_forward() {
 }
 
 # Run the training command in its own process group, with SIGUSR1 (SLURM's warning before the time
-# limit, --signal=B:USR1@N) and SIGTERM forwarded to every process of it. The launcher (torchrun,
-# srun) is started with SIGUSR1 ignored, so only the Python training processes, which handle it,
-# react. After a save on SIGUSR1 the job requeues itself; the requeued job resumes from the checkpoint.
+# limit, --signal=B:USR1@N) and SIGTERM forwarded to every process of it. A local launcher (python,
+# torchrun) is started with SIGUSR1 ignored, so only the Python training processes, which install a
+# handler, react; srun instead forwards the signal to its tasks, which ignore it themselves (see
+# phase3_multinode.sbatch). After a save on SIGUSR1 the job requeues itself; the requeued job
+# resumes from the checkpoint.
 nanochat_launch() {
     echo "+ $*"
     if [ "${NANOCHAT_DRY_RUN:-0}" = 1 ]; then

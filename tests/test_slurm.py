@@ -1,0 +1,387 @@
+"""The SLURM job files in slurm/.
+
+Without SLURM: every command line of every job file passes only flags its target script defines
+(read from the file, and from what the file really runs in dry-run mode), the files are strict bash,
+and missing data or environment give a clear message.
+
+Under a real one-machine SLURM (tests/slurm_cluster.py installs slurm-wlm and munge with apt when
+absent, starts munged, slurmctld and slurmd with a generated CPU-only slurm.conf and stops only
+those): the real job files are submitted with the cluster facts overridden by sbatch options and
+environment, as a user on another cluster would: Phase 1 completes; a job signalled with
+`scancel --signal=USR1 --batch` (what `--signal=B:USR1@N` does before the time limit) saves,
+requeues itself and resumes to exactly the result of an uninterrupted run; a 2-task job (srun + two
+torchruns meeting at a c10d rendezvous) and a 2-process torchrun job run the gloo path.
+"""
+
+import argparse
+import glob
+import importlib
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from nanochat.cli import parse_args
+from tests.slurm_cluster import LocalSlurm, ensure_slurm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLURM_DIR = os.path.join(ROOT, "slurm")
+JOB_FILES = sorted(glob.glob(os.path.join(SLURM_DIR, "*.sbatch")))
+SHELL_FILES = JOB_FILES + [os.path.join(SLURM_DIR, "prepare_login_node.sh"), os.path.join(SLURM_DIR, "common.sh")]
+
+
+# -- the flags each entry point defines ------------------------------------------------------------
+
+def _dataclass_flags(cls):
+    import dataclasses
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _argparse_flags(build):
+    """Option names of an argparse-based entry point: catch its parser when it parses []."""
+    seen = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, *args, **kwargs):
+        seen["parser"] = self
+        return real(self, *args, **kwargs)
+
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        build([])
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return {s[2:].replace("-", "_") for a in seen["parser"]._actions for s in a.option_strings if s.startswith("--")}
+
+
+def script_flags(module):
+    if module == "scripts.base_train":
+        from nanochat.train import TrainConfig
+        return _dataclass_flags(TrainConfig)
+    if module == "scripts.base_train_adaptive_svd":
+        from nanochat.adaptive_cycle import AdaptiveConfig
+        return _dataclass_flags(AdaptiveConfig)
+    if module == "scripts.tok_train":
+        from scripts.tok_train import TokTrainConfig
+        return _dataclass_flags(TokTrainConfig)
+    if module == "scripts.base_eval":
+        from scripts.base_eval import EvalConfig
+        return _dataclass_flags(EvalConfig)
+    if module == "scripts.prepare_data":
+        from scripts.prepare_data import parse_args as prepare_parse
+        return _argparse_flags(prepare_parse)
+    raise AssertionError(f"a job file runs {module}, which this test does not know: add it to script_flags")
+
+
+# -- reading the command lines of a job file -------------------------------------------------------
+
+def logical_lines(text):
+    """Lines with backslash continuations joined and comments (including #SBATCH) dropped."""
+    out, current = [], ""
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        if not current and line.lstrip().startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        out.append(current + line)
+        current = ""
+    return [line for line in out if line.strip()]
+
+
+def arrays(text):
+    """NAME=(...) definitions in a file: {NAME: [words]} (all definitions of a name together)."""
+    found = {}
+    for m in re.finditer(r"^\s*(\w+)\+?=\(([^)]*)\)", text, re.M):
+        found.setdefault(m.group(1), []).extend(shlex.split(m.group(2), comments=True))
+    return found
+
+
+def commands(path):
+    """[(module, [flag names], line)] for every `-m scripts.X ...` in a job file, arrays expanded."""
+    text = open(path).read()
+    defined = arrays(text)
+    result = []
+    for line in logical_lines(text):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:
+            continue
+        for i, w in enumerate(words[:-1]):
+            if w != "-m" or not words[i + 1].startswith("scripts."):
+                continue
+            flags = []
+            for w2 in words[i + 2:]:
+                if w2 == "--":  # torchrun drops it: the end of the launcher's own options
+                    continue
+                for name, values in defined.items():
+                    if "${" + name + "[@]" in w2:  # "${NAME[@]}" or ${NAME[@]+"${NAME[@]}"}
+                        flags += [v.split("=", 1)[0][2:] for v in values if v.startswith("--")]
+                if w2.startswith("--"):
+                    flags.append(w2.split("=", 1)[0][2:].replace("-", "_"))
+            result.append((words[i + 1], flags, line))
+    return result
+
+
+@pytest.mark.parametrize("path", SHELL_FILES, ids=os.path.basename)
+def test_every_flag_of_every_command_exists_in_its_script(path):
+    found = commands(path)
+    if path.endswith("common.sh"):
+        assert found == []
+        return
+    assert found, f"{path} runs no `-m scripts.X` command"
+    for module, flags, line in found:
+        known = script_flags(module)
+        unknown = [f for f in flags if f not in known]
+        assert not unknown, f"{os.path.basename(path)} passes {unknown} to {module}, which does not define them: {line[:200]}"
+
+
+def test_the_parser_sees_the_training_commands():
+    by_file = {os.path.basename(p): commands(p) for p in JOB_FILES}
+    assert [m for m, _, _ in by_file["phase1_cpu.sbatch"]] == ["scripts.base_train_adaptive_svd"]
+    assert sorted(m for m, _, _ in by_file["phase2_gpu.sbatch"]) == ["scripts.base_train", "scripts.base_train_adaptive_svd"]
+    assert sorted(m for m, _, _ in by_file["phase3_multinode.sbatch"]) == ["scripts.base_train", "scripts.base_train_adaptive_svd"]
+    phase1 = by_file["phase1_cpu.sbatch"][0][1]
+    for researcher_flag in ("depth", "max_seq_len", "device_batch_size", "eval_tokens", "core_metric_every",
+                            "total_batch_size", "num_iterations", "device_type"):
+        assert researcher_flag in phase1
+    assert "scripts.prepare_data" in {m for m, _, _ in commands(os.path.join(SLURM_DIR, "prepare_login_node.sh"))}
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=os.path.basename)
+def test_job_files_are_strict_and_ask_for_a_warning_signal(path):
+    text = open(path).read()
+    assert subprocess.run(["bash", "-n", path], capture_output=True).returncode == 0
+    body = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    assert body[0] == "set -euo pipefail"
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=?(\S*)", text, re.M))
+    assert sbatch["account"] == "class-cse8990"
+    assert sbatch["output"] == "slurm/logs/%x-%j.out" and sbatch["open-mode"] == "append"
+    assert "requeue" in sbatch and re.fullmatch(r"B:USR1@\d+", sbatch["signal"])
+    if "phase3" in path or "phase2" in path:
+        assert sbatch["partition"] == "gpu-a100" and sbatch["gres"].startswith("gpu:a100:")
+    if "phase3" in path:
+        assert sbatch["gres"] == "gpu:a100:8" and sbatch["time"] == "12:00:00"
+        assert sbatch["cpus-per-task"] == "16" and sbatch["mem"] == "256G"
+
+
+# -- running the job files with bash (no SLURM needed) ---------------------------------------------
+
+def job_env(base, runs, **extra):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_RUNS=str(runs), NANOCHAT_MODULES="",
+               NANOCHAT_PYTHON=sys.executable, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_"))]:
+        del env[key]
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def printed_command(stdout):
+    line = next(line for line in stdout.splitlines() if line.startswith("+ "))
+    return shlex.split(line[2:])
+
+
+@pytest.mark.parametrize("path,extra", [
+    ("phase1_cpu.sbatch", {}),
+    ("phase2_gpu.sbatch", {}),
+    ("phase2_gpu.sbatch", {"KIND": "baseline"}),
+    ("phase3_adaptive.sbatch", {}),
+    ("phase3_baseline.sbatch", {}),
+    ("phase3_multinode.sbatch", {}),
+    ("phase3_multinode.sbatch", {"KIND": "baseline"}),
+])
+def test_dry_run_commands_parse_with_the_scripts_own_parser(prepared_base, tmp_path, path, extra):
+    env = job_env(prepared_base, tmp_path, NANOCHAT_DRY_RUN=1, **extra)
+    r = subprocess.run(["bash", os.path.join(SLURM_DIR, path), "--eval_every=50"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    argv = printed_command(r.stdout)
+    i = max(i for i, w in enumerate(argv) if w == "-m" and argv[i + 1].startswith("scripts."))
+    module = importlib.import_module(argv[i + 1])
+    config_cls = module.AdaptiveConfig if hasattr(module, "AdaptiveConfig") else module.TrainConfig
+    script_args = argv[i + 2:]
+    if "torch.distributed.run" in argv[:i]:
+        assert script_args[0] == "--"  # without it torchrun's parser rejects --run=... as ambiguous
+        script_args = script_args[1:]  # torchrun drops it
+    cfg = parse_args(config_cls, script_args, prog=argv[i + 1], description="")
+    assert cfg.eval_every == 50 and cfg.output_dir.startswith(str(tmp_path)) and not cfg.resume
+    if "phase3" in path:
+        assert cfg.depth == 20 and cfg.total_batch_size == 524288 and cfg.num_iterations == -1
+        assert "torch.distributed.run" in argv[:i]
+    if "multinode" in path:
+        assert argv[0] == "srun" and any(w.startswith("--rdzv_endpoint=") for w in argv[:i])
+
+
+def test_missing_data_stops_with_a_clear_message(tmp_path):
+    r = subprocess.run(["bash", os.path.join(SLURM_DIR, "phase1_cpu.sbatch")], cwd=ROOT, capture_output=True, text=True,
+                       env=job_env(tmp_path / "empty", tmp_path / "runs"), timeout=60)
+    assert r.returncode == 2
+    assert "error: no training data in" in r.stderr and "bash slurm/prepare_login_node.sh" in r.stderr
+
+
+def test_missing_environment_and_bad_arguments_stop_with_a_clear_message(prepared_base, tmp_path):
+    job = os.path.join(SLURM_DIR, "phase1_cpu.sbatch")
+    r = subprocess.run(["bash", job], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env=job_env(prepared_base, tmp_path, NANOCHAT_PYTHON=str(tmp_path / "no-venv/bin/python")))
+    assert r.returncode == 2 and "no Python environment" in r.stderr and "prepare_login_node.sh" in r.stderr
+    r = subprocess.run(["bash", job, "--depth=8"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env=job_env(prepared_base, tmp_path))
+    assert r.returncode == 2 and "set DEPTH=" in r.stderr
+    r = subprocess.run(["bash", job], cwd=str(tmp_path), capture_output=True, text=True, timeout=60,
+                       env=job_env(prepared_base, tmp_path))
+    assert r.returncode == 2 and "not the project root" in r.stderr
+
+
+def test_login_node_preparation_offline(tmp_path):
+    env = job_env(tmp_path / "base", tmp_path / "runs", SKIP_SETUP=1, DATA_SOURCE="offline", VOCAB_SIZE=300,
+                  PREPARE_DATA_ARGS="--max_chars_per_domain=60000 --docs_per_shard=100")
+    r = subprocess.run(["bash", os.path.join(SLURM_DIR, "prepare_login_node.sh")], cwd=str(tmp_path), env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (tmp_path / "base/base_data/val_00000.parquet").exists() and (tmp_path / "base/tokenizer/tokenizer.json").exists()
+    assert "=== ready" in r.stdout
+    again = subprocess.run(["bash", os.path.join(SLURM_DIR, "prepare_login_node.sh")], cwd=str(tmp_path), env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("already") == 2
+
+
+# -- under a real SLURM ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = ensure_slurm()
+    if reason:
+        print(f"\nSLURM tests skipped: {reason}", file=sys.__stderr__)
+        pytest.skip(f"no SLURM: {reason}")
+    cluster = LocalSlurm(str(tmp_path_factory.mktemp("slurm")))
+    try:
+        cluster.start()
+    except Exception:
+        cluster.stop()
+        raise
+    yield cluster
+    cluster.stop()
+
+
+# the cluster facts of the job files, overridden for this machine by sbatch options
+LOCAL = ["--partition=debug", "--gres=none", "--cpus-per-task=1", "--mem=1G", "--time=15"]
+TINY = ["--max_seq_len=64", "--sample_every=-1"]
+
+
+def submit(slurm, job, sbatch_opts, args, env, log_dir):
+    os.makedirs(log_dir, exist_ok=True)  # SLURM cannot create the folder of --output
+    return slurm.sbatch([*LOCAL, *sbatch_opts, f"--output={log_dir}/%x-%j.out", os.path.join("slurm", job), *args],
+                        env=env, cwd=ROOT)
+
+
+def log_of(log_dir, job):
+    (path,) = glob.glob(os.path.join(str(log_dir), f"*-{job}.out"))
+    return open(path).read()
+
+
+def step_lines(log):
+    """{step: 'loss: ... | grad norm: ... | lrm: ...'} of the console lines (timings left out)."""
+    found = {}
+    for m in re.finditer(r"^step (\d+)/\d+ \([\d.]+%\) \| (loss: \S+ \| grad norm: \S+ \| lrm: \S+)", log, re.M):
+        found[int(m.group(1))] = m.group(2)
+    return found
+
+
+def assert_completed(slurm, job, log_dir, timeout=240):
+    info = slurm.wait(job, timeout=timeout)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log_of(log_dir, job)[-3000:]
+    return info
+
+
+def test_phase1_job_completes(slurm, prepared_base, tmp_path):
+    env = job_env(prepared_base, tmp_path / "runs", DEPTH=2)
+    job = submit(slurm, "phase1_cpu.sbatch", [], [*TINY, "--total_batch_size=64", "--num_iterations=20", "--svd_interval=5",
+                                                  "--eval_tokens=64"], env, tmp_path)
+    assert_completed(slurm, job, tmp_path)
+    log = log_of(tmp_path, job)
+    for s in (5, 10, 15, 20):
+        assert f"=== SVD Analysis at step {s} ===" in log
+    assert "[block0.attn.c_q] Initial SVD computed" in log and "Minimum validation bpb:" in log
+    run = tmp_path / "runs/phase1/base_checkpoints/d2"
+    assert (run / "checkpoint.pt").exists() and len(open(run / "svd_metrics.jsonl").readlines()) == 4
+    # submitting the finished run again does nothing
+    again = submit(slurm, "phase1_cpu.sbatch", [], [], env, tmp_path)
+    assert_completed(slurm, again, tmp_path)
+    assert "is complete; nothing to do" in log_of(tmp_path, again)
+
+
+def test_signalled_job_saves_requeues_and_resumes_exactly(slurm, prepared_base, tmp_path):
+    args = [*TINY, "--total_batch_size=64", "--num_iterations=300", "--svd_interval=25", "--eval_tokens=128",
+            "--eval_every=-1", "--adaptive_svd_target_layer=-1", "--svd_targets=attn"]
+    ref = submit(slurm, "phase1_cpu.sbatch", [], args, job_env(prepared_base, tmp_path / "ref", DEPTH=2), tmp_path / "ref")
+    job = submit(slurm, "phase1_cpu.sbatch", [], args, job_env(prepared_base, tmp_path / "int", DEPTH=2), tmp_path / "int")
+    deadline = time.time() + 180
+    while not re.search(r"^step 0003\d/", _read(tmp_path / "int", job), re.M):
+        assert time.time() < deadline, _read(tmp_path / "int", job)[-2000:]
+        assert slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), _read(tmp_path / "int", job)[-2000:]
+        time.sleep(0.2)
+    slurm.signal(job, "USR1", batch=True)
+    deadline = time.time() + 120
+    while int(slurm.job(job).get("Restarts", 0)) < 1:  # the job requeued itself after the save
+        assert time.time() < deadline and slurm.job(job)["JobState"] in ("RUNNING", "PENDING", "COMPLETING"), slurm.job(job)
+        time.sleep(0.5)
+    # SLURM holds a requeued job for about two minutes (BeginTime) before it may start again; a real
+    # cluster just waits, the test lets it start at once
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, check=True, timeout=60)
+    info = assert_completed(slurm, job, tmp_path / "int")
+    assert_completed(slurm, ref, tmp_path / "ref")
+    assert info["Restarts"] == "1"
+    log, ref_log = log_of(tmp_path / "int", job), log_of(tmp_path / "ref", ref)
+    stop = re.search(r"Stopped by signal 10 at step (\d+); continue with --resume", log)
+    assert stop and "job: got SIGUSR1" in log and f"requeueing job {job}" in log
+    at = int(stop.group(1))
+    assert 30 <= at < 300 and f"from its checkpoint at step {at} of 300 (--resume)" in log
+    assert f"Resumed from {tmp_path}/int/phase1/base_checkpoints/d2 at step {at}" in log
+    # the two halves together are the uninterrupted run, step by step, to the last printed digit
+    assert step_lines(log) == step_lines(ref_log) and len(step_lines(ref_log)) == 300
+    bpb = re.compile(r"Minimum validation bpb: \S+")
+    assert bpb.findall(log)[-1] == bpb.findall(ref_log)[-1]
+    a = torch.load(tmp_path / "int/phase1/base_checkpoints/d2/checkpoint.pt")
+    b = torch.load(tmp_path / "ref/phase1/base_checkpoints/d2/checkpoint.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    records = [[(r["step"], r["layer"], r["action"], r.get("r_after")) for r in map(json.loads, open(p))]
+               for p in (tmp_path / "int/phase1/base_checkpoints/d2/svd_metrics.jsonl",
+                         tmp_path / "ref/phase1/base_checkpoints/d2/svd_metrics.jsonl")]
+    assert records[0] == records[1] and len(records[0]) == 12 * 8  # 12 analyses x 8 attention matrices
+
+
+def _read(log_dir, job):
+    paths = glob.glob(os.path.join(str(log_dir), f"*-{job}.out"))
+    return open(paths[0]).read() if paths else ""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_task_and_two_process_jobs_run_the_gloo_path(slurm, prepared_base, tmp_path):
+    args = [*TINY, "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=4", "--eval_tokens=256",
+            "--svd_interval=2"]
+    common = dict(DEPTH=2, DEVICE_TYPE="cpu", CORE_EVERY=-1)
+    multi = submit(slurm, "phase3_multinode.sbatch", ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2"], args,
+                   job_env(prepared_base, tmp_path / "runs", NPROC_PER_NODE=1, RDZV_PORT=_free_port(), **common), tmp_path)
+    single = submit(slurm, "phase3_adaptive.sbatch", ["--cpus-per-task=2"], args,
+                    job_env(prepared_base, tmp_path / "runs", NPROC_PER_NODE=2, **common), tmp_path)
+    for job, kind in ((multi, "phase3_multinode_adaptive"), (single, "phase3_adaptive")):
+        assert_completed(slurm, job, tmp_path)
+        log = log_of(tmp_path, job)
+        assert "Distributed: 2 ranks, backend gloo" in log
+        assert "analysis spread over 2 ranks by layer" in log and "=== SVD Analysis at step 4 ===" in log
+        ckpt = torch.load(tmp_path / f"runs/{kind}/base_checkpoints/d2/checkpoint.pt")
+        assert ckpt["metadata"]["world_size"] == 2
+    assert "Rendezvous: 2 torchrun(s) x 1 process(es)" in log_of(tmp_path, multi)
