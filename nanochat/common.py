@@ -1,8 +1,10 @@
 """Shared utilities: base directory, device and process-group setup, logging, one-line user errors."""
 
 import os
-import sys
 import resource
+import sys
+import time
+import urllib.request
 
 import torch
 import torch.distributed as dist
@@ -132,3 +134,27 @@ def device_peak_flops(device):
         if key in name:
             return flops
     return None
+
+
+def download(url, path, retries=5, backoff=2.0, timeout=60, check=None):
+    """Fetch url to path atomically (temp file, then rename), retrying with exponential backoff.
+    `check(tmp_path)` may raise to reject a truncated or corrupt download, which is then retried.
+    Returns None on success, else the last error (URLError, HTTPError and timeouts are OSErrors)."""
+    tmp = path + ".tmp"
+    error = None
+    for attempt in range(retries):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+            if check is not None:
+                check(tmp)
+            os.replace(tmp, path)
+            return None
+        except Exception as e:  # network errors, and whatever `check` raises for a bad file
+            error = e
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return error

@@ -29,14 +29,13 @@ import shutil
 import tempfile
 import time
 import urllib.error
-import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import UserError, get_base_dir, print0
+from nanochat.common import UserError, download, get_base_dir, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 BUNDLE_DIRNAME = "eval_bundle"
@@ -316,6 +315,12 @@ def evaluate_core(model, tokenizer, device, tasks=None, max_per_task=-1, max_seq
 
 # ---------------------------------------------------------------- preparing the bundle (needs internet)
 
+def _check_zip(path):
+    with zipfile.ZipFile(path) as z:
+        if z.testzip() is not None:
+            raise zipfile.BadZipFile("a member fails its CRC check")
+
+
 def download_bundle(bundle_dir=None, url=None, retries=5, backoff=2.0, timeout=60, log=print):
     """Fetch eval_bundle.zip, check and unzip it, and move eval_bundle/ into place atomically.
 
@@ -330,20 +335,7 @@ def download_bundle(bundle_dir=None, url=None, retries=5, backoff=2.0, timeout=6
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=parent, prefix=".eval_bundle_download_") as tmp:
         zip_path = os.path.join(tmp, "eval_bundle.zip")
-        error = None
-        for attempt in range(retries):
-            if attempt:
-                time.sleep(backoff * 2 ** (attempt - 1))
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response, open(zip_path, "wb") as f:
-                    shutil.copyfileobj(response, f, 1 << 20)
-                with zipfile.ZipFile(zip_path) as z:
-                    if z.testzip() is not None:
-                        raise zipfile.BadZipFile("a member fails its CRC check")
-                error = None
-                break
-            except (OSError, zipfile.BadZipFile) as e:  # URLError, HTTPError and timeouts are OSErrors
-                error = e
+        error = download(url, zip_path, retries, backoff, timeout, check=_check_zip)
         if error is not None:
             if isinstance(error, urllib.error.HTTPError):
                 reason = f"HTTP {error.code} {error.reason}"

@@ -21,14 +21,12 @@ import json
 import os
 import random
 import re
-import time
 import urllib.error
-import urllib.request
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import UserError, get_base_dir
+from nanochat.common import UserError, download, get_base_dir
 
 PREPARE_HINT = "prepare data with: python -m scripts.prepare_data"
 SPLITS = ("train", "val")
@@ -291,24 +289,8 @@ def hf_disk_documents(dataset_path, split="train"):
 # ---------------------------------------------------------------- FineWeb-Edu (needs internet)
 
 def _download(url, path, retries, backoff, timeout):
-    """Fetch url to path atomically, retrying with exponential backoff; returns the last error or None."""
-    tmp = path + ".tmp"
-    error = None
-    for attempt in range(retries):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-            pq.ParquetFile(tmp)  # a truncated download fails here and is retried
-            os.replace(tmp, path)
-            return None
-        except (OSError, pa.ArrowException) as e:  # URLError and timeouts are OSErrors
-            error = e
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return error
+    """Fetch one parquet shard; a truncated download fails to open as parquet and is retried."""
+    return download(url, path, retries, backoff, timeout, check=pq.ParquetFile)
 
 
 def _download_error(error, base_url, index, retries):

@@ -133,10 +133,10 @@ def small_run(cfg_overrides=None, depth=2, vocab=256, seq=32):
     return cfg, model, hook, muon, adamw
 
 
-def step(model, muon, adamw, hook, n, seed):
+def step(model, muon, adamw, hook, n, seed, forward=None):
     torch.manual_seed(seed)
     x = torch.randint(0, 256, (2, 32))
-    model(x, x.roll(-1, 1)).backward()
+    (model if forward is None else forward)(x, x.roll(-1, 1)).backward()
     hook.after_backward(n, False)
     muon.step()
     adamw.step()
@@ -255,13 +255,7 @@ def test_compile_recompiles_once_per_switch_and_not_per_rank_change():
     compiled = torch.compile(model, backend=backend)
     counts = []
     for n in range(1, 6):
-        torch.manual_seed(n)
-        x = torch.randint(0, 256, (2, 32))
-        compiled(x, x.roll(-1, 1)).backward()
-        hook.after_backward(n, False)
-        muon.step()
-        adamw.step()
-        model.zero_grad(set_to_none=True)
+        step(model, muon, adamw, hook, n, n, forward=compiled)
         counts.append(count[0])
     torch._dynamo.reset()
     torch._dynamo.config.force_parameter_static_shapes = True
