@@ -385,3 +385,37 @@ def test_two_task_and_two_process_jobs_run_the_gloo_path(slurm, prepared_base, t
         ckpt = torch.load(tmp_path / f"runs/{kind}/base_checkpoints/d2/checkpoint.pt")
         assert ckpt["metadata"]["world_size"] == 2
     assert "Rendezvous: 2 torchrun(s) x 1 process(es)" in log_of(tmp_path, multi)
+
+
+@pytest.mark.slow
+def test_signalled_two_task_job_resumes_exactly(slurm, prepared_base, tmp_path):
+    """The multi-node path under a signal: srun forwards SIGUSR1 to both tasks, both ranks save one
+    checkpoint together, the job requeues itself, the two torchruns meet again and the run ends with
+    the weights of an uninterrupted 2-rank job. Slow (about a minute): two 2-task jobs, one restarted."""
+    args = [*TINY, "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=200", "--eval_tokens=256",
+            "--eval_every=-1", "--svd_interval=25", "--svd_ratio_danger=1.05", "--svd_patience=1", "--save_every=-1"]
+    opts = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2"]
+    common = dict(DEPTH=2, DEVICE_TYPE="cpu", CORE_EVERY=-1, NPROC_PER_NODE=1)
+    ref = submit(slurm, "phase3_multinode.sbatch", opts, args,
+                 job_env(prepared_base, tmp_path / "ref", RDZV_PORT=_free_port(), **common), tmp_path / "ref")
+    job = submit(slurm, "phase3_multinode.sbatch", opts, args,
+                 job_env(prepared_base, tmp_path / "int", RDZV_PORT=_free_port(), **common), tmp_path / "int")
+    deadline = time.time() + 240
+    while not re.search(r"^step 0003\d/", _read(tmp_path / "int", job), re.M):
+        assert time.time() < deadline and slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), \
+            _read(tmp_path / "int", job)[-2000:]
+        time.sleep(0.2)
+    slurm.signal(job, "USR1", batch=True)
+    deadline = time.time() + 120
+    while int(slurm.job(job).get("Restarts", 0)) < 1:
+        assert time.time() < deadline and slurm.job(job)["JobState"] in ("RUNNING", "PENDING", "COMPLETING"), slurm.job(job)
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, check=True, timeout=60)
+    assert_completed(slurm, job, tmp_path / "int", timeout=300)
+    assert_completed(slurm, ref, tmp_path / "ref", timeout=300)
+    log, ref_log = log_of(tmp_path / "int", job), log_of(tmp_path / "ref", ref)
+    assert re.search(r"Stopped by signal 10 at step \d+", log) and log.count("Distributed: 2 ranks, backend gloo") == 2
+    assert step_lines(log) == step_lines(ref_log) and len(step_lines(ref_log)) == 200
+    run = "phase3_multinode_adaptive/base_checkpoints/d2/checkpoint.pt"
+    a, b = torch.load(tmp_path / "int" / run), torch.load(tmp_path / "ref" / run)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
