@@ -118,6 +118,15 @@ def make_config(train_argv, overrides):
     return dataclasses.replace(cfg, **overrides)
 
 
+def write_command(cfg):
+    """command.txt in the run folder: the equivalent single-run command (read by scripts.monitor_svd)."""
+    run_dir = checkpoint_dir(cfg.output_dir, cfg.model_tag)
+    os.makedirs(run_dir, exist_ok=True)
+    flags = " ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v != "")
+    with open(os.path.join(run_dir, "command.txt"), "w") as f:
+        f.write(f"python -m scripts.base_train_adaptive_svd {flags}\n")
+
+
 def run_variant(name, args, train_argv):
     tags = {p: f"{name}_{p}" for p in "AB"}
     val_sets = {"A": args.data_a, "B": args.data_b}
@@ -125,6 +134,7 @@ def run_variant(name, args, train_argv):
     # phase A
     cfg_a = make_config(train_argv, dict(VARIANTS[name], data_dir=args.data_a, num_iterations=args.steps_a,
                                          output_dir=args.out, model_tag=tags["A"], resume=False))
+    write_command(cfg_a)
     res_a = train(cfg_a, hook=AdaptiveSVDHook(cfg_a) if cfg_a.adaptive_svd else None, default_tag=tags["A"])
     time_a = time.time() - t0
     # phase B
@@ -132,6 +142,7 @@ def run_variant(name, args, train_argv):
     start_phase_b(dir_a, dir_b)
     cfg_b = make_config(train_argv, dict(VARIANTS[name], data_dir=args.data_b, num_iterations=args.steps_a + args.steps_b,
                                          output_dir=args.out, model_tag=tags["B"], resume=True))
+    write_command(cfg_b)
     inner = AdaptiveSVDHook(cfg_b) if cfg_b.adaptive_svd else TrainHook()
     points = measure_points(args.steps_a, args.steps_b, args.measure_every)
     hook = MeasureHook(inner, val_sets, points, cfg_b.eval_tokens)

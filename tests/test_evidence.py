@@ -10,7 +10,7 @@ import torch
 from nanochat.checkpoint_manager import load_checkpoint
 from nanochat.dataset import offline_documents, write_shards
 from scripts import compare_runs, forgetting, monitor_svd, plot_svd
-from scripts.run_logs import parse_log, read_jsonl
+from scripts.run_logs import parse_log, read_jsonl, run_settings
 
 TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=1", "--total_batch_size=64", "--eval_tokens=640",
         "--sample_every=-1", "--device_type=cpu", "--adaptive_svd_target_layer=-1", "--svd_targets=attn", "--svd_interval=3"]
@@ -192,6 +192,13 @@ def test_forgetting_bookkeeping(base, tmp_path):
     assert b_records and min(r["step"] for r in b_records) > 6  # phase B's analyses only, in B's own file
     assert adaptive["phase_b_svd"]["analyses"] == len([r for r in b_records if "mode_after" in r])
     assert data["results"][0]["phase_b_svd"] is None
+    # each phase folder names its thresholds for the monitor before any checkpoint exists
+    only_cmd = tmp_path / "only_cmd"
+    only_cmd.mkdir()
+    shutil.copy(os.path.join(adaptive["dir_b"], "command.txt"), only_cmd)
+    settings, source = run_settings(str(only_cmd))
+    assert source.endswith("command.txt") and settings["data_dir"] == dirs["shakespeare"] and settings["resume"] is True
+    assert monitor_svd.thresholds_of(str(only_cmd))[0]["svd_ratio_danger"] == 2.0
     log = parse_log(None)
     assert log["steps"] == []
     assert "| baseline |" in (out / "forgetting.md").read_text()
