@@ -253,6 +253,22 @@ def test_login_node_preparation_offline(tmp_path):
     assert again.returncode == 0 and again.stdout.count("already") == 2
 
 
+def test_a_failed_install_is_reported_not_raised(tmp_path, monkeypatch):
+    """Without SLURM and without a working apt (no network), ensure_slurm says why; the fixture skips with that."""
+    import tests.slurm_cluster as sc
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "apt-get").write_text("#!/bin/sh\necho 'E: Could not resolve deb.debian.org' >&2\nexit 100\n")
+    (fake / "apt-get").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setattr(sc, "which", lambda name: str(fake / name) if name == "apt-get" else None)
+    if os.geteuid() != 0:
+        assert "needs root" in sc.ensure_slurm()
+        return
+    reason = sc.ensure_slurm()
+    assert reason.startswith("'apt-get update' failed (exit 100)") and "Could not resolve" in reason
+
+
 # -- under a real SLURM ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
