@@ -117,19 +117,22 @@ def _fmt(x, digits=4):
     return "n/a" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
-def assign_owners(layers, world_size):
-    """{display name: rank that analyses it}: the largest SVDs first, each to the least-loaded rank
-    (cost ~ n_out * n_in * min(n_out, n_in)). Deterministic, so every rank computes the same map."""
-    def cost(module):
-        n_out, n_in = module.weight.shape
+def assign_owners(layers, world_size, seconds=None):
+    """{display name: rank that analyses it}: the costliest layers first, each to the least-loaded
+    rank. Cost: the seconds the layer's analysis took last time when known (`seconds`, the same on
+    every rank), else n_out * n_in * min(n_out, n_in). Deterministic, so every rank gets the same map."""
+    def cost(display):
+        if seconds and seconds.get(display) is not None:
+            return seconds[display]
+        n_out, n_in = layers[display][1].weight.shape
         return n_out * n_in * min(n_out, n_in)
 
     load = [0] * world_size
     owner = {}
-    for i, display in sorted(enumerate(layers), key=lambda item: (-cost(layers[item[1]][1]), item[0])):
+    for i, display in sorted(enumerate(layers), key=lambda item: (-cost(item[1]), item[0])):
         rank = min(range(world_size), key=lambda r: (load[r], r))
         owner[display] = rank
-        load[rank] += cost(layers[display][1])
+        load[rank] += cost(display)
     return owner
 
 
@@ -197,16 +200,22 @@ class AdaptiveSVDHook(TrainHook):
         plans = {}
         for display, (_, module) in self.layers.items():
             if self.owner[display] == rank:
+                t_layer = time.perf_counter()
                 try:
                     plans[display] = self._plan_layer(step, display, module)
                 except Exception as e:  # a bug, not a numerical failure: all ranks must still meet below
                     traceback.print_exc()
                     plans[display] = {"error": f"{type(e).__name__}: {e}"}
+                plans[display]["seconds"] = time.perf_counter() - t_layer
         if self.distributed:
             plans = self._exchange(plans)
         for display, plan in plans.items():
             if "error" in plan:
                 raise RuntimeError(f"adaptive SVD analysis of {display} failed on rank {self.owner[display]}: {plan['error']}")
+        if self.distributed:
+            # next time, balance the ranks by what each layer really cost (shapes, exact vs warm SVD,
+            # low-rank layers needing every triple); all ranks have the same numbers, so the same map
+            self.owner = assign_owners(self.layers, self.run.world_size, {d: p["seconds"] for d, p in plans.items()})
         for display, (prefix, module) in self.layers.items():
             plan = plans[display]
             self._apply_plan(display, prefix, module, plan)
