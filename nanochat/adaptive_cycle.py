@@ -427,10 +427,6 @@ class AdaptiveSVDHook(TrainHook):
         if self.compiling:
             torch._dynamo.reset()
 
-    @staticmethod
-    def _trainable(module):
-        return module.weight.numel() if module.mode == "full" else module.B.numel() + module.A.numel()
-
     # -- logging -----------------------------------------------------------------------------
     def _log(self, step, display, record):
         clean = {k: (v.item() if torch.is_tensor(v) else v) for k, v in record.items()}
