@@ -435,3 +435,25 @@ def test_signalled_two_task_job_resumes_exactly(slurm, prepared_base, tmp_path):
     run = "phase3_multinode_adaptive/base_checkpoints/d2/checkpoint.pt"
     a, b = torch.load(tmp_path / "int" / run), torch.load(tmp_path / "ref" / run)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+
+
+@pytest.mark.slow
+def test_time_limit_warning_signal_saves_and_requeues(slurm, prepared_base, tmp_path):
+    """SLURM's own warning before the limit: with --time=3 and the job file's --signal=B:USR1@N set to
+    120 s, SLURM signals the batch shell about 60 s into the job (up to a minute earlier: its timer is
+    coarse, so the run must have started and installed its handler well before); the run saves a
+    checkpoint and the job requeues itself. Slow: waits for SLURM's clock, about a minute."""
+    args = [*TINY, "--total_batch_size=64", "--num_iterations=100000", "--svd_interval=1000", "--eval_tokens=64",
+            "--eval_every=-1", "--save_every=-1"]
+    job = submit(slurm, "phase1_cpu.sbatch", ["--time=3", "--signal=B:USR1@120"], args,
+                 job_env(prepared_base, tmp_path / "runs", DEPTH=2), tmp_path)
+    deadline = time.time() + 240
+    while int(slurm.job(job).get("Restarts", 0)) < 1:
+        assert time.time() < deadline and slurm.job(job)["JobState"] in ("RUNNING", "PENDING", "COMPLETING"), \
+            (slurm.job(job), _read(tmp_path, job)[-2000:])
+        time.sleep(1)
+    log = _read(tmp_path, job)
+    assert "job: got SIGUSR1" in log and re.search(r"Stopped by signal 10 at step \d+", log) and "requeueing job" in log
+    subprocess.run(["scancel", job], env=slurm.env, timeout=60)  # the requeued run would go on for a long time
+    ckpt = torch.load(tmp_path / "runs/phase1/base_checkpoints/d2/checkpoint.pt")
+    assert 0 < ckpt["metadata"]["step"] < 100000
