@@ -12,7 +12,7 @@ a layer (and at a layer's first analysis if it starts on the alarming side):
   subspace_overlap_above_chance            >= svd_overlap_stable          (stable principal subspace)
   reconstruction_error                     <= svd_reconstruction_max
   trainable_fraction (low-rank only)       <  svd_trainable_fraction_min  (factors cannot follow G)
-  subspace_angle                           >  svd_angle_max
+  subspace_angle (low-rank only)           >  svd_angle_max
 """
 
 import argparse
@@ -34,6 +34,7 @@ RULES = [
     ("subspace_angle", "svd_angle_max", lambda v, t: v > t, "principal subspace rotated", "rotation back under"),
 ]
 ALARM_AT_START = {"alignment_ratio", "update_alignment_ratio", "trainable_fraction", "subspace_angle"}
+LOWRANK_ONLY = {"trainable_fraction", "subspace_angle"}  # the policy reads these only for a low-rank layer
 
 
 class Monitor:
@@ -59,11 +60,12 @@ class Monitor:
         for metric, flag_name, on, label_on, label_off in RULES:
             t = self.thresholds.get(flag_name)
             v = rec.get(metric)
-            if t is None or not isinstance(v, (int, float)):
+            if t is None or not isinstance(v, (int, float)) or (metric in LOWRANK_ONLY and rec.get("mode") != "lowrank"):
                 continue
             now = on(v, t)
             before = None
-            if prev is not None and isinstance(prev.get(metric), (int, float)):
+            if (prev is not None and isinstance(prev.get(metric), (int, float))
+                    and not (metric in LOWRANK_ONLY and prev.get("mode") != "lowrank")):
                 before = on(prev[metric], t)
             if (before is None and now and metric in ALARM_AT_START) or (before is not None and now != before):
                 events.append(f"{head}: {metric}={v:.4g} crossed {flag_name}={t} -> {label_on if now else label_off}")
