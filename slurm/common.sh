@@ -121,8 +121,15 @@ EOF
 # Sets RESUME_FLAG to --resume when this run has an unfinished checkpoint (a requeued or resubmitted
 # job); stops the job when the run is already complete.
 nanochat_resume() {
-    local dir=$1 mode=${NANOCHAT_RESUME:-auto} state
+    local dir=$1 mode=${NANOCHAT_RESUME:-auto} state stale
     RESUME_FLAG=""
+    # a save killed mid-write (SIGKILL after the grace time) leaves its temp file; checkpoint.pt itself
+    # is only ever replaced whole (write to a temp file, then rename)
+    for stale in "$dir"/*.tmp.*; do
+        [ -e "$stale" ] || continue
+        echo "Removing $stale, left by an interrupted save"
+        rm -f "$stale"
+    done
     [ "$mode" = 0 ] && return 0
     state=$(nanochat_run_state "$dir")
     case "$state" in

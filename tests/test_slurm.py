@@ -240,6 +240,16 @@ def test_missing_environment_and_bad_arguments_stop_with_a_clear_message(prepare
     assert r.returncode == 2 and "not the project root" in r.stderr
 
 
+def test_a_save_killed_mid_write_leaves_no_partial_file_for_the_next_start(prepared_base, tmp_path):
+    run = tmp_path / "phase1/base_checkpoints/d4"
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt.tmp.4242").write_bytes(b"half a checkpoint")
+    r = subprocess.run(["bash", os.path.join(SLURM_DIR, "phase1_cpu.sbatch")], cwd=ROOT, capture_output=True, text=True,
+                       env=job_env(prepared_base, tmp_path, NANOCHAT_DRY_RUN=1), timeout=60)
+    assert r.returncode == 0 and "left by an interrupted save" in r.stdout
+    assert list(run.iterdir()) == [] and "--resume" not in printed_command(r.stdout)
+
+
 def test_login_node_preparation_offline(tmp_path):
     env = job_env(tmp_path / "base", tmp_path / "runs", SKIP_SETUP=1, DATA_SOURCE="offline", VOCAB_SIZE=300,
                   PREPARE_DATA_ARGS="--max_chars_per_domain=60000 --docs_per_shard=100")
