@@ -361,7 +361,8 @@ def test_signalled_job_saves_requeues_and_resumes_exactly(slurm, prepared_base, 
         time.sleep(0.5)
     # SLURM holds a requeued job for about two minutes (BeginTime) before it may start again; a real
     # cluster just waits, the test lets it start at once
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, timeout=60)  # fails harmlessly if it already started
+    # (fails harmlessly if it has already started)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, timeout=60)
     info = assert_completed(slurm, job, tmp_path / "int")
     assert_completed(slurm, ref, tmp_path / "ref")
     assert info["Restarts"] == "1"
@@ -436,7 +437,8 @@ def test_signalled_two_task_job_resumes_exactly(slurm, prepared_base, tmp_path):
     while int(slurm.job(job).get("Restarts", 0)) < 1:
         assert time.time() < deadline and slurm.job(job)["JobState"] in ("RUNNING", "PENDING", "COMPLETING", "REQUEUED"), slurm.job(job)
         time.sleep(0.5)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, timeout=60)  # fails harmlessly if it already started
+    # (fails harmlessly if it has already started)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, timeout=60)
     assert_completed(slurm, job, tmp_path / "int", timeout=300)
     assert_completed(slurm, ref, tmp_path / "ref", timeout=300)
     log, ref_log = log_of(tmp_path / "int", job), log_of(tmp_path / "ref", ref)
