@@ -137,3 +137,23 @@ def test_torchrun_baseline_script_on_two_gloo_ranks(env, tmp_path):
     assert r.stdout.count("Minimum validation bpb") == 1  # printed by rank 0 only
     ckpt = torch.load(tmp_path / "base_checkpoints/d2_baseline/checkpoint.pt")
     assert ckpt["metadata"]["world_size"] == 2
+
+
+def test_owners_balance_by_size_first_then_by_measured_time():
+    from types import SimpleNamespace
+
+    from nanochat.adaptive_cycle import assign_owners
+
+    def layer(n_out, n_in):
+        return ("prefix", SimpleNamespace(weight=torch.empty(n_out, n_in, device="meta")))
+
+    layers = {"q": layer(1280, 1280), "k": layer(1280, 1280), "v": layer(1280, 1280), "o": layer(1280, 1280),
+              "fc": layer(5120, 1280), "proj": layer(1280, 5120)}
+    by_size = assign_owners(layers, 2)
+    assert by_size["fc"] != by_size["proj"] and sorted(by_size.values()) == [0, 0, 0, 1, 1, 1]
+    assert assign_owners(layers, 1) == dict.fromkeys(layers, 0)
+    # measured: the wide projection costs 2.6 s, its transpose 1.1 s, each square 0.4 s: best split 2.6 | 1.1 + 4 x 0.4
+    seconds = {"q": 0.4, "k": 0.4, "v": 0.4, "o": 0.4, "fc": 1.1, "proj": 2.6}
+    by_time = assign_owners(layers, 2, seconds)
+    load = [sum(seconds[d] for d, r in by_time.items() if r == rank) for rank in (0, 1)]
+    assert max(load) == pytest.approx(2.7) and by_time == assign_owners(layers, 2, dict(seconds))
