@@ -127,6 +127,12 @@ def write_command(cfg):
         f.write(f"python -m scripts.base_train_adaptive_svd {flags}\n")
 
 
+def _check_finished(res, phase):
+    if res["stopped_by_signal"] is not None or res["step"] != res["num_iterations"]:
+        raise UserError(f"phase {phase} stopped by signal {res['stopped_by_signal']} at step {res['step']}; "
+                        f"run the same command again to repeat this variant")
+
+
 def run_variant(name, args, train_argv):
     tags = {p: f"{name}_{p}" for p in "AB"}
     val_sets = {"A": args.data_a, "B": args.data_b}
@@ -137,6 +143,7 @@ def run_variant(name, args, train_argv):
     write_command(cfg_a)
     res_a = train(cfg_a, hook=AdaptiveSVDHook(cfg_a) if cfg_a.adaptive_svd else None, default_tag=tags["A"])
     time_a = time.time() - t0
+    _check_finished(res_a, "A")
     # phase B
     dir_a, dir_b = checkpoint_dir(args.out, tags["A"]), checkpoint_dir(args.out, tags["B"])
     start_phase_b(dir_a, dir_b)
@@ -147,6 +154,7 @@ def run_variant(name, args, train_argv):
     points = measure_points(args.steps_a, args.steps_b, args.measure_every)
     hook = MeasureHook(inner, val_sets, points, cfg_b.eval_tokens)
     res_b = train(cfg_b, hook=hook, default_tag=tags["B"])
+    _check_finished(res_b, "B")
     hook.measure_now(res_b["step"])
     first, last = hook.records[0], hook.records[-1]
     return {
