@@ -5,7 +5,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from nanochat.checkpoint_manager import load_checkpoint
 from nanochat.dataset import offline_documents, write_shards
