@@ -28,7 +28,7 @@ import time
 
 from nanochat.checkpoint_manager import checkpoint_dir
 from nanochat.common import UserError, run_cli
-from scripts.run_logs import find_log, full_sizes, parse_log, read_config, read_jsonl, svd_summary
+from scripts.run_logs import find_log, full_sizes, parse_log, read_config, read_jsonl, split_training_flags, svd_summary
 
 KINDS = ("baseline", "adaptive")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,11 +167,7 @@ def parse(argv):
     p.add_argument("--seeds", default="42", help="comma list of seeds; one baseline + one adaptive run each")
     p.add_argument("--force", action="store_true", help="repeat runs that already finished")
     p.add_argument("--table_only", action="store_true", help="run nothing; tabulate the runs in --out")
-    if "--" in argv:
-        i = argv.index("--")
-        own, train_argv = argv[:i], argv[i + 1:]
-    else:
-        own, train_argv = argv, []
+    own, train_argv = split_training_flags(argv)
     args = p.parse_args(own)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -34,6 +34,7 @@ from nanochat.dataset import list_shards
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.train import TrainHook, train
+from scripts.run_logs import split_training_flags
 
 VARIANTS = {"baseline": {"adaptive_svd": False}, "adaptive": {"adaptive_svd": True, "svd_protect": "none"},
             "project": {"adaptive_svd": True, "svd_protect": "project"}}
@@ -230,11 +231,7 @@ def parse_own(argv):
     p.add_argument("--out", required=True, help="output dir (checkpoints, forgetting.json, forgetting.md)")
     p.add_argument("--variants", default="baseline,adaptive,project", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--measure_every", type=int, default=100, help="measure A and B val bpb every N steps of phase B")
-    if "--" in argv:
-        i = argv.index("--")
-        own, train_argv = argv[:i], argv[i + 1:]
-    else:
-        own, train_argv = argv, []
+    own, train_argv = split_training_flags(argv)
     args = p.parse_args(own)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
