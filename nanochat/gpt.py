@@ -87,10 +87,6 @@ class AdaptiveSVDLinear(nn.Module):
         return F.linear(x, self.effective_weight())
 
     @torch.no_grad()
-    def merged_weight(self):
-        return self.effective_weight().detach().clone()
-
-    @torch.no_grad()
     def to_lowrank(self, U, S, Vh, r):
         """Split W_eff = U S V^T into frozen top (g - r) triples and trainable bottom r triples.
         U, S, Vh is a complete thin SVD of the current W_eff."""
