@@ -19,6 +19,10 @@ import subprocess
 import sys
 import time
 
+# seconds a job credential lives; SLURM also keeps a requeued job from restarting until it has
+# passed (starting it earlier fails with "Job credential revoked"). 120 by default; short here so
+# the requeue tests need not wait two minutes.
+CRED_EXPIRE = 10
 BINARIES = ("sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo", "slurmctld", "slurmd", "munged")
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
@@ -108,7 +112,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire={CRED_EXPIRE}
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool
 SlurmctldPidFile={d}/slurmctld.pid

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from nanochat.cli import parse_args
-from tests.slurm_cluster import LocalSlurm, ensure_slurm
+from tests.slurm_cluster import CRED_EXPIRE, LocalSlurm, ensure_slurm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM_DIR = os.path.join(ROOT, "slurm")
@@ -321,6 +321,14 @@ def step_lines(log):
     return found
 
 
+def release_requeued(slurm, job):
+    """A requeued job may restart only once its old credential has expired (CRED_EXPIRE, set short
+    in the test cluster); wait that out, then start it without SLURM's scheduling delay (the update
+    fails harmlessly if it has already started)."""
+    time.sleep(CRED_EXPIRE + 1)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, timeout=60)
+
+
 def assert_completed(slurm, job, log_dir, timeout=240):
     info = slurm.wait(job, timeout=timeout)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log_of(log_dir, job)[-3000:]
@@ -359,10 +367,7 @@ def test_signalled_job_saves_requeues_and_resumes_exactly(slurm, prepared_base, 
     while int(slurm.job(job).get("Restarts", 0)) < 1:  # the job requeued itself after the save
         assert time.time() < deadline and slurm.job(job)["JobState"] in ("RUNNING", "PENDING", "COMPLETING", "REQUEUED"), slurm.job(job)
         time.sleep(0.5)
-    # SLURM holds a requeued job for about two minutes (BeginTime) before it may start again; a real
-    # cluster just waits, the test lets it start at once
-    # (fails harmlessly if it has already started)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, timeout=60)
+    release_requeued(slurm, job)
     info = assert_completed(slurm, job, tmp_path / "int")
     assert_completed(slurm, ref, tmp_path / "ref")
     assert info["Restarts"] == "1"
@@ -437,8 +442,7 @@ def test_signalled_two_task_job_resumes_exactly(slurm, prepared_base, tmp_path):
     while int(slurm.job(job).get("Restarts", 0)) < 1:
         assert time.time() < deadline and slurm.job(job)["JobState"] in ("RUNNING", "PENDING", "COMPLETING", "REQUEUED"), slurm.job(job)
         time.sleep(0.5)
-    # (fails harmlessly if it has already started)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, timeout=60)
+    release_requeued(slurm, job)
     assert_completed(slurm, job, tmp_path / "int", timeout=300)
     assert_completed(slurm, ref, tmp_path / "ref", timeout=300)
     log, ref_log = log_of(tmp_path / "int", job), log_of(tmp_path / "ref", ref)
