@@ -1,13 +1,15 @@
-"""Adaptive-SVD method core (DESIGN.md section 4): SVD engine, calibrated metrics, rank schedule,
-switch policy and momentum transfer, as pure functions on tensors.
+"""Adaptive-SVD method core, as pure functions on tensors: the SVD engine, the count of learned
+directions, the metrics, and the decision rules (one table, thresholds declared once).
 
-Notation: W is (n_out x n_in) with thin SVD W = U S V^T, g = min(n_out, n_in); the k principal (top)
-and r = g - k minor (bottom) triples split W exactly into W_p + B A. The method is described in
-experiments/ADAPTIVE_SVD_METHOD.md; every formula and default there is the one implemented here.
+Notation: W is (n_out x n_in) with thin SVD W = U S V^T, g = min(n_out, n_in). The k principal
+(learned) directions are the singular values standing out of the random bulk; r = g - k is the rank
+that trains in low-rank (protected) mode, where every update is confined to
+(I - U_k U_k^T) dW (I - V_k V_k^T). The method and every default: experiments/ADAPTIVE_SVD_METHOD.md.
 """
 
+import dataclasses
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,13 +62,12 @@ def _energy(S):
 @dataclass
 class SVDResult:
     """Outcome of `svd`. On failure (method == 'failed') U, S, Vh are None and `reason` says why."""
-    U: torch.Tensor | None = None   # (n_out, m) fp32, m = g when complete, else the top k
+    U: torch.Tensor | None = None   # (n_out, m) fp32: m = g when complete, else the top m (warm)
     S: torch.Tensor | None = None   # (m,) fp32, descending
     Vh: torch.Tensor | None = None  # (m, n_in) fp32
     method: str = "failed"          # 'exact', 'warm' or 'failed': what actually produced the result
     complete: bool = False          # True when all g triples are present (exact)
-    frob_sq: float | None = None    # ||W||_F^2, so energy shares work from a top-k result too
-    residual: float | None = None   # warm only: ||W V_k - U_k S_k||_F / ||S_k||_F
+    frob_sq: float | None = None    # ||W||_F^2, so energy shares work from a top-m result too
     notes: list = field(default_factory=list)  # fallbacks taken, in order, for the log
     reason: str | None = None       # why it failed
 
@@ -96,33 +97,19 @@ def _exact(W):
     return None, notes
 
 
-def _warm_unusable(W, prev, k):
-    """Why a warm start is impossible for this call (a short reason), or None."""
-    g = min(W.shape)
-    if prev is None or not prev.ok:
-        return "no previous SVD"
-    if prev.U.shape[0] != W.shape[0] or prev.Vh.shape[1] != W.shape[1]:
-        return "previous SVD has another shape"
-    if k is None or not 1 <= k < g:
-        return f"k={k} not in [1, g-1]"
-    return None
+def _warm_block(W, prev_V, oversample, iters, seed):
+    """Top triples of W by block subspace iteration from the previous right basis `prev_V` (n_in x j).
 
-
-def _warm_topk(W, prev, k, iters, oversample, seed):
-    """Top-k triples by block subspace iteration started from the previous right basis.
-
-    Start block X: the previous top-k right vectors (random where the previous result had fewer)
-    plus `oversample` seeded random columns, which a power step turns towards any dominant direction
-    the previous basis misses (so a bad start shows up as a large residual instead of passing as
-    exact triples of the wrong subspace). Then Q = orth(W X), `iters` steps Q <- orth(W orth(W^T Q)),
-    and Rayleigh-Ritz: W^T Q = X R gives Q^T W = R^T X^T, whose small SVD yields the triples.
-    Returns ((U, S, Vh) or None when the small SVD fails, notes).
+    Start block X = [prev_V, `oversample` seeded random columns], Q = orth(W X), then `iters` steps
+    Q <- orth(W orth(W^T Q)), then Rayleigh-Ritz: the QR W^T Q = X R gives Q^T W = R^T X^T, whose small
+    SVD yields l = j + oversample triples with U^T W = S V^T exact by construction. Returns
+    ((U, S, Vh) or None when the small SVD fails, notes).
     """
     n_out, n_in = W.shape
-    l = min(k + oversample, min(n_out, n_in))
-    X = prev.Vh[:k].T.to(W.device, torch.float32)
+    l = min(prev_V.shape[1] + oversample, min(n_out, n_in))
     gen = torch.Generator().manual_seed(seed)
-    X = torch.cat([X, torch.randn(n_in, l - X.shape[1], generator=gen).to(W.device)], dim=1)
+    X = torch.cat([prev_V.to(W.device, torch.float32),
+                   torch.randn(n_in, l - prev_V.shape[1], generator=gen).to(W.device)], dim=1)
     Q = _orth(W @ X)
     for _ in range(iters):
         Q = _orth(W @ _orth(W.T @ Q))
@@ -131,27 +118,19 @@ def _warm_topk(W, prev, k, iters, oversample, seed):
     if small is None:
         return None, notes
     Ur, S, Vrh = small
-    return (Q @ Ur[:, :k], S[:k], (X @ Vrh[:k].T).T), notes
+    return (Q @ Ur, S, (X @ Vrh.T).T), notes
 
 
-def _noting_device(res, W):
-    if W.device.type in _CPU_LINALG_DEVICE_TYPES:
-        res.notes.append(f"device {W.device.type} lacks linear algebra kernels: computed on a CPU copy")
-    return res
-
-
-def svd(W, method="exact", prev=None, k=None, *, iters=1, oversample=16, tol=0.02,
-        auto_exact_max_dim=512, auto_warm_max_share=0.25, seed=0):
+def svd(W, method="exact", prev_V=None, *, oversample=16, iters=2, auto_exact_max_dim=512, seed=0):
     """SVD of a weight matrix in fp32, never raising on bad data and never returning NaN.
 
-    method: 'exact' = full thin SVD (complete=True); 'warm' = top-k triples only (complete=False)
-    by subspace iteration from `prev` (an earlier SVDResult of a matrix of the same shape),
-    accepted when residual = ||W V_k - U_k S_k||_F / ||S_k||_F <= tol, else an exact SVD;
-    'auto' = warm when min(W.shape) > auto_exact_max_dim, k <= auto_warm_max_share * g and a
-    usable previous result exists, exact otherwise (warm costs grow with k: at k ~ g/2 it is no
-    faster than exact, scripts/bench_svd.py). Non-finite input gives a failed result; convergence errors retry with another
-    driver, then float64 on CPU; if all fail, a failed result. Results are on W's device even where
-    the SVD itself had to run on CPU (MPS).
+    method: 'exact' = full thin SVD (complete=True); 'warm' = the top l = j + oversample triples only
+    (complete=False) by subspace iteration from `prev_V` (n_in x j, the previous analysis' top right
+    vectors; j may be 0); 'auto' = warm when min(W.shape) > auto_exact_max_dim and `prev_V` fits W,
+    exact otherwise. A warm result is only a candidate: `count_learned` and `certify_warm` decide
+    whether it may be used (`spectrum` does both). Non-finite input gives a failed result;
+    convergence errors retry with another driver, then float64 on CPU; if all fail, a failed result.
+    Results are on W's device even where the SVD itself had to run on CPU (MPS).
     """
     if W.ndim != 2:
         raise ValueError(f"svd expects a matrix, got shape {tuple(W.shape)}")
@@ -164,39 +143,131 @@ def svd(W, method="exact", prev=None, k=None, *, iters=1, oversample=16, tol=0.0
     if bad:
         return SVDResult(reason=f"non-finite input: {bad} NaN/Inf entries")
     notes = []
-    why_not_warm = _warm_unusable(W, prev, k)
+    usable = prev_V is not None and prev_V.ndim == 2 and prev_V.shape[0] == W.shape[1]
     if method == "auto":
-        g = min(W.shape)
-        warm_pays = g > auto_exact_max_dim and k is not None and k <= auto_warm_max_share * g
-        method = "warm" if warm_pays and not why_not_warm else "exact"
-    if method == "warm" and why_not_warm:
-        notes.append(f"warm start impossible ({why_not_warm}): exact SVD")
+        method = "warm" if usable and min(W.shape) > auto_exact_max_dim else "exact"
+    if method == "warm" and not usable:
+        notes.append("warm start impossible (no previous basis of this shape): exact SVD")
     elif method == "warm":
         try:
-            warm, warm_notes = _warm_topk(W, prev, k, iters, oversample, seed)
+            warm, warm_notes = _warm_block(W, prev_V, oversample, iters, seed)
         except RuntimeError as e:
             warm, warm_notes = None, [f"warm SVD failed: {_first_line(e)}"]
         notes += warm_notes
         if warm is not None:
             U, S, Vh = warm
-            s_norm = float(S.norm())
-            residual = float((W @ Vh.T - U * S).norm()) / max(s_norm, 1e-30)
-            if s_norm > 0 and residual <= tol:
-                frob_sq = float(torch.linalg.vector_norm(W)) ** 2
-                return _noting_device(SVDResult(U, S, Vh, "warm", False, frob_sq, residual, notes), W)
-            notes.append(f"warm result rejected (residual {residual:.2e} > tol {tol:g}): exact SVD")
+            frob_sq = float(torch.linalg.vector_norm(W.double())) ** 2
+            return _noting_device(SVDResult(U, S, Vh, "warm", False, frob_sq, notes), W)
     triples, exact_notes = _exact(W)
     notes += exact_notes
     if triples is None:
         return _noting_device(SVDResult(notes=notes, reason="; ".join(exact_notes)), W)
     U, S, Vh = triples
-    return _noting_device(SVDResult(U, S, Vh, "exact", True, _energy(S), None, notes), W)
+    return _noting_device(SVDResult(U, S, Vh, "exact", True, _energy(S), notes), W)
 
+
+def _noting_device(res, W):
+    if W.device.type in _CPU_LINALG_DEVICE_TYPES:
+        res.notes.append(f"device {W.device.type} lacks linear algebra kernels: computed on a CPU copy")
+    return res
+
+
+def bulk_threshold(sigma, n_out, n_in, tw):
+    """Largest singular value a pure-noise (n_out x n_in) matrix of entry std sigma reaches, plus `tw`
+    Tracy-Widom units: sigma [(sqrt(n_out) + sqrt(n_in)) + tw (1/sqrt(n_out) + 1/sqrt(n_in))^(1/3) / 2].
+    The first term is the Marchenko-Pastur edge; the second the scale of its fluctuations
+    (Johnstone 2001, for the singular value rather than its square)."""
+    edge = math.sqrt(n_out) + math.sqrt(n_in)
+    return sigma * (edge + tw * (n_out ** -0.5 + n_in ** -0.5) ** (1 / 3) / 2)
+
+
+def count_learned(S, frob_sq, n_out, n_in, tw, k_max):
+    """(k, sigma, threshold): how many singular values stand out of the random bulk.
+
+    sigma is the bulk's entry std, estimated from the energy the outliers leave:
+    sigma^2 = (||W||_F^2 - sum_{i<=k} S_i^2) / ((n_out - k)(n_in - k)), and k the number of values above
+    `bulk_threshold(sigma)`, iterated from k = 0 to the fixed point (removing an outlier lowers sigma,
+    so k only grows). Scale-free, needs only the top values and ||W||_F^2 (so a warm top-l result
+    works), and a spectrum with no bulk at all (a zero-initialised matrix trained for a while) gets
+    a high threshold rather than every direction. Clamped to k_max. k = None when all of the given
+    top values stand out (a partial S then cannot tell where the bulk starts).
+    """
+    S = S.detach().cpu().double()
+    k = 0
+    while True:
+        bulk = max(frob_sq - float(S[:k].square().sum()), 0.0)
+        sigma = math.sqrt(bulk / ((n_out - k) * (n_in - k)))
+        threshold = bulk_threshold(sigma, n_out, n_in, tw)
+        k_next = int((S > threshold).sum())
+        if k_next >= k_max:
+            return k_max, sigma, threshold
+        if k_next == S.numel() < min(n_out, n_in):
+            return None, sigma, threshold
+        if k_next <= k:
+            return k, sigma, threshold
+        k = k_next
+
+
+def certify_warm(W, res, k, threshold, clamped=False, *, tol=0.02, probes=8, iters=2, seed=0):
+    """(accepted, why) for using the top-k of a warm result `res` of W with learned-count threshold.
+
+    Two checks that a wrong start basis cannot pass:
+    1. Nothing above the threshold was missed (unless k was `clamped`, when more are expected):
+       s_next = max(S_{k+1} of the block, a Ritz estimate of ||(I - U_k U_k^T) W||_2 from `probes`
+       fresh random vectors and `iters` power steps) must be <= threshold. A top direction the start
+       basis missed keeps its full size in that deflated matrix, so the probes find it.
+    2. The top-k subspace is accurate: the Rayleigh-Ritz residual sqrt(||W V_k - U_k S_k||_F^2 +
+       ||W^T U_k - V_k S_k||_F^2) over the gap S_k - s_next (Wedin's sin-theta bound) <= tol, so the
+       captured top-k energy is >= about 1 - tol^2.
+    """
+    W = W.detach().float()
+    U_k, S_k, V_k = res.U[:, :k], res.S[:k], res.Vh[:k].T
+    A = W - U_k @ (U_k.T @ W) if k else W
+    gen = torch.Generator().manual_seed(seed + 1)
+    Y = _orth(A @ torch.randn(W.shape[1], probes, generator=gen).to(W.device))
+    for _ in range(iters):
+        Y = _orth(A @ _orth(A.T @ Y))
+    probe = float(_linalg(torch.linalg.svdvals, Y.T @ A)[0])
+    s_next = max(float(res.S[k]) if res.S.numel() > k else 0.0, probe)
+    if s_next > threshold and not clamped:
+        return False, f"a direction above the bulk threshold was missed ({s_next:.4g} > {threshold:.4g})"
+    if k == 0:
+        return True, "no direction above the bulk threshold"
+    r1 = float((W @ V_k - U_k * S_k).norm())
+    r2 = float((W.T @ U_k - V_k * S_k).norm())
+    gap = float(S_k[-1]) - s_next
+    bound = math.hypot(r1, r2) / gap if gap > 0 else math.inf
+    if bound > tol:
+        return False, f"sin-theta bound {bound:.2e} > tol {tol:g}"
+    return True, f"sin-theta bound {bound:.2e}"
+
+
+def spectrum(W, method, prev_V, n_out, n_in, *, tw, k_max, seed=0, auto_exact_max_dim=512):
+    """(SVDResult, k, sigma, threshold) of W: the SVD and its count of learned directions, a warm result
+    used only when it is certified (otherwise an exact SVD, with the reason in the notes).
+    n_out, n_in: the dimensions of the space W lives in (smaller than W.shape for a matrix already
+    projected off k_p protected directions: the bulk then has n_out - k_p by n_in - k_p dimensions)."""
+    res = svd(W, method, prev_V, auto_exact_max_dim=auto_exact_max_dim, seed=seed)
+    if res.method == "warm":
+        k, sigma, threshold = count_learned(res.S, res.frob_sq, n_out, n_in, tw, k_max)
+        if k is None:
+            why = f"all {res.S.numel()} warm values stand out of the bulk"
+        else:
+            accepted, why = certify_warm(W, res, k, threshold, clamped=k == k_max, seed=seed)
+            if accepted:
+                return res, k, sigma, threshold
+        notes = res.notes + [f"warm result rejected ({why}): exact SVD"]
+        res = svd(W, "exact")
+        res.notes = notes + res.notes
+    if not res.ok:
+        return res, None, None, None
+    k, sigma, threshold = count_learned(res.S, res.frob_sq, n_out, n_in, tw, k_max)
+    return res, k, sigma, threshold
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics (DESIGN.md 4.3). All return Python floats/ints, or None where the quantity is undefined
-# (zero or non-finite input): never NaN, so a JSON log line and a decision can always be made.
+# Metrics. All return Python floats/ints, or None where the quantity is undefined (zero or
+# non-finite input, no previous basis): never NaN, so a JSON line and a decision can always be made.
 
 def _finite(x):
     return x if x is not None and math.isfinite(x) else None
@@ -205,9 +276,11 @@ def _finite(x):
 def alignment(G, U):
     """||U^T G||_F / ||G||_F: the share of G's norm lying in span(U), U (n_out x m) orthonormal.
 
-    With U = U_k this is the principal alignment p. For a random G (i.i.d. entries) E[p^2] = m / n_out,
-    so compare it through `alignment_ratio`. None when G is zero or non-finite.
+    For a G whose direction is independent of U (random), E[p^2] = m / n_out, so compare it through
+    `alignment_ratio`. None when G is zero or non-finite, or U has no columns.
     """
+    if U is None or U.shape[1] == 0:
+        return None
     G = G.detach().float()
     g_norm = _finite(float(torch.linalg.matrix_norm(G)))
     if not g_norm:
@@ -216,18 +289,37 @@ def alignment(G, U):
     return None if p is None else min(p, 1.0)
 
 
-def minor_alignment(G, U_m):
-    """||U_m^T G||_F / ||G||_F with U_m the bottom r left singular vectors; random G: E[.^2] = r / n_out."""
-    return alignment(G, U_m)
-
-
 def alignment_ratio(p, k, n_out):
-    """p^2 / (k / n_out): principal alignment against its random-G baseline E[p^2] = k / n_out.
+    """p^2 / (k / n_out): principal alignment against its random baseline E[p^2] = k / n_out.
 
-    1 = no preference, > 1 = G concentrated on the top-k directions. Its ceiling is n_out / k
-    (all of G inside span(U_k)), so a threshold above n_out / k can never be reached.
-    """
-    return None if p is None else p * p * n_out / k
+    1 = no preference, > 1 = concentrated on the k directions. Its ceiling is n_out / k, which the
+    clamp k <= g / 10 keeps at >= 10. None when p is None or k = 0 (nothing learned: no ratio)."""
+    return None if p is None or not k else p * p * n_out / k
+
+
+def project(X, U, V):
+    """(I - U U^T) X (I - V V^T): X with its components along the principal bases removed (fp32)."""
+    X = X.float()
+    if U is None or U.shape[1] == 0:
+        return X
+    X = X - U @ (U.T @ X)
+    return X - (X @ V) @ V.T
+
+
+def blocked_fraction(G, U, V):
+    """Share of ||G||_F^2 that protection with bases U (n_out x k), V (n_in x k) removes:
+    1 - ||(I - U U^T) G (I - V V^T)||^2 / ||G||^2. Random G: 1 - (1 - k/n_out)(1 - k/n_in)."""
+    G = G.detach().float()
+    total = _finite(float(torch.linalg.matrix_norm(G)) ** 2)
+    if not total:
+        return None
+    kept = float(torch.linalg.matrix_norm(project(G, U, V))) ** 2
+    return _finite(min(max(1.0 - kept / total, 0.0), 1.0))
+
+
+def blocked_fraction_baseline(k, n_out, n_in):
+    """Expected `blocked_fraction` of a random G: 1 - (1 - k/n_out)(1 - k/n_in)."""
+    return 1 - (1 - k / n_out) * (1 - k / n_in)
 
 
 def principal_angles(U_prev, U_now):
@@ -294,253 +386,216 @@ def stable_rank(S, total=None):
     return total / (s_max * s_max) if s_max > 0 else None
 
 
-def minor_spectrum_change(S_minor_prev, S_minor_now):
-    """||S_now - S_prev|| / ||S_prev|| over the bottom min(r_prev, r_now) singular values of each
-    (when r changed, the values still compared are the smallest ones of both). None when S_prev = 0."""
-    m = min(S_minor_prev.numel(), S_minor_now.numel())
-    if m == 0:
-        return None
-    prev = S_minor_prev.detach().cpu().double()[-m:]
-    now = S_minor_now.detach().cpu().double()[-m:]
-    denom = float(prev.norm())
-    return float((now - prev).norm()) / denom if denom > 0 else None
-
-
-def _range_basis(X):
-    """Orthonormal basis of the column span of X, dropping numerically null directions (rank-deficient X).
-    A QR is enough (and several times cheaper) when R's diagonal shows full column rank; else an SVD."""
-    X = X.detach().float()
-    if X.shape[0] >= X.shape[1] > 0:
-        Q, R = _linalg(torch.linalg.qr, X)
-        d = R.diagonal().abs()
-        if float(d.min()) > float(d.max()) * max(X.shape) * 1e3 * torch.finfo(torch.float32).eps:
-            return Q
-    U, S, _ = _linalg(_thin_svd, X)
-    if S.numel() == 0 or float(S[0]) == 0:
-        return U[:, :0]
-    keep = S > S[0] * max(X.shape) * torch.finfo(torch.float32).eps
-    return U[:, keep]
-
-
-def trainable_fraction(G, B, A):
-    """Share of ||G||_F^2 that training the factors B (n_out x r) and A (r x n_in) can follow.
-
-    Moving B and A changes B A to first order by dB A + B dA, whose reachable set is the tangent space
-    of rank-r matrices at B A: {P_B X + Y P_A}. The fraction is ||P_B G + G P_A - P_B G P_A||_F^2 /
-    ||G||_F^2 with P_B the projector onto span(B) and P_A onto the row span of A, evaluated as
-    ||Q_B^T G||^2 + ||G Q_A||^2 - ||Q_B^T G Q_A||^2 with orthonormal bases Q_B, Q_A (robust to rank
-    deficiency). Random G: 1 - (1 - r/n_out)(1 - r/n_in), see `trainable_fraction_baseline`.
-    None when G is zero or non-finite.
-    """
-    G = G.detach().float()
-    total = _finite(float(torch.linalg.matrix_norm(G)) ** 2)
-    if not total:
-        return None
-    Q_B, Q_A = _range_basis(B), _range_basis(A.T)
-    left, right = Q_B.T @ G, G @ Q_A
-    reach = left.square().sum() + right.square().sum() - (left @ Q_A).square().sum()
-    frac = _finite(float(reach) / total)
-    return None if frac is None else min(max(frac, 0.0), 1.0)
-
-
-def trainable_fraction_baseline(r, n_out, n_in):
-    """Expected trainable_fraction of a random G for rank-r factors: 1 - (1 - r/n_out)(1 - r/n_in)."""
-    return 1 - (1 - r / n_out) * (1 - r / n_in)
-
-
-def choose_k(S, principal_energy, total=None, g=None):
-    """k_min: smallest k whose top-k singular values hold `principal_energy` of ||W||_F^2, in [1, g-1].
-
-    S: descending singular values, all g of them, or the top ones with total = ||W||_F^2 and g given;
-    None when those top values do not reach the target (an exact SVD is then needed) or W = 0.
-    """
-    g = S.numel() if g is None else g
-    k = effective_rank(S, principal_energy, total)
-    return None if k is None else min(max(k, 1), g - 1)
-
-
-def layer_metrics(res, r, G=None, dW=None, prev_U_k=None, prev_minor_S=None, B=None, A=None):
+def layer_metrics(S, frob_sq, k, U_now, G=None, dW=None, U_prev=None, V_prev=None, protected=False):
     """Every metric of one analysis of one layer, as a JSON-ready dict (keys as in the write-up).
 
-    res: this analysis' SVDResult; r: the minor rank that would be used (k = g - r principal);
-    G: gradient of W_eff; dW: W_eff(now) - W_eff(previous analysis); prev_U_k: previous top-k left
-    basis; prev_minor_S: previous bottom singular values; B, A: the low-rank factors (low-rank mode).
-    Quantities whose inputs are absent (or need the full spectrum when res is a warm top-k result) are None.
+    S: W's singular values, descending (all, or the top ones with frob_sq = ||W||_F^2); k: learned
+    directions now, U_now their left basis. G: this step's gradient; dW: W(now) - W(previous analysis);
+    U_prev, V_prev: the basis chosen at the previous analysis, which every alignment is measured
+    against (the directions learned before the update happened, so dW cannot bias its own metric);
+    protected: that basis was the protection in force (low-rank mode), which adds `blocked_fraction`.
     """
-    n_out, n_in = res.U.shape[0], res.Vh.shape[1]
-    k = min(n_out, n_in) - r
-    if not 1 <= k <= res.S.numel():
-        raise ValueError(f"r={r} gives k={k}, but the SVD result has {res.S.numel()} triples")
-    U_k = res.U[:, :k]
-    U_m = res.U[:, k:] if res.complete else None
-    m = {"k": k, "r": r}
+    n_out, n_in = U_now.shape[0], (V_prev.shape[0] if V_prev is not None else None)
+    k_prev = 0 if U_prev is None else U_prev.shape[1]
+    m = {"k": k, "k_prev": k_prev if U_prev is not None else None}
     for prefix, X in (("", G), ("update_", dW)):
-        p = alignment(X, U_k) if X is not None else None
+        p = alignment(X, U_prev) if X is not None else None
         m[prefix + "principal_alignment"] = p
-        m[prefix + "minor_alignment"] = minor_alignment(X, U_m) if X is not None and U_m is not None else None
-        m[prefix + "alignment_ratio"] = alignment_ratio(p, k, n_out)
+        m[prefix + "minor_alignment"] = None if p is None else math.sqrt(max(1.0 - p * p, 0.0))
+        m[prefix + "alignment_ratio"] = alignment_ratio(p, k_prev, n_out)
     angle = overlap = above = None
-    if prev_U_k is not None:
-        angle, overlap = principal_angles(prev_U_k, U_k)
-        above = overlap_above_chance(overlap, prev_U_k.shape[1], k, n_out)
+    if k_prev and k:
+        angle, overlap = principal_angles(U_prev, U_now[:, :k])
+        above = overlap_above_chance(overlap, k_prev, k, n_out)
     m.update(subspace_angle=angle, subspace_overlap=overlap, subspace_overlap_above_chance=above)
-    m["reconstruction_error"] = reconstruction_error(res.S, k, res.frob_sq)
-    m["effective_rank_95"] = effective_rank(res.S, 0.95, res.frob_sq)
-    m["effective_rank_99"] = effective_rank(res.S, 0.99, res.frob_sq)
-    m["stable_rank"] = stable_rank(res.S, res.frob_sq)
-    m["minor_spectrum_change"] = (minor_spectrum_change(prev_minor_S, res.S[k:])
-                                  if prev_minor_S is not None and res.complete else None)
-    low_rank = B is not None and A is not None
-    m["trainable_fraction"] = trainable_fraction(G, B, A) if low_rank and G is not None else None
-    m["trainable_fraction_baseline"] = trainable_fraction_baseline(r, n_out, n_in) if low_rank else None
+    m["reconstruction_error"] = reconstruction_error(S, k, frob_sq)
+    m["effective_rank_95"] = effective_rank(S, 0.95, frob_sq)
+    m["effective_rank_99"] = effective_rank(S, 0.99, frob_sq)
+    m["stable_rank"] = stable_rank(S, frob_sq)
+    blocked = protected and G is not None and k_prev > 0
+    m["blocked_fraction"] = blocked_fraction(G, U_prev, V_prev) if blocked else None
+    m["blocked_fraction_baseline"] = blocked_fraction_baseline(k_prev, n_out, n_in) if blocked else None
     return m
 
 
 # ---------------------------------------------------------------------------------------------
-# Rank schedule (DESIGN.md 4.5)
+# Policy: every threshold, declared once. Each field is also a command-line flag of the training
+# script (nanochat/adaptive_cycle.py derives them), with its help line and its valid range here.
 
-def initial_rank(g, k_min):
-    """r when a layer enters low-rank mode: g - k_min, so the frozen principal part starts at k_min."""
-    return g - k_min
-
-
-def next_rank(r, minor_change, *, r_min, r_max, decay=0.8, tol=0.1):
-    """Geometric rank schedule: floor(r * decay) when the minor spectrum changed less than tol since
-    the previous analysis, ceil(r / decay) when more, r when exactly tol or unknown (None: no previous
-    spectrum). Clamped to [r_min, r_max] with r_max = g - k_min; when r_min > r_max, r_max wins,
-    since it is what keeps k >= k_min >= 1.
-    """
-    if minor_change is not None and minor_change < tol:
-        r = math.floor(r * decay)
-    elif minor_change is not None and minor_change > tol:
-        r = math.ceil(r / decay)
-    return min(max(r, r_min), r_max)
-
-
-# ---------------------------------------------------------------------------------------------
-# Decision policy (DESIGN.md 4.4)
-
-TO_LOWRANK, TO_FULL, KEEP = "to_lowrank", "to_full", "keep"
+def _knob(default, help, valid, rule):
+    return field(default=default, metadata={"help": help, "valid": valid, "rule": rule})
 
 
 @dataclass
 class SVDPolicy:
-    """Every threshold of the method; field names are the CLI flags. Reasoning: ADAPTIVE_SVD_METHOD.md."""
-    svd_warmup_steps: int = 0               # no switch before this step
-    svd_ratio_danger: float = 2.0           # alignment_ratio (gradient or update) that means clobbering risk
-    svd_overlap_stable: float = 0.9         # subspace_overlap_above_chance that counts as a stable subspace
-    svd_reconstruction_max: float = 0.95    # largest reconstruction_error at the proposed r for that switch
-    svd_trainable_fraction_min: float = 0.5 # share of ||G||^2 the low-rank factors must be able to follow
-    svd_angle_max: float = 0.5              # radians of principal-subspace rotation tolerated in low rank
-    svd_patience: int = 2                   # bad analyses in a row before going back to full; analyses
-                                            # a layer keeps its mode after any switch
-    svd_rank_decay: float = 0.8             # geometric rank schedule factor
-    svd_minor_change_tol: float = 0.1       # relative minor-spectrum change: below shrinks r, above grows it
-    svd_rank_min: int = 8                   # lower bound of r
-    svd_principal_energy: float = 0.15      # share of ||W||_F^2 held by the principal part (sets k_min)
+    svd_policy: str = _knob("adaptive", "adaptive: switch layers by the rule table | static: protect every target "
+                            "from the first step of the run on, never leave (OSFT)",
+                            lambda v: v in ("adaptive", "static"), "adaptive or static")
+    svd_ratio_enter: float = _knob(2.0, "alignment_ratio (gradient or update) at or above which a full layer is at "
+                                   "clobbering risk", lambda v: v > 1, "> 1")
+    svd_ratio_exit: float = _knob(1.25, "gradient alignment_ratio at or below which a protected layer's risk has passed",
+                                  lambda v: v > 0, "> 0")
+    svd_patience: int = _knob(2, "consecutive analyses a rule must hold before the layer switches",
+                              lambda v: v >= 1, ">= 1")
+    svd_warmup_steps: int = _knob(0, "no switch before this step", lambda v: v >= 0, ">= 0")
+    svd_edge_tw: float = _knob(3.3, "Tracy-Widom units above the Marchenko-Pastur edge a singular value needs to "
+                               "count as learned (3.3: ~1 in 1000 pure-noise matrices shows one)",
+                               lambda v: v >= 0, ">= 0")
+    svd_k_max_frac: float = _knob(0.1, "at most this share of min(n_out, n_in) learned directions (keeps the "
+                                  "alignment ratio's ceiling n_out/k >= 1/share)", lambda v: 0 < v <= 0.5, "in (0, 0.5]")
+    svd_stable_rule: bool = _knob(False, "also enter low rank when the principal subspace is stable "
+                                  "(optimal_lowrank_conditions; off: it is unrelated to clobbering)",
+                                  lambda v: isinstance(v, bool), "true or false")
+    svd_overlap_stable: float = _knob(0.9, "subspace overlap above chance that counts as stable (with --svd_stable_rule)",
+                                      lambda v: 0 <= v <= 1, "in [0, 1]")
+
+    def problems(self):
+        """One line per invalid setting (empty when all are valid)."""
+        out = [f"--{f.name}={getattr(self, f.name)!r} is out of range: use {f.metadata['rule']}"
+               for f in dataclasses.fields(self) if not f.metadata["valid"](getattr(self, f.name))]
+        if not self.svd_ratio_exit < self.svd_ratio_enter:
+            out.append(f"--svd_ratio_exit={self.svd_ratio_exit} must be below --svd_ratio_enter={self.svd_ratio_enter} "
+                       f"(the band between them is what stops a layer from cycling)")
+        if self.svd_k_max_frac * self.svd_ratio_enter >= 1:
+            out.append(f"--svd_k_max_frac={self.svd_k_max_frac} makes the ratio's ceiling 1/{self.svd_k_max_frac:g} "
+                       f"no higher than --svd_ratio_enter={self.svd_ratio_enter}: the rule could never fire")
+        return out
+
+
+def k_max(g, policy):
+    """The clamp on learned directions: floor(svd_k_max_frac * g), at least 1."""
+    return max(1, int(policy.svd_k_max_frac * g))
+
+
+TO_LOWRANK, TO_FULL, KEEP = "to_lowrank", "to_full", "keep"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A switch: in `mode`, when any of `metrics` compares `op` the policy's `threshold` at
+    svd_patience consecutive analyses, take `action`. `opt_in`: a policy flag that must be true."""
+    reason: str
+    mode: str
+    action: str
+    metrics: tuple
+    op: str
+    threshold: str
+    opt_in: str | None = None
+
+    def holds(self, metrics, policy):
+        t = getattr(policy, self.threshold)
+        values = [metrics.get(m) for m in self.metrics]
+        return any(v is not None and (v >= t if self.op == ">=" else v <= t) for v in values)
+
+    def enabled(self, policy):
+        return self.opt_in is None or bool(getattr(policy, self.opt_in))
+
+
+# The rule table: decide() and scripts/monitor_svd.py both read it. Order = priority.
+RULES = (
+    Rule("gradient_clobbering_risk", "full", TO_LOWRANK, ("alignment_ratio", "update_alignment_ratio"), ">=",
+         "svd_ratio_enter"),
+    Rule("optimal_lowrank_conditions", "full", TO_LOWRANK, ("subspace_overlap_above_chance",), ">=",
+         "svd_overlap_stable", opt_in="svd_stable_rule"),
+    Rule("clobbering_risk_passed", "lowrank", TO_FULL, ("alignment_ratio",), "<=", "svd_ratio_exit"),
+)
 
 
 @dataclass
-class LayerSVDState:
-    """Per-layer tracking between analyses. `decide` reads it; `advance_state` updates mode and counters;
-    the caller stores r and the previous tensors (dataclasses.replace)."""
-    mode: str = "full"                          # 'full' or 'lowrank'
-    r: int | None = None                        # minor rank in use (low-rank) or last proposed
-    prev_U_k: torch.Tensor | None = None        # top-k left singular vectors at the previous analysis
-    prev_W: torch.Tensor | None = None          # W_eff at the previous analysis, for dW
-    prev_minor_S: torch.Tensor | None = None    # bottom-r singular values at the previous analysis
-    analyses: int = 0                           # analyses recorded so far; the current one has this index
-    last_switch: int | None = None              # index of the analysis that last switched the mode
-    bad_count: int = 0                          # consecutive low-rank analyses failing a low-rank check
+class LayerState:
+    """What one layer carries from one analysis to the next (and into the checkpoint)."""
+    mode: str = "full"                 # 'full' or 'lowrank' (protected)
+    U_k: torch.Tensor | None = None    # left basis of the directions learned at the previous analysis (n_out x k);
+    S_k: torch.Tensor | None = None    # while low-rank it is the protection in force
+    V_k: torch.Tensor | None = None    # right basis (n_in x k)
+    W_prev: torch.Tensor | None = None # W at the previous analysis, for dW
+    warm_V: torch.Tensor | None = None # top right vectors of the matrix analysed last time (warm start)
+    streaks: dict = field(default_factory=dict)  # rule reason -> consecutive analyses it held
+    analyses: int = 0                  # analyses recorded so far
 
-    @property
-    def has_baseline(self):
-        return self.analyses > 0
-
-    @property
-    def analyses_since_switch(self):
-        return None if self.last_switch is None else self.analyses - self.last_switch
-
-
-def _at_least(metrics, key, threshold):
-    value = metrics.get(key)
-    return value is not None and value >= threshold
-
-
-def _full_mode_trigger(metrics, policy):
-    if (_at_least(metrics, "alignment_ratio", policy.svd_ratio_danger)
-            or _at_least(metrics, "update_alignment_ratio", policy.svd_ratio_danger)):
-        return "gradient_clobbering_risk"
-    recon = metrics.get("reconstruction_error")
-    if (_at_least(metrics, "subspace_overlap_above_chance", policy.svd_overlap_stable)
-            and recon is not None and recon <= policy.svd_reconstruction_max):
-        return "optimal_lowrank_conditions"
-    return None
-
-
-def lowrank_trouble(metrics, policy):
-    """The low-rank check a layer fails at this analysis (a reason), or None."""
-    frac = metrics.get("trainable_fraction")
-    if frac is not None and frac < policy.svd_trainable_fraction_min:
-        return "lowrank_cannot_follow_gradient"
-    angle = metrics.get("subspace_angle")
-    if angle is not None and angle > policy.svd_angle_max:
-        return "principal_subspace_rotated"
-    return None
+    def to_dict(self):
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def decide(metrics, state, policy, step):
-    """(action, reason) for one layer at one analysis; action in {'to_lowrank', 'to_full', 'keep'}.
+    """(action, reason, streaks) for one layer at one analysis.
 
-    metrics: the `layer_metrics` dict (a missing or None metric never triggers a rule). In order:
-    no baseline yet -> keep 'initial_svd_baseline'; step < svd_warmup_steps -> keep 'warmup';
-    full: alignment_ratio or update_alignment_ratio >= svd_ratio_danger -> 'gradient_clobbering_risk',
-    else subspace_overlap_above_chance >= svd_overlap_stable and reconstruction_error <=
-    svd_reconstruction_max -> 'optimal_lowrank_conditions'; low-rank: a `lowrank_trouble` reason
-    at svd_patience consecutive analyses (this one included) -> to_full. A switch within
-    svd_patience analyses of the previous switch is held: keep 'hysteresis_hold:<reason>'.
-    Otherwise keep 'continue_current_mode'.
+    static policy: a full layer -> to_lowrank 'static_protection' (from its very first analysis), and
+    never back. adaptive: no baseline yet -> keep 'initial_svd_baseline'; nothing learned before this
+    analysis (k_prev = 0) -> keep 'no_learned_directions'; step < svd_warmup_steps -> keep 'warmup'.
+    Then each enabled rule of the layer's mode updates its streak (+1 when it holds, else 0) and the
+    first whose streak reaches svd_patience fires, unless it would protect nothing (k = 0 now: keep
+    'no_learned_directions'); otherwise keep 'continue_current_mode'. A missing or None metric never holds.
     """
-    if not state.has_baseline:
-        return KEEP, "initial_svd_baseline"
+    if policy.svd_policy == "static":
+        return (TO_LOWRANK if state.mode == "full" else KEEP), "static_protection", {}
+    if state.analyses == 0:
+        return KEEP, "initial_svd_baseline", {}
+    if not metrics.get("k_prev"):
+        return KEEP, "no_learned_directions", {}
     if step < policy.svd_warmup_steps:
-        return KEEP, "warmup"
-    if state.mode == "full":
-        target, reason = TO_LOWRANK, _full_mode_trigger(metrics, policy)
+        return KEEP, "warmup", {}
+    streaks = {}
+    for rule in RULES:
+        if rule.mode == state.mode and rule.enabled(policy):
+            streaks[rule.reason] = state.streaks.get(rule.reason, 0) + 1 if rule.holds(metrics, policy) else 0
+    for rule in RULES:
+        if streaks.get(rule.reason, 0) >= policy.svd_patience:
+            if rule.action == TO_LOWRANK and not metrics.get("k"):
+                return KEEP, "no_learned_directions", streaks
+            return rule.action, rule.reason, {}
+    return KEEP, "continue_current_mode", streaks
+
+
+def analyze(W, G, state, policy, step, method="exact"):
+    """One analysis of one layer; changes nothing. Returns a dict: 'metrics', 'action', 'reason',
+    'streaks', the basis chosen now ('U_k', 'S_k', 'V_k'), 'warm_V', the SVD 'method'/'notes' and the
+    noise estimate, or {'failed': reason, 'notes': ...} when no SVD could be computed.
+
+    Full mode: the spectrum of W; the chosen basis is its top-k learned directions. Low-rank mode: the
+    protected triples (U_p, S_p, V_p) are exact singular triples of W, so W = U_p S_p V_p^T + W_m with
+    W_m = (I - U_p U_p^T) W (I - V_p V_p^T); the spectrum of W is S_p together with that of W_m, whose
+    learned directions (counted in the (n_out - k_p) x (n_in - k_p) space it lives in) join the basis:
+    protected directions stay, new ones join, up to the clamp.
+    """
+    W = W.detach().float()
+    n_out, n_in = W.shape
+    g = min(n_out, n_in)
+    protected = state.mode == "lowrank" and state.U_k is not None and state.U_k.shape[1] > 0
+    kp = state.U_k.shape[1] if protected else 0
+    target = project(W, state.U_k, state.V_k) if protected else W
+    k_room = k_max(g, policy) - kp
+    res, k_new, sigma, threshold = spectrum(target, method, state.warm_V, n_out - kp, n_in - kp,
+                                            tw=policy.svd_edge_tw, k_max=max(k_room, 0), seed=step)
+    if not res.ok:
+        return {"failed": res.reason, "notes": res.notes}
+    if policy.svd_policy == "static" and state.mode == "lowrank":
+        k_new = 0  # OSFT: the basis chosen at the first step stays as it is
+    if protected:
+        U_p, V_p = state.U_k, state.V_k
+        S_p = (U_p.T @ W @ V_p).diagonal()  # the protected singular values, exact while protected
+        U = torch.cat([U_p, res.U[:, :k_new]], 1)
+        S_k = torch.cat([S_p, res.S[:k_new]])
+        V = torch.cat([V_p, res.Vh[:k_new].T], 1)
+        S_all = torch.cat([S_p, res.S]).sort(descending=True).values
+        frob_sq = res.frob_sq + _energy(S_p)
     else:
-        target, reason = TO_FULL, lowrank_trouble(metrics, policy)
-        if state.bad_count + 1 < policy.svd_patience:
-            reason = None
-    if reason is None:
-        return KEEP, "continue_current_mode"
-    since = state.analyses_since_switch
-    if since is not None and since <= policy.svd_patience:
-        return KEEP, f"hysteresis_hold:{reason}"
-    return target, reason
+        U, S_k, V = res.U[:, :k_new], res.S[:k_new], res.Vh[:k_new].T
+        S_all, frob_sq = res.S, res.frob_sq
+    k = U.shape[1]
+    dW = None if state.W_prev is None else W - state.W_prev
+    metrics = layer_metrics(S_all, frob_sq, k, U, G=G, dW=dW, U_prev=state.U_k, V_prev=state.V_k, protected=protected)
+    metrics.update(noise_sigma=sigma, bulk_threshold=threshold, s_max=float(S_all[0]) if S_all.numel() else None)
+    action, reason, streaks = decide(metrics, state, policy, step)
+    return {"metrics": metrics, "action": action, "reason": reason, "streaks": streaks,
+            "U_k": U.contiguous(), "S_k": S_k.contiguous(), "V_k": V.contiguous(),
+            "warm_V": res.Vh[:k_new].T.contiguous(),
+            "method": res.method, "notes": res.notes}
 
 
-def advance_state(state, action, metrics, policy):
-    """The state after this analysis: counts it, applies a switch, tracks consecutive low-rank trouble.
-    r and the prev_* tensors are the caller's to set."""
-    if action == KEEP:
-        trouble = state.mode == "lowrank" and lowrank_trouble(metrics, policy) is not None
-        return replace(state, analyses=state.analyses + 1, bad_count=state.bad_count + 1 if trouble else 0)
-    mode = {TO_LOWRANK: "lowrank", TO_FULL: "full"}[action]
-    return replace(state, mode=mode, analyses=state.analyses + 1, last_switch=state.analyses, bad_count=0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimizer momentum across a switch (DESIGN.md 4.7)
-
-def momentum_to_lowrank(M_W, B, A):
-    """(M_B, M_A) = (M_W A^T, B^T M_W): the chain rule applied to the momentum, as dL/dB = G A^T and
-    dL/dA = B^T G for W_eff = W_p + B A."""
-    B, A = B.to(M_W.dtype), A.to(M_W.dtype)
-    return M_W @ A.T, B.T @ M_W
-
-
-def momentum_to_full(M_B, M_A, B, A):
-    """M_W = M_B A + B M_A: the first-order change of B A that momenta (M_B, M_A) produce. Composed with
-    `momentum_to_lowrank` it maps M_W to M_W A^T A + B B^T M_W, a matrix in the tangent space at B A."""
-    B, A = B.to(M_B.dtype), A.to(M_B.dtype)
-    return M_B @ A + B @ M_A
+def advance(state, out, W):
+    """The layer's state after analysis `out` has been applied: the basis chosen now becomes the
+    previous basis of the next analysis; a switch sets the mode and clears the streaks."""
+    mode = {TO_LOWRANK: "lowrank", TO_FULL: "full"}.get(out["action"], state.mode)
+    return LayerState(mode=mode, U_k=out["U_k"], S_k=out["S_k"], V_k=out["V_k"], W_prev=W.detach().float().clone(),
+                      warm_V=out["warm_V"], streaks=dict(out["streaks"]), analyses=state.analyses + 1)

@@ -47,94 +47,54 @@ def apply_rotary_emb(x, cos, sin):
 
 
 class AdaptiveSVDLinear(nn.Module):
-    """A bias-free Linear that can train either its full weight or a low-rank minor subspace.
+    """A bias-free Linear whose updates can be confined to its minor singular subspace.
 
-    full:    y = x W^T, W = `weight` trainable.
-    lowrank: y = x (W_p + B A)^T, W_p = U_k S_k V_k^T frozen (held in `weight`), B = U_m sqrt(S_m),
-             A = sqrt(S_m) V_m^T trainable (MiLoRA initialisation from the minor triples).
-
-    In both modes the effective weight W_eff is formed explicitly and `weight` keeps requires_grad,
-    so after backward `weight.grad` is dL/dW_eff: the analysis sees the true gradient of the layer in
-    either mode, and B.grad = G A^T, A.grad = B^T G follow from the chain rule. `weight` is simply not
-    in any optimizer while the layer is low-rank. The state dict holds only the merged W_eff under
-    `weight`, so checkpoints load into a plain GPT; the factors are saved separately for resume.
+    Its only parameter is `weight` and its forward is always x W^T, so the model graph, the parameter
+    set, the optimizer groups and the state dict are the same in both modes (a plain GPT loads it,
+    and torch.compile never sees a switch). Low-rank (protected) mode holds orthonormal bases U_k
+    (n_out x k) and V_k (n_in x k) of the principal (learned) directions, plain tensors outside the
+    module's state, and the optimizer applies only `project(dW)` = (I - U_k U_k^T) dW (I - V_k V_k^T).
+    That keeps W V_k = U_k S_k and U_k^T W = S_k V_k^T exact and every update of rank <= g - k; with
+    k = 0 the projection is the identity, so low-rank mode is then full mode, bit for bit.
     """
 
     def __init__(self, in_features, out_features, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
-        self.B = None
-        self.A = None
-        self.protect = False   # --svd_protect=project: keep B A out of the principal subspace
-        self.protect_U = None  # orthonormal bases of that subspace while low-rank
-        self.protect_V = None
+        self.U_k = None
+        self.V_k = None
 
     @property
     def mode(self):
-        return "full" if self.B is None else "lowrank"
+        return "full" if self.U_k is None else "lowrank"
 
     @property
     def rank(self):
-        return 0 if self.B is None else self.B.shape[1]
-
-    def effective_weight(self):
-        if self.B is None:
-            return self.weight
-        return torch.addmm(self.weight, self.B, self.A)
+        """r: the rank an update can have (g in full mode, g - k while protected)."""
+        g = min(self.in_features, self.out_features)
+        return g if self.U_k is None else g - self.U_k.shape[1]
 
     def forward(self, x):
-        return F.linear(x, self.effective_weight())
+        return F.linear(x, self.weight)
 
-    @torch.no_grad()
-    def to_lowrank(self, U, S, Vh, r):
-        """Split W_eff = U S V^T into frozen top (g - r) triples and trainable bottom r triples.
-        U, S, Vh is a complete thin SVD of the current W_eff."""
-        g = S.shape[0]
-        k = g - r
-        dev, dt = self.weight.device, self.weight.dtype
-        U, S, Vh = U.to(dev, torch.float32), S.to(dev, torch.float32), Vh.to(dev, torch.float32)
-        W_p = (U[:, :k] * S[:k]) @ Vh[:k]
-        sq = S[k:].sqrt()
-        self.weight.data.copy_(W_p.to(dt))
-        self.B = nn.Parameter((U[:, k:] * sq).to(dt).contiguous())
-        self.A = nn.Parameter((sq[:, None] * Vh[k:]).to(dt).contiguous())
-        if self.protect:
-            self.set_protection(U[:, :k], Vh[:k].T)
+    def protect(self, U_k, V_k):
+        """Enter (or refresh) low-rank mode: from now on updates avoid span(U_k) and span(V_k)."""
+        dev = self.weight.device
+        self.U_k = U_k.detach().to(dev, torch.float32).contiguous()
+        self.V_k = V_k.detach().to(dev, torch.float32).contiguous()
 
-    @torch.no_grad()
-    def to_full(self):
-        """Merge B A back into the weight; the layer trains the full matrix again."""
-        self.weight.data.copy_(self.effective_weight())
-        self.B = None
-        self.A = None
-        self.protect_U = self.protect_V = None
+    def unprotect(self):
+        """Back to full mode: the whole matrix trains again."""
+        self.U_k = self.V_k = None
 
-    def set_protection(self, U_k, V_k):
-        """Remember the principal bases so B's and A's gradients can be kept out of them."""
-        self.protect_U = U_k.contiguous()
-        self.protect_V = V_k.contiguous()
-
-    @torch.no_grad()
-    def project_factor_grads(self):
-        """--svd_protect=project: B.grad <- (I - U_k U_k^T) B.grad, A.grad <- A.grad (I - V_k V_k^T)."""
-        if self.B is None or self.protect_U is None:
-            return
-        if self.B.grad is not None:
-            self.B.grad.sub_(self.protect_U @ (self.protect_U.T @ self.B.grad))
-        if self.A.grad is not None:
-            self.A.grad.sub_((self.A.grad @ self.protect_V) @ self.protect_V.T)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        w = self.weight if self.B is None else self.effective_weight().detach()
-        destination[prefix + "weight"] = w if keep_vars else w.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        if self.B is not None:
-            self.to_full()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+    def project(self, X):
+        """(I - U_k U_k^T) X (I - V_k V_k^T) in fp32; X itself (as fp32) in full mode."""
+        X = X.float()
+        if self.U_k is None:
+            return X
+        X = X - self.U_k @ (self.U_k.T @ X)
+        return X - (X @ self.V_k) @ self.V_k.T
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, r={self.rank}"
@@ -334,10 +294,6 @@ class GPT(nn.Module):
         c = self.config
         l, h, q, t = c.n_layer, c.n_head, c.n_embd // c.n_head, c.sequence_len
         return 6 * (self.num_params() - nparams_embedding) + 12 * l * h * q * t
-
-    def matrix_params(self):
-        """The 2-D weights inside the blocks (Muon's); in low-rank layers the factors B and A."""
-        return [p for p in self.transformer.h.parameters()]
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.size()

@@ -2,8 +2,10 @@
 
 One implementation serves single-process and torch.distributed runs: the training loop averages
 gradients across ranks before `step()`, so every rank holds the same (replicated) state and takes
-the same update. Muon keys its state by parameter name, which lets the adaptive-SVD cycle swap one
-layer's weight for its factors B and A while every other parameter's state stays untouched.
+the same update. Muon knows each matrix's layer: a layer in protected (low-rank) mode has its
+gradient projected before it enters the momentum and its orthogonalised update projected again
+before it is applied, so the step trains only the minor subspace with the same learning rate,
+momentum and scaling as a full step.
 """
 
 import torch
@@ -37,16 +39,25 @@ class Muon(torch.optim.Optimizer):
 
     update = NS5(nesterov(momentum(grad))) * sqrt(max(1, rows/cols)), no weight decay.
     `named_params` is a list of (name, parameter); state_dict/load_state_dict are keyed by name.
+    `layers` maps a parameter to the module that owns it when that module can be protected
+    (an AdaptiveSVDLinear, anything with `mode` and `project`): while it is low-rank, the gradient
+    is projected before the momentum and the orthogonalised update after Newton-Schulz (which keeps
+    row and column spaces in exact arithmetic; the second projection removes bf16 leakage).
     """
 
-    def __init__(self, named_params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+    def __init__(self, named_params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, layers=None):
         named_params = list(named_params)
         self.names = {p: n for n, p in named_params}
+        self.layers = dict(layers or {})
         super().__init__([p for _, p in named_params],
                          dict(lr=lr, initial_lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
 
     def params(self):
         return self.param_groups[0]["params"]
+
+    def _protected(self, p):
+        layer = self.layers.get(p)
+        return layer if layer is not None and layer.mode == "lowrank" else None
 
     @torch.no_grad()
     def step(self):
@@ -62,31 +73,29 @@ class Muon(torch.optim.Optimizer):
             if "momentum_buffer" not in st:
                 st["momentum_buffer"] = torch.zeros_like(p)
             buf = st["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - momentum)
-            update = p.grad.lerp(buf, momentum) if nesterov else buf
+            layer = self._protected(p)
+            grad = p.grad if layer is None else layer.project(p.grad).to(p.grad.dtype)
+            buf.lerp_(grad, 1 - momentum)
+            update = grad.lerp(buf, momentum) if nesterov else buf
             tall = p.shape[0] > p.shape[1]
             by_shape.setdefault(tuple(sorted(p.shape)), []).append((p, update.mT if tall else update))
         for shape, entries in by_shape.items():
             ortho = zeropower_via_newtonschulz5(torch.stack([u for _, u in entries]), group["ns_steps"])
             for (p, _), o in zip(entries, ortho):
                 scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
-                p.add_((o.mT if p.shape[0] > p.shape[1] else o).to(p.dtype), alpha=-group["lr"] * scale)
+                o = o.mT if p.shape[0] > p.shape[1] else o
+                layer = self._protected(p)
+                if layer is not None:
+                    o = layer.project(o)
+                p.add_(o.to(p.dtype), alpha=-group["lr"] * scale)
 
-    def replace(self, old, new):
-        """Swap the parameters in `old` (contiguous in the group) for the (name, parameter, momentum)
-        entries in `new`. Every other parameter keeps its state object untouched."""
-        params = self.param_groups[0]["params"]
-        idx = min(i for i, p in enumerate(params) if any(p is o for o in old))
-        for o in old:
-            self.state.pop(o, None)
-            del self.names[o]
-        params[:] = [p for p in params if not any(p is o for o in old)]
-        entries = []
-        for name, p, buf in new:
-            self.names[p] = name
-            self.state[p]["momentum_buffer"] = buf.to(p.dtype).clone()
-            entries.append(p)
-        params[idx:idx] = entries
+    @torch.no_grad()
+    def project_momentum(self, p):
+        """Entering (or widening) protection: confine p's momentum to the minor subspace, once."""
+        layer = self._protected(p)
+        buf = self.state[p].get("momentum_buffer")
+        if layer is not None and buf is not None:
+            buf.copy_(layer.project(buf))
 
     def state_dict(self):
         group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
@@ -118,7 +127,9 @@ def build_optimizers(model, matrix_lr, embedding_lr, unembedding_lr, weight_deca
         betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, fused=fused)
     for group in adamw.param_groups:
         group["initial_lr"] = group["lr"]
-    muon = Muon(matrices, lr=matrix_lr, momentum=0.95)
+    # every matrix whose module can be protected (AdaptiveSVDLinear) is known to Muon by its layer
+    layers = {m.weight: m for m in model.modules() if hasattr(m, "project") and hasattr(m, "mode")}
+    muon = Muon(matrices, lr=matrix_lr, momentum=0.95, layers=layers)
     return muon, adamw
 
 

@@ -59,10 +59,10 @@ def worker(cfg):
     torch.manual_seed(0)
     model.init_weights()
     acfg = AdaptiveConfig(depth=cfg.blocks, adaptive_svd_target_layer=-1, svd_targets="all", svd_method=cfg.svd_method,
-                          svd_interval=1, svd_ratio_danger=1e9, svd_overlap_stable=2.0, device_type="cpu")
+                          svd_interval=1, svd_ratio_enter=1e9, device_type="cpu")
     hook = AdaptiveSVDHook(acfg)
     hook.prepare_model(model)
-    modules = [m for _, m in hook.layers.values()]
+    modules = [layer.module for layer in hook.layers.values()]
     with torch.no_grad():
         for m in modules:  # c_proj matrices start at zero; give every matrix a trained-looking spectrum
             n_out, n_in = m.weight.shape
@@ -72,7 +72,7 @@ def worker(cfg):
     hook.attach(Run(acfg, model, muon, adamw, device, out_dir, lambda *a: None, rank, world))
 
     timing = {"plan": 0.0, "plan_cpu": 0.0, "exchange": 0.0}
-    plan_layer, exchange = hook._plan_layer, getattr(hook, "_exchange", None)
+    plan_layer, exchange = hook._plan, getattr(hook, "_exchange", None)
 
     def timed_plan(*args):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -89,7 +89,7 @@ def worker(cfg):
         finally:
             timing["exchange"] += time.perf_counter() - t0
 
-    hook._plan_layer = timed_plan
+    hook._plan = timed_plan
     if exchange is not None:
         hook._exchange = timed_exchange
     results = []

@@ -91,8 +91,7 @@ def summarize(run_dir, kind, seed, reference_records=None):
     elif reference_records:
         full = sum(full_sizes(reference_records).values())
         row.update(layers=len(full_sizes(reference_records)), lowrank_share=0.0, to_lowrank=0, to_full=0, mean_r=None,
-                   trainable_params_end=full, trainable_params_mean=full, full_params=full,
-                   optimizer_bytes_end=4 * full, optimizer_bytes_mean=4 * full)
+                   mean_k=None, full_params=full)
     return row
 
 
@@ -122,9 +121,7 @@ COLUMNS = [("run", "run", None), ("tokens", "tokens", "{:,}"), ("final_val_bpb",
            ("time_estimate_s", "time estimate: steps x median + SVD (s)", "{:.1f}"), ("wall_s", "process wall (s)", "{:.1f}"),
            ("peak_memory_mib", "peak memory (MiB)", "{:.1f}"), ("lowrank_share", "low-rank share of layer-analyses", "{:.3f}"),
            ("to_lowrank", "switches to low-rank", "{}"), ("to_full", "switches to full", "{}"), ("mean_r", "mean r (low-rank)", "{:.1f}"),
-           ("trainable_params_end", "trainable params, analysed layers (end)", "{:,}"),
-           ("trainable_params_mean", "(mean over analyses)", "{:,.0f}"),
-           ("optimizer_bytes_end", "Muon state bytes, analysed layers (end)", "{:,}")]
+           ("mean_k", "mean learned directions k", "{:.1f}")]
 
 
 def cell(row, key, fmt):

@@ -1,6 +1,7 @@
 """Forgetting experiment: train on domain A, continue on domain B, measure what A loses.
 
-For each variant (baseline, adaptive = default policy, project = adaptive with --svd_protect=project):
+For each variant (baseline, adaptive = default policy, static = every target protected from the
+first step on, --svd_policy=static):
   phase A: a fresh run on --data_a for --steps_a steps          -> <out>/base_checkpoints/<variant>_A/
   phase B: that checkpoint continued (--resume) on --data_b for --steps_b more steps, starting at the
            beginning of B's data, with the optimizer and adaptive-SVD state carried over
@@ -36,8 +37,8 @@ from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.train import TrainHook, train
 from scripts.run_logs import split_training_flags
 
-VARIANTS = {"baseline": {"adaptive_svd": False}, "adaptive": {"adaptive_svd": True, "svd_protect": "none"},
-            "project": {"adaptive_svd": True, "svd_protect": "project"}}
+VARIANTS = {"baseline": {"adaptive_svd": False}, "adaptive": {"adaptive_svd": True, "svd_policy": "adaptive"},
+            "static": {"adaptive_svd": True, "svd_policy": "static"}}
 OWN_FLAGS = ("data_a", "data_b", "steps_a", "steps_b", "out", "variants", "measure_every")
 
 
@@ -188,7 +189,7 @@ def svd_phase_summary(jsonl_path):
             "to_lowrank": sum(r["action"] == "to_lowrank" for r in recs), "to_full": sum(r["action"] == "to_full" for r in recs),
             "reasons": sorted({r["reason"] for r in recs if r["action"] != "keep"}),
             **{f"mean_{k}": mean(k) for k in ("alignment_ratio", "update_alignment_ratio", "subspace_overlap",
-                                              "subspace_angle", "reconstruction_error", "trainable_fraction", "r_after")}}
+                                              "subspace_angle", "reconstruction_error", "blocked_fraction", "r_after")}}
 
 
 def fmt(x, digits=4):
@@ -207,7 +208,7 @@ def markdown(results, command):
                      f"{fmt(s.get('lowrank_share'), 2)} | {s.get('to_lowrank', 'n/a')} / {s.get('to_full', 'n/a')} |")
     lines += ["", "SVD analyses per phase (means over all layer-analyses of the phase):", "",
               "| variant | phase | analyses | low-rank share | to low / to full | reasons | alignment ratio (grad) | "
-              "alignment ratio (update) | subspace overlap | subspace angle | trainable fraction | mean r |",
+              "alignment ratio (update) | subspace overlap | subspace angle | blocked fraction | mean r |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for phase in ("a", "b"):
@@ -216,7 +217,7 @@ def markdown(results, command):
                 continue
             lines.append(f"| {r['variant']} | {phase.upper()} | {s['analyses']} | {fmt(s['lowrank_share'], 2)} | {s['to_lowrank']} / {s['to_full']} | "
                          f"{', '.join(s['reasons']) or '-'} | {fmt(s['mean_alignment_ratio'], 3)} | {fmt(s['mean_update_alignment_ratio'], 3)} | "
-                         f"{fmt(s['mean_subspace_overlap'], 3)} | {fmt(s['mean_subspace_angle'], 3)} | {fmt(s['mean_trainable_fraction'], 3)} | "
+                         f"{fmt(s['mean_subspace_overlap'], 3)} | {fmt(s['mean_subspace_angle'], 3)} | {fmt(s['mean_blocked_fraction'], 3)} | "
                          f"{fmt(s['mean_r_after'], 1)} |")
     return "\n".join(lines) + "\n"
 
@@ -229,7 +230,7 @@ def parse_own(argv):
     p.add_argument("--steps_a", type=int, required=True, help="optimizer steps on A")
     p.add_argument("--steps_b", type=int, required=True, help="further optimizer steps on B")
     p.add_argument("--out", required=True, help="output dir (checkpoints, forgetting.json, forgetting.md)")
-    p.add_argument("--variants", default="baseline,adaptive,project", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="baseline,adaptive,static", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--measure_every", type=int, default=100, help="measure A and B val bpb every N steps of phase B")
     own, train_argv = split_training_flags(argv)
     args = p.parse_args(own)
@@ -239,7 +240,7 @@ def parse_own(argv):
         raise UserError(f"--variants: unknown {bad}; use {', '.join(VARIANTS)}")
     if args.steps_a < 1 or args.steps_b < 1 or args.measure_every < 1:
         raise UserError("--steps_a, --steps_b and --measure_every must be >= 1")
-    for key in ("data_dir", "num_iterations", "model_tag", "output_dir", "resume", "adaptive_svd", "svd_protect"):
+    for key in ("data_dir", "num_iterations", "model_tag", "output_dir", "resume", "adaptive_svd", "svd_policy"):
         if any(a.lstrip("-").replace("-", "_").split("=")[0] == key for a in train_argv):
             raise UserError(f"--{key} is set by the forgetting experiment itself; leave it out of the training flags")
     for d in (args.data_a, args.data_b):

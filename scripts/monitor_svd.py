@@ -6,13 +6,12 @@
 
 The thresholds are the run's own: train_config in RUN_DIR/config.json, or for a job that has not
 saved yet its command.txt parsed with the training script's flag definitions (never a separate copy).
-A crossing is printed when a metric moves to the other side of its threshold between two analyses of
-a layer (and at a layer's first analysis if it starts on the alarming side):
-  alignment_ratio, update_alignment_ratio  >= svd_ratio_danger            (clobbering risk)
-  subspace_overlap_above_chance            >= svd_overlap_stable          (stable principal subspace)
-  reconstruction_error                     <= svd_reconstruction_max
-  trainable_fraction (low-rank only)       <  svd_trainable_fraction_min  (factors cannot follow G)
-  subspace_angle (low-rank only)           >  svd_angle_max
+The rules are the method's own table (nanochat.adaptive_svd.RULES, the one decide() reads): for each
+rule enabled in the run and each metric it reads, a crossing is printed when the metric moves to the
+other side of the rule's threshold between two analyses of a layer in the rule's mode (and at a
+layer's first analysis in that mode if it starts on the side the rule acts on). With the defaults:
+  full mode:    alignment_ratio, update_alignment_ratio >= svd_ratio_enter   (gradient_clobbering_risk)
+  low-rank mode: alignment_ratio <= svd_ratio_exit                            (clobbering_risk_passed)
 """
 
 import argparse
@@ -20,25 +19,23 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 
+from nanochat.adaptive_svd import RULES
 from nanochat.common import UserError, run_cli
 from scripts.run_logs import run_settings
-
-# metric, threshold flag, comparison that is "on" (the side the policy acts on), label when on / off
-RULES = [
-    ("alignment_ratio", "svd_ratio_danger", lambda v, t: v >= t, "gradient concentrated on learned directions", "back below"),
-    ("update_alignment_ratio", "svd_ratio_danger", lambda v, t: v >= t, "update concentrated on learned directions", "back below"),
-    ("subspace_overlap_above_chance", "svd_overlap_stable", lambda v, t: v >= t, "principal subspace stable", "no longer stable"),
-    ("reconstruction_error", "svd_reconstruction_max", lambda v, t: v <= t, "reconstruction safe", "reconstruction unsafe"),
-    ("trainable_fraction", "svd_trainable_fraction_min", lambda v, t: v < t, "low-rank factors cannot follow the gradient", "factors follow again"),
-    ("subspace_angle", "svd_angle_max", lambda v, t: v > t, "principal subspace rotated", "rotation back under"),
-]
-ALARM_AT_START = {"alignment_ratio", "update_alignment_ratio", "trainable_fraction", "subspace_angle"}
-LOWRANK_ONLY = {"trainable_fraction", "subspace_angle"}  # the policy reads these only for a low-rank layer
 
 
 class Monitor:
     """Turns analysis records into event lines; remembers each layer's previous record."""
+
+    @staticmethod
+    def _side(rule, rec, metric, t):
+        """True when the record's metric is on the side the rule acts on, None when not comparable."""
+        v = rec.get(metric)
+        if rec.get("mode") != rule.mode or not isinstance(v, (int, float)):
+            return None
+        return v >= t if rule.op == ">=" else v <= t
 
     def __init__(self, thresholds):
         self.thresholds = thresholds
@@ -55,20 +52,21 @@ class Monitor:
         prev = self.prev.get(layer)
         if rec["action"] in ("to_lowrank", "to_full"):
             events.append(f"{head}: SWITCH {rec['mode']} -> {rec['mode_after']} (r={rec['r_after']}) reason={rec['reason']}")
-        elif prev is not None and rec["r_after"] != prev["r_after"]:
+        elif prev is not None and rec.get("r_after") != prev.get("r_after"):
             events.append(f"{head}: r {prev['r_after']} -> {rec['r_after']} ({rec['mode_after']})")
-        for metric, flag_name, on, label_on, label_off in RULES:
-            t = self.thresholds.get(flag_name)
-            v = rec.get(metric)
-            if t is None or not isinstance(v, (int, float)) or (metric in LOWRANK_ONLY and rec.get("mode") != "lowrank"):
+        settings = SimpleNamespace(**self.thresholds)
+        for rule in RULES:
+            t = self.thresholds.get(rule.threshold)
+            if t is None or not rule.enabled(settings):
                 continue
-            now = on(v, t)
-            before = None
-            if (prev is not None and isinstance(prev.get(metric), (int, float))
-                    and not (metric in LOWRANK_ONLY and prev.get("mode") != "lowrank")):
-                before = on(prev[metric], t)
-            if (before is None and now and metric in ALARM_AT_START) or (before is not None and now != before):
-                events.append(f"{head}: {metric}={v:.4g} crossed {flag_name}={t} -> {label_on if now else label_off}")
+            for metric in rule.metrics:
+                now = self._side(rule, rec, metric, t)
+                if now is None:
+                    continue
+                before = None if prev is None else self._side(rule, prev, metric, t)
+                if (before is None and now) or (before is not None and now != before):
+                    side = f"-> {rule.reason}" if now else "-> back on the quiet side"
+                    events.append(f"{head}: {metric}={rec[metric]:.4g} crossed {rule.threshold}={t} {side}")
         self.prev[layer] = rec
         return events
 
@@ -121,7 +119,7 @@ def main(argv):
     args = p.parse_args(argv)
     thresholds, source = thresholds_of(args.run_dir)
     print(f"thresholds from {source}: " + ", ".join(f"{k}={thresholds[k]}" for k in sorted(thresholds)
-                                                    if k in {r[1] for r in RULES}), flush=True)
+                                                    if k in {r.threshold for r in RULES}), flush=True)
     monitor, follower = Monitor(thresholds), Follower(os.path.join(args.run_dir, "svd_metrics.jsonl"))
     last_new, last_step = time.time(), None
     try:

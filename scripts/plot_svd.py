@@ -8,7 +8,7 @@ RUN_DIR is an adaptive run's checkpoint folder (svd_metrics.jsonl, config.json o
   loss_bpb.png            training loss (console EMA) and val bpb over steps, adaptive vs baseline
   mode_rank.png           per layer: r after each analysis, low-rank periods shaded, switches marked
   alignment_ratio.png     per layer: gradient and update alignment_ratio, random baseline (1) and the
-                          run's own svd_ratio_danger threshold drawn
+                          run's own svd_ratio_enter and svd_ratio_exit thresholds drawn
   principal_alignment.png per layer: principal alignment of the gradient and its random baseline sqrt(k/n_out)
   subspace.png            per layer: subspace overlap (and above chance), reconstruction error
   spectra.png             (--spectra) singular values per layer at step 0 (re-created from the seed) and at
@@ -101,14 +101,18 @@ def _interval(recs):
     return min((b - a for a, b in zip(steps, steps[1:])), default=1)
 
 
-def plot_alignment_ratio(layers, danger, path):
-    fig, axes = _grid(len(layers), f"alignment ratio p^2/(k/n_out): gradient and update (random = 1, danger = {danger})", sharey=True)
+def plot_alignment_ratio(layers, thresholds, path):
+    enter, exit_ = thresholds
+    fig, axes = _grid(len(layers), f"alignment ratio p^2/(k/n_out): gradient and update (random = 1, enter = {enter}, "
+                                   f"exit = {exit_})", sharey=True)
     for ax, (name, recs) in zip(axes, layers.items()):
         ax.plot(*_series(recs, "alignment_ratio"), lw=1.2, label="gradient")
         ax.plot(*_series(recs, "update_alignment_ratio"), lw=1.2, label="update dW")
         ax.axhline(1.0, color="gray", ls="--", lw=1, label="random")
-        if danger is not None:
-            ax.axhline(danger, color="C3", ls=":", lw=1.2, label="svd_ratio_danger")
+        if enter is not None:
+            ax.axhline(enter, color="C3", ls=":", lw=1.2, label="svd_ratio_enter")
+        if exit_ is not None:
+            ax.axhline(exit_, color="C2", ls=":", lw=1.2, label="svd_ratio_exit")
         ax.set_title(_short(name), fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -116,11 +120,11 @@ def plot_alignment_ratio(layers, danger, path):
 
 
 def plot_principal_alignment(layers, path):
-    fig, axes = _grid(len(layers), "principal alignment ||U_k^T G||/||G|| of the gradient vs its random baseline sqrt(k/n_out)", sharey=True)
+    fig, axes = _grid(len(layers), "principal alignment ||U_k^T G||/||G|| (previous analysis' basis) vs its random baseline sqrt(k/n_out)", sharey=True)
     for ax, (name, recs) in zip(axes, layers.items()):
         ax.plot(*_series(recs, "principal_alignment"), lw=1.2, label="gradient")
         ax.plot(*_series(recs, "update_principal_alignment"), lw=1.0, alpha=0.8, label="update dW")
-        pts = [(r["step"], math.sqrt(r["k"] / r["shape"][0])) for r in recs if isinstance(r.get("k"), int)]
+        pts = [(r["step"], math.sqrt(r["k_prev"] / r["shape"][0])) for r in recs if isinstance(r.get("k_prev"), int)]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color="gray", ls="--", lw=1, label="random sqrt(k/n_out)")
         ax.set_ylim(0, 1.02)
@@ -212,9 +216,9 @@ def make_figures(run_dir, out, baseline=None, log=None, spectra=False, prefix=""
     layers = layer_records(read_jsonl(os.path.join(run_dir, "svd_metrics.jsonl")))
     if layers:
         settings, _ = run_settings(run_dir)
-        danger = settings.get("svd_ratio_danger") if settings else None
+        thresholds = (settings.get("svd_ratio_enter"), settings.get("svd_ratio_exit")) if settings else (None, None)
         written.append(plot_mode_rank(layers, os.path.join(out, prefix + "mode_rank.png")))
-        written.append(plot_alignment_ratio(layers, danger, os.path.join(out, prefix + "alignment_ratio.png")))
+        written.append(plot_alignment_ratio(layers, thresholds, os.path.join(out, prefix + "alignment_ratio.png")))
         written.append(plot_principal_alignment(layers, os.path.join(out, prefix + "principal_alignment.png")))
         written.append(plot_subspace(layers, os.path.join(out, prefix + "subspace.png")))
     if spectra and os.path.exists(os.path.join(run_dir, "checkpoint.pt")):

@@ -104,31 +104,21 @@ def layer_records(records):
 def svd_summary(records):
     """The adaptive columns of the comparison table, computed from svd_metrics.jsonl records.
 
-    lowrank_share: share of layer-analyses whose mode after the analysis is low-rank.
-    mean_r: mean r_after over those low-rank layer-analyses (None if there are none).
-    trainable_params_end: sum over the analysed layers of trainable_params at each layer's last analysis;
-    trainable_params_mean: the same sum averaged over analysis steps. full_params: the layers' full size.
-    Muon keeps one fp32 momentum value per trainable value, so optimizer bytes = 4 * trainable params.
+    lowrank_share: share of layer-analyses whose mode after the analysis is low-rank (protected);
+    mean_r: mean r_after (the rank an update can have) over those; mean_k: mean learned directions
+    over all layer-analyses. Protection changes no parameter count: every layer trains its full weight,
+    confined to its minor subspace while protected.
     """
     layers = layer_records(records)
     decided = [r for recs in layers.values() for r in recs]
     if not decided:
         return None
     low = [r for r in decided if r["mode_after"] == "lowrank"]
-    by_step = {}
-    for r in decided:
-        by_step.setdefault(r["step"], 0)
-        by_step[r["step"]] += r["trainable_params"]
-    complete_steps = [s for s in by_step if sum(1 for r in decided if r["step"] == s) == len(layers)]
-    end = sum(recs[-1]["trainable_params"] for recs in layers.values())
-    mean = sum(by_step[s] for s in complete_steps) / len(complete_steps) if complete_steps else None
-    full = sum(recs[0]["shape"][0] * recs[0]["shape"][1] for recs in layers.values())
     return {
         "layers": len(layers), "layer_analyses": len(decided), "lowrank_share": len(low) / len(decided),
         "to_lowrank": sum(r["action"] == "to_lowrank" for r in decided), "to_full": sum(r["action"] == "to_full" for r in decided),
         "mean_r": sum(r["r_after"] for r in low) / len(low) if low else None,
-        "trainable_params_end": end, "trainable_params_mean": mean, "full_params": full,
-        "optimizer_bytes_end": 4 * end, "optimizer_bytes_mean": None if mean is None else 4 * mean,
+        "mean_k": sum(r["k"] for r in decided) / len(decided),
         "last_step": max(r["step"] for r in decided),
     }
 

@@ -5,7 +5,7 @@
 
 Flags are the adaptive script's (nanochat.adaptive_cycle.AdaptiveConfig); --adaptive_svd=false runs
 the plain loop. Each rank writes $DIST_RUN_OUT/rank<r>.json: the SVD records it logged, its step
-losses, and a SHA-256 of every dense weight, low-rank factor and Muon momentum, so a test can check
+losses, and a SHA-256 of every weight, protection basis and Muon momentum, so a test can check
 that all ranks hold the same state.
 
 DIST_RUN_EMULATE=N (one process only): micro-batch i of a step comes from the loader of rank i % N
@@ -66,10 +66,10 @@ class RecordingHook(AdaptiveSVDHook):
         self.records.append(json.loads(json.dumps({k: (v.item() if torch.is_tensor(v) else v) for k, v in record.items()})))
         super()._log(step, display, record)
 
-    def _plan_layer(self, step, display, module):
+    def _plan(self, step, layer):
         if os.environ.get("DIST_RUN_RAISE_RANK") == str(RANK):
             raise ValueError("injected planning error")
-        return super()._plan_layer(step, display, module)
+        return super()._plan(step, layer)
 
 
 def digest(t):
@@ -95,6 +95,9 @@ def main(argv):
     params = {name: digest(p) for name, p in run.model.named_parameters()}
     momentum = {run.muon.names[p]: digest(run.muon.state[p]["momentum_buffer"]) for p in run.muon.params()
                 if "momentum_buffer" in run.muon.state[p]}
+    for name, layer in getattr(hook, "layers", {}).items():
+        if layer.module.U_k is not None:
+            params[name + ".U_k"], params[name + ".V_k"] = digest(layer.module.U_k), digest(layer.module.V_k)
     out = {"rank": RANK, "losses": result["losses"], "val_bpb": result["val_bpb"], "params": params, "momentum": momentum,
            "records": getattr(hook, "records", [])}
     os.makedirs(OUT, exist_ok=True)

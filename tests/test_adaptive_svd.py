@@ -1,6 +1,8 @@
 """Adaptive-SVD core: every metric against an independent reference (NumPy / SciPy / analytic cases),
-the SVD engine's fallbacks, the rank schedule, the decision rules and the momentum transfer."""
+the SVD engine's fallbacks and warm certificate, the learned-direction count and the decision rules.
+The policy's behaviour over many analyses is in tests/test_policy.py."""
 
+import dataclasses
 import json
 import math
 
@@ -10,6 +12,7 @@ import scipy.linalg
 import torch
 
 from nanochat import adaptive_svd as asvd
+from scripts.method_checks import planted
 
 
 @pytest.fixture(autouse=True)
@@ -80,19 +83,15 @@ def test_spectrum_metrics_match_numpy():
     for energy in (0.5, 0.95, 0.99):
         assert asvd.effective_rank(S, energy) == int(np.searchsorted(share, energy)) + 1
     assert asvd.stable_rank(S) == pytest.approx(np.sum(s ** 2) / s[0] ** 2, rel=1e-5)
-    assert asvd.choose_k(S, 0.5) == int(np.searchsorted(share, 0.5)) + 1
     # a top-k spectrum plus ||W||_F^2 gives the same answers, or None when it cannot reach the target
     total = float(np.sum(s ** 2))
     assert asvd.effective_rank(S[:20], 0.95, total) == asvd.effective_rank(S, 0.95)
     assert asvd.effective_rank(S[:3], 0.95, total) is None
-    assert asvd.choose_k(S[:20], 0.5, total, g=30) == asvd.choose_k(S, 0.5)
 
 
-def test_choose_k_bounds_and_zero_matrix():
-    assert asvd.choose_k(torch.ones(10), 0.999) == 9  # at most g - 1: the minor part is never empty
-    assert asvd.choose_k(torch.tensor([5.0, 0, 0]), 0.1) == 1
+def test_zero_matrix_metrics_are_none():
     zero = torch.zeros(5)
-    assert asvd.choose_k(zero, 0.5) is None and asvd.effective_rank(zero) is None
+    assert asvd.effective_rank(zero) is None
     assert asvd.stable_rank(zero) is None and asvd.reconstruction_error(zero, 2) is None
 
 
@@ -108,14 +107,6 @@ def test_reconstruction_error_matches_direct_numpy():
         assert asvd.reconstruction_error(S[:k], k, float(np.sum(s ** 2))) == pytest.approx(direct, rel=1e-4)
 
 
-def test_minor_spectrum_change_compares_bottom_values_when_r_changes():
-    prev = torch.tensor([4.0, 3.0, 2.0, 1.0])
-    assert asvd.minor_spectrum_change(prev, prev.clone()) == 0.0
-    now = torch.tensor([2.2, 1.1])  # r shrank from 4 to 2: compare with [2, 1]
-    assert asvd.minor_spectrum_change(prev, now) == pytest.approx(math.hypot(0.2, 0.1) / math.hypot(2, 1))
-    assert asvd.minor_spectrum_change(torch.zeros(3), now) is None
-
-
 # ---------------------------------------------------------------------------------------------
 # alignment
 
@@ -127,14 +118,16 @@ def test_alignment_analytic_cases():
     p = asvd.alignment(inside, U_k)
     assert p == pytest.approx(1.0, abs=1e-6)
     assert asvd.alignment_ratio(p, k, n_out) == pytest.approx(n_out / k, rel=1e-5)  # the ceiling
-    assert asvd.minor_alignment(inside, U_m) == pytest.approx(0.0, abs=1e-3)
+    assert asvd.alignment(inside, U_m) == pytest.approx(0.0, abs=1e-3)
     outside = U_m @ torch.randn(n_out - k, n_in)
     assert asvd.alignment(outside, U_k) == pytest.approx(0.0, abs=1e-3)
-    assert asvd.minor_alignment(outside, U_m) == pytest.approx(1.0, abs=1e-6)
+    assert asvd.alignment(outside, U_m) == pytest.approx(1.0, abs=1e-6)
     # zero or non-finite gradient: None, never NaN
     assert asvd.alignment(torch.zeros(n_out, n_in), U_k) is None
     assert asvd.alignment(torch.full((n_out, n_in), float("nan")), U_k) is None
     assert asvd.alignment_ratio(None, k, n_out) is None
+    assert asvd.alignment_ratio(0.5, 0, n_out) is None  # k = 0: nothing learned, no ratio
+    assert asvd.alignment(inside, U_k[:, :0]) is None
 
 
 @pytest.mark.parametrize("shape", [(48, 48), (32, 96), (96, 32)])
@@ -150,43 +143,6 @@ def test_alignment_ratio_of_random_gradients_is_one(shape):
         ratios = [asvd.alignment_ratio(asvd.alignment(torch.randn(n_out, n_in, generator=gen), U[:, :k]), k, n_out)
                   for _ in range(200)]
         assert np.mean(ratios) == pytest.approx(1.0, abs=0.05), (shape, k)
-
-
-# ---------------------------------------------------------------------------------------------
-# trainable fraction
-
-def numpy_trainable_fraction(G, B, A):
-    P_B = B @ np.linalg.pinv(B)
-    P_A = np.linalg.pinv(A) @ A
-    T = P_B @ G + G @ P_A - P_B @ G @ P_A
-    return np.linalg.norm(T) ** 2 / np.linalg.norm(G) ** 2
-
-
-def test_trainable_fraction_analytic_and_numpy():
-    rng = np.random.default_rng(0)
-    n_out, n_in, r = 18, 14, 3
-    B, A = rng.standard_normal((n_out, r)), rng.standard_normal((r, n_in))
-    t = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
-    assert asvd.trainable_fraction(t(B @ rng.standard_normal((r, n_in))), t(B), t(A)) == pytest.approx(1, abs=1e-5)
-    assert asvd.trainable_fraction(t(rng.standard_normal((n_out, r)) @ A), t(B), t(A)) == pytest.approx(1, abs=1e-5)
-    outside = scipy.linalg.null_space(B.T) @ rng.standard_normal((n_out - r, n_in - r)) @ scipy.linalg.null_space(A).T
-    assert asvd.trainable_fraction(t(outside), t(B), t(A)) == pytest.approx(0, abs=1e-5)
-    for seed in range(3):
-        G = np.random.default_rng(seed + 10).standard_normal((n_out, n_in))
-        assert asvd.trainable_fraction(t(G), t(B), t(A)) == pytest.approx(numpy_trainable_fraction(G, B, A), abs=1e-5)
-    # rank-deficient factors: a repeated column of B and a zero row of A add nothing
-    B_def = np.concatenate([B, B[:, :1]], axis=1)
-    A_def = np.concatenate([A, np.zeros((1, n_in))], axis=0)
-    assert asvd.trainable_fraction(t(G), t(B_def), t(A_def)) == pytest.approx(numpy_trainable_fraction(G, B, A), abs=1e-5)
-    assert asvd.trainable_fraction(torch.zeros(n_out, n_in), t(B), t(A)) is None
-
-
-def test_trainable_fraction_baseline_matches_random_gradients():
-    gen = torch.Generator().manual_seed(0)
-    n_out, n_in, r = 40, 24, 6
-    B, A = torch.randn(n_out, r, generator=gen), torch.randn(r, n_in, generator=gen)
-    fracs = [asvd.trainable_fraction(torch.randn(n_out, n_in, generator=gen), B, A) for _ in range(200)]
-    assert np.mean(fracs) == pytest.approx(asvd.trainable_fraction_baseline(r, n_out, n_in), abs=0.02)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,44 +165,6 @@ def test_exact_svd_matches_numpy_and_casts_to_fp32(shape):
     assert res.ok and res.method == "exact" and res.complete and res.U.dtype == torch.float32
     assert res.U.shape == (shape[0], min(shape)) and res.Vh.shape == (min(shape), shape[1])
     assert_matches_numpy(res, W.bfloat16().float().numpy())
-
-
-def test_warm_svd_tracks_top_subspace_after_drift():
-    n, k = 200, 20
-    s = np.concatenate([np.geomspace(40, 4, k), np.linspace(2, 0.1, n - k)])
-    W_np, W = matrix_with_spectrum(s, n, n, 0)
-    prev = asvd.svd(W)
-    drift = torch.randn(n, n, generator=torch.Generator().manual_seed(1))
-    W2 = W + 1e-2 * drift * W.norm() / drift.norm()
-    res = asvd.svd(W2, "warm", prev=prev, k=k)
-    assert res.method == "warm" and not res.complete and res.residual <= 0.02
-    assert res.U.shape == (n, k) and res.S.shape == (k,) and res.Vh.shape == (k, n)
-    assert_matches_numpy(res, W2.double().numpy(), k)
-    true_top = np.sum(np.linalg.svd(W2.double().numpy(), compute_uv=False)[:k] ** 2)
-    assert float((res.U.double().T @ W2.double()).square().sum()) / true_top >= 0.99
-    # chained from a warm result, and through 'auto' above its size threshold
-    again = asvd.svd(W2, "auto", prev=res, k=k, auto_exact_max_dim=100)
-    assert again.method == "warm"
-    assert asvd.svd(W2, "auto", prev=res, k=k).method == "exact"  # 200 <= 512: small matrices go exact
-    assert asvd.svd(W2, "auto", k=k, auto_exact_max_dim=100).method == "exact"  # no previous basis
-    assert asvd.svd(W2, "auto", prev=res, k=60, auto_exact_max_dim=100).method == "exact"  # k > g/4: no gain
-
-
-def test_warm_svd_falls_back_to_exact_on_a_bad_start():
-    n, k = 120, 30
-    s = np.geomspace(50, 0.5, n)
-    W_np, W = matrix_with_spectrum(s, n, n, 3)
-    exact = asvd.svd(W)
-    # the previous "top" basis is W's bottom subspace: exact singular triples, but of the wrong ones
-    bad = asvd.SVDResult(exact.U.flip(1), exact.S.flip(0), exact.Vh.flip(0), "exact", True, exact.frob_sq)
-    res = asvd.svd(W, "warm", prev=bad, k=k, iters=0)
-    assert res.method == "exact" and res.complete
-    assert any("rejected" in note for note in res.notes)
-    assert_matches_numpy(res, W_np)
-    # a warm request that cannot be warm says so and is exact
-    for prev, kk in ((None, k), (exact, None), (asvd.svd(torch.randn(n, n + 1)), k)):
-        res = asvd.svd(W, "warm", prev=prev, k=kk)
-        assert res.method == "exact" and any("impossible" in note for note in res.notes)
 
 
 def test_non_finite_input_gives_a_failure_not_nan():
@@ -326,170 +244,252 @@ def test_svd_rejects_programming_errors():
         asvd.svd(torch.randn(3, 3), method="eigh")
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# learned directions: the bulk threshold and the count k
+
+@pytest.mark.parametrize("shape", [(256, 256), (1024, 256), (256, 1024), (64, 64)])
+def test_gaussian_largest_singular_value_sits_at_the_bulk_threshold(shape):
+    """Marchenko-Pastur edge plus Tracy-Widom scale, against NumPy's largest singular value of
+    Gaussian matrices: the mean sits just below the edge, and tw = 3.3 is above every draw."""
+    n_out, n_in = shape
+    rng = np.random.default_rng(0)
+    def top(X):  # largest singular value from the small Gram matrix's largest eigenvalue
+        return math.sqrt(np.linalg.eigvalsh(X.T @ X if X.shape[0] >= X.shape[1] else X @ X.T)[-1])
+    tops = [top(rng.standard_normal(shape)) for _ in range(20)]
+    edge = asvd.bulk_threshold(1.0, n_out, n_in, 0.0)
+    assert edge == pytest.approx(math.sqrt(n_out) + math.sqrt(n_in))
+    assert np.mean(tops) == pytest.approx(edge, rel=0.03) and np.mean(tops) < edge
+    assert max(tops) < asvd.bulk_threshold(1.0, n_out, n_in, 3.3)
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (1024, 256), (256, 1024)])
+def test_pure_noise_has_no_learned_directions_at_any_scale(shape):
+    gen = torch.Generator().manual_seed(1)
+    for seed in range(10):
+        W = torch.randn(*shape, generator=gen) * 10 ** (seed % 5 - 2)
+        S = torch.linalg.svdvals(W)
+        k, sigma, _ = asvd.count_learned(S, asvd._energy(S), *shape, tw=3.3, k_max=25)
+        assert k == 0
+        assert sigma == pytest.approx(float(W.std()), rel=0.01)
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (1024, 256), (256, 1024)])
+def test_planted_spikes_are_counted_exactly(shape):
+    """Gaussian bulk plus j planted directions 1.5x-4x the edge: k = j, the basis spans them
+    (overlap with the planted subspace > 0.99), and the count is scale free."""
+    n_out, n_in = shape
+    for j in (1, 5, 12):
+        W, U_true, _ = planted(n_out, n_in, j, seed=j)
+        S = torch.linalg.svdvals(W)
+        for scale in (1.0, 1e-3):
+            k, _, _ = asvd.count_learned(S * scale, asvd._energy(S * scale), n_out, n_in, tw=3.3, k_max=25)
+            assert k == j
+        U = torch.linalg.svd(W, full_matrices=False)[0][:, :j]
+        assert float((U.T @ U_true).square().sum()) / j > 0.85  # random-matrix theory: weak spikes tilt
+
+
+def test_count_clamp_zero_matrix_and_no_bulk():
+    W, _, _ = planted(128, 128, 30, seed=0)
+    S = torch.linalg.svdvals(W)
+    assert asvd.count_learned(S, asvd._energy(S), 128, 128, tw=3.3, k_max=12)[0] == 12
+    zero = torch.zeros(64)
+    assert asvd.count_learned(zero, 0.0, 64, 64, tw=3.3, k_max=6)[0] == 0
+    # an orthogonalised update (Muon's step from zero init: a flat spectrum) has no outlier
+    O = torch.linalg.qr(torch.randn(128, 128, generator=torch.Generator().manual_seed(2)))[0] * 0.02
+    S = torch.linalg.svdvals(O)
+    assert asvd.count_learned(S, asvd._energy(S), 128, 128, tw=3.3, k_max=12)[0] == 0
+    # a partial spectrum whose values all stand out cannot say where the bulk starts
+    S = torch.linalg.svdvals(W)
+    assert asvd.count_learned(S[:8], asvd._energy(S), 128, 128, tw=3.3, k_max=40)[0] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# warm SVD and its certificate
+
+def captured(W, U_k):
+    """||U_k^T W||_F^2 / sum of the true top-k S^2."""
+    k = U_k.shape[1]
+    true = float(torch.linalg.svdvals(W.double())[:k].square().sum())
+    return float((U_k.double().T @ W.double()).square().sum()) / true
+
+
+def test_warm_svd_after_drift_is_certified_and_accurate():
+    n, j = 200, 12
+    W, _, _ = planted(n, n, j, seed=3)
+    res, k, _, _ = asvd.spectrum(W, "exact", None, n, n, tw=3.3, k_max=20)
+    assert res.method == "exact" and k == j
+    drift = torch.randn(n, n, generator=torch.Generator().manual_seed(1))
+    W2 = W + 1e-2 * drift * W.norm() / drift.norm()
+    warm, k2, _, _ = asvd.spectrum(W2, "warm", res.Vh[:k].T, n, n, tw=3.3, k_max=20)
+    assert warm.method == "warm" and not warm.complete and k2 == j
+    assert captured(W2, warm.U[:, :k2]) >= 0.999
+    np.testing.assert_allclose(warm.S[:k2].numpy(), np.linalg.svd(W2.double().numpy(), compute_uv=False)[:k2], rtol=1e-4)
+    # 'auto' is warm only above its size threshold and with a previous basis of this shape
+    assert asvd.svd(W2, "auto", res.Vh[:k].T).method == "exact"
+    assert asvd.svd(W2, "auto", res.Vh[:k].T, auto_exact_max_dim=100).method == "warm"
+    assert asvd.svd(W2, "auto", None, auto_exact_max_dim=100).method == "exact"
+    assert "impossible" in asvd.svd(W2, "warm", torch.randn(n + 1, 3)).notes[0]
+
+
+def test_clustered_top_with_a_wrong_start_falls_back_to_exact():
+    """The v1 engine accepted this with captured energy 0.21-0.80: a top cluster of 40 nearly equal
+    learned values, and a start basis made of the 20 directions just below it (exact singular vectors,
+    so their own residual is zero). 16 random columns cannot cover the 40 missed directions; the
+    probes of the deflated matrix find them and the result is rejected."""
+    n = 256
+    ratios = [3.0 - 0.001 * i for i in range(40)] + [2.0 - 0.01 * i for i in range(20)]
+    W, _, _ = planted(n, n, 60, seed=4, ratios=ratios)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    wrong = Vh[40:60].T
+    raw = asvd.svd(W, "warm", wrong)
+    assert raw.method == "warm"
+    k_raw = asvd.count_learned(raw.S, raw.frob_sq, n, n, tw=3.3, k_max=60)[0]
+    assert k_raw is not None and captured(W, raw.U[:, :min(k_raw, 40)]) < 0.99  # the uncertified block is wrong
+    res, k, _, _ = asvd.spectrum(W, "warm", wrong, n, n, tw=3.3, k_max=60)
+    assert res.method == "exact" and any("rejected" in note for note in res.notes) and k == 60
+
+
+def test_every_accepted_warm_result_captures_the_top_energy():
+    """Many random drifts, start bases (right, partly wrong, random) and spectra: whenever the
+    certificate accepts a warm result, it captures >= 0.999 of the true top-k energy."""
+    accepted = 0
+    for seed in range(24):
+        gen = torch.Generator().manual_seed(100 + seed)
+        n_out, n_in = [(160, 160), (320, 96), (96, 320)][seed % 3]
+        j = 2 + seed % 9
+        W, _, _ = planted(n_out, n_in, j, seed=200 + seed)
+        V_true = torch.linalg.svd(W, full_matrices=False)[2][:j].T
+        starts = [V_true, torch.randn(n_in, j, generator=gen), V_true[:, : j // 2]]
+        for start in starts:
+            drift = torch.randn(n_out, n_in, generator=gen)
+            W2 = W + [1e-3, 3e-2, 0.1][seed % 3] * drift * W.norm() / drift.norm()
+            res, k, _, _ = asvd.spectrum(W2, "warm", start, n_out, n_in, tw=3.3, k_max=20, seed=seed)
+            if res.method == "warm":
+                accepted += 1
+                assert k == 0 or captured(W2, res.U[:, :k]) >= 0.999
+    assert accepted >= 24  # the certificate is not simply rejecting everything
+
+
+# ---------------------------------------------------------------------------------------------
+# protection: the projection and what it blocks
+
+def test_projection_and_blocked_fraction_match_numpy():
+    rng = np.random.default_rng(5)
+    n_out, n_in, k = 30, 20, 4
+    U, V = orthonormal(n_out, k, 1), orthonormal(n_in, k, 2)
+    G = rng.standard_normal((n_out, n_in))
+    P = (np.eye(n_out) - U @ U.T) @ G @ (np.eye(n_in) - V @ V.T)
+    t = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    np.testing.assert_allclose(asvd.project(t(G), t(U), t(V)).numpy(), P, atol=1e-5)
+    assert asvd.blocked_fraction(t(G), t(U), t(V)) == pytest.approx(1 - np.sum(P ** 2) / np.sum(G ** 2), abs=1e-5)
+    inside = U @ rng.standard_normal((k, n_in))
+    assert asvd.blocked_fraction(t(inside), t(U), t(V)) == pytest.approx(1.0, abs=1e-5)
+    assert asvd.blocked_fraction(torch.zeros(n_out, n_in), t(U), t(V)) is None
+    fracs = [asvd.blocked_fraction(torch.randn(n_out, n_in), t(U), t(V)) for _ in range(300)]
+    assert np.mean(fracs) == pytest.approx(asvd.blocked_fraction_baseline(k, n_out, n_in), abs=0.01)
+    # k = 0: the projection is the identity, bit for bit
+    G32 = t(G)
+    assert torch.equal(asvd.project(G32, t(U)[:, :0], t(V)[:, :0]), G32)
+
+
 # ---------------------------------------------------------------------------------------------
 # layer metrics
 
-def test_layer_metrics_full_and_lowrank_are_json_ready_and_consistent():
-    n_out, n_in = 24, 16
-    gen = torch.Generator().manual_seed(0)
-    W = torch.randn(n_out, n_in, generator=gen)
-    res = asvd.svd(W)
-    r = 10
-    k = 16 - r
-    G = torch.randn(n_out, n_in, generator=gen)
-    m = asvd.layer_metrics(res, r, G=G, dW=torch.zeros_like(W), prev_U_k=res.U[:, :k], prev_minor_S=res.S[k:])
+def test_layer_metrics_are_json_ready_and_measured_against_the_previous_basis():
+    n_out, n_in = 64, 48
+    W, U_true, _ = planted(n_out, n_in, 4, seed=6)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U_prev, V_prev = U[:, :4], Vh[:4].T
+    G = torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(0))
+    m = asvd.layer_metrics(S, asvd._energy(S), 4, U, G=G, dW=None, U_prev=U_prev, V_prev=V_prev)
     json.dumps(m)
-    assert m["k"] == k and m["update_principal_alignment"] is None and m["trainable_fraction"] is None
-    assert m["alignment_ratio"] == pytest.approx(m["principal_alignment"] ** 2 * n_out / k)
+    assert m["k"] == 4 and m["k_prev"] == 4 and m["update_alignment_ratio"] is None and m["blocked_fraction"] is None
+    p = float((U_prev.T @ G).norm() / G.norm())
+    assert m["principal_alignment"] == pytest.approx(p, rel=1e-5)
+    assert m["minor_alignment"] == pytest.approx(math.sqrt(1 - p * p), rel=1e-5)
+    assert m["alignment_ratio"] == pytest.approx(p * p * n_out / 4, rel=1e-5)
     assert m["subspace_angle"] == pytest.approx(0, abs=1e-3) and m["subspace_overlap_above_chance"] == pytest.approx(1)
-    assert m["minor_spectrum_change"] == 0.0
-    assert m["reconstruction_error"] == pytest.approx(asvd.reconstruction_error(res.S, k))
-    # low-rank split exactly as the layer does it: B = U_m sqrt(S_m), A = sqrt(S_m) V_m^T
-    B = res.U[:, k:] * res.S[k:].sqrt()
-    A = res.S[k:].sqrt()[:, None] * res.Vh[k:]
-    m = asvd.layer_metrics(res, r, G=G, B=B, A=A)
-    assert m["trainable_fraction"] == pytest.approx(
-        numpy_trainable_fraction(G.double().numpy(), B.double().numpy(), A.double().numpy()), abs=1e-5)
-    assert m["trainable_fraction_baseline"] == asvd.trainable_fraction_baseline(r, n_out, n_in)
-    with pytest.raises(ValueError):
-        asvd.layer_metrics(res, 16, G=G)  # k = 0
+    assert m["reconstruction_error"] == pytest.approx(asvd.reconstruction_error(S, 4))
+    m = asvd.layer_metrics(S, asvd._energy(S), 4, U, G=G, U_prev=U_prev, V_prev=V_prev, protected=True)
+    assert m["blocked_fraction"] == pytest.approx(asvd.blocked_fraction(G, U_prev, V_prev))
+    assert m["blocked_fraction_baseline"] == asvd.blocked_fraction_baseline(4, n_out, n_in)
+    first = asvd.layer_metrics(S, asvd._energy(S), 4, U, G=G)  # no previous basis: no ratio at all
+    assert first["alignment_ratio"] is None and first["k_prev"] is None and first["subspace_angle"] is None
 
 
 # ---------------------------------------------------------------------------------------------
-# rank schedule
-
-def test_rank_schedule_shrinks_grows_and_clamps():
-    g, k_min = 256, 10
-    r = asvd.initial_rank(g, k_min)
-    assert r == 246
-    bounds = dict(r_min=8, r_max=g - k_min)
-    assert asvd.next_rank(r, 0.05, **bounds) == math.floor(246 * 0.8) == 196
-    assert asvd.next_rank(100, 0.5, **bounds) == 125
-    assert asvd.next_rank(r, 0.5, **bounds) == 246  # grow clamped at g - k_min
-    assert asvd.next_rank(9, 0.0, **bounds) == 8  # shrink clamped at r_min
-    assert asvd.next_rank(100, None, **bounds) == 100  # no previous spectrum: keep
-    assert asvd.next_rank(100, 0.1, **bounds) == 100  # exactly at tol: keep
-    assert asvd.next_rank(100, 0.05, r_min=8, r_max=246, decay=0.5) == 50
-    assert asvd.next_rank(5, 0.5, r_min=8, r_max=6) == 6  # r_max wins over r_min on tiny matrices
-
-
-# ---------------------------------------------------------------------------------------------
-# decisions
+# decisions: the rule table
 
 POLICY = asvd.SVDPolicy()
-QUIET = {"alignment_ratio": 1.0, "update_alignment_ratio": 1.1, "subspace_overlap_above_chance": 0.5,
-         "reconstruction_error": 0.9, "trainable_fraction": 0.9, "subspace_angle": 0.1}
+QUIET = {"k": 5, "k_prev": 5, "alignment_ratio": 1.0, "update_alignment_ratio": 1.1, "subspace_overlap_above_chance": 0.95}
 
 
 def state(**kwargs):
-    return asvd.LayerSVDState(**{"analyses": 3, **kwargs})
+    return asvd.LayerState(**{"analyses": 3, **kwargs})
 
 
-def test_no_decision_without_baseline_or_during_warmup():
+def test_no_decision_without_baseline_learned_directions_or_during_warmup():
     danger = {**QUIET, "alignment_ratio": 5.0}
-    assert asvd.decide(danger, asvd.LayerSVDState(), POLICY, step=100) == ("keep", "initial_svd_baseline")
+    assert asvd.decide(danger, state(analyses=0), POLICY, 100)[:2] == (asvd.KEEP, "initial_svd_baseline")
+    assert asvd.decide({**danger, "k_prev": 0}, state(), POLICY, 100)[:2] == (asvd.KEEP, "no_learned_directions")
     warm = asvd.SVDPolicy(svd_warmup_steps=50)
-    assert asvd.decide(danger, state(), warm, step=40) == ("keep", "warmup")
-    assert asvd.decide(danger, state(), warm, step=50) == ("to_lowrank", "gradient_clobbering_risk")
+    assert asvd.decide(danger, state(), warm, 40)[:2] == (asvd.KEEP, "warmup")
 
 
-def test_full_to_lowrank_on_gradient_or_update_alignment():
-    assert asvd.decide({**QUIET, "alignment_ratio": 2.0}, state(), POLICY, 40) == ("to_lowrank", "gradient_clobbering_risk")
-    assert asvd.decide({**QUIET, "update_alignment_ratio": 3.0}, state(), POLICY, 40) == ("to_lowrank", "gradient_clobbering_risk")
-    assert asvd.decide({**QUIET, "alignment_ratio": 1.9}, state(), POLICY, 40) == ("keep", "continue_current_mode")
-    assert asvd.decide({**QUIET, "alignment_ratio": None}, state(), POLICY, 40) == ("keep", "continue_current_mode")
+@pytest.mark.parametrize("key", ["alignment_ratio", "update_alignment_ratio"])
+def test_enter_needs_patience_on_gradient_or_update_ratio(key):
+    danger = {**QUIET, key: 2.0}
+    action, reason, streaks = asvd.decide(danger, state(), POLICY, 100)
+    assert (action, streaks) == (asvd.KEEP, {"gradient_clobbering_risk": 1})
+    action, reason, streaks = asvd.decide(danger, state(streaks=streaks), POLICY, 120)
+    assert (action, reason, streaks) == (asvd.TO_LOWRANK, "gradient_clobbering_risk", {})
+    # one quiet analysis in between resets the streak
+    assert asvd.decide(QUIET, state(streaks={"gradient_clobbering_risk": 1}), POLICY, 120)[2] == {"gradient_clobbering_risk": 0}
+    # nothing to protect now: hold
+    assert asvd.decide({**danger, "k": 0}, state(streaks={"gradient_clobbering_risk": 1}), POLICY, 120)[:2] == \
+        (asvd.KEEP, "no_learned_directions")
 
 
-def test_full_to_lowrank_on_stable_subspace_and_safe_reconstruction():
-    stable = {**QUIET, "subspace_overlap_above_chance": 0.95, "reconstruction_error": 0.9}
-    assert asvd.decide(stable, state(), POLICY, 40) == ("to_lowrank", "optimal_lowrank_conditions")
-    assert asvd.decide({**stable, "reconstruction_error": 0.97}, state(), POLICY, 40)[0] == "keep"
-    assert asvd.decide({**stable, "subspace_overlap_above_chance": 0.85}, state(), POLICY, 40)[0] == "keep"
+def test_exit_reads_only_the_gradient_ratio_in_the_band():
+    low = state(mode="lowrank", streaks={"clobbering_risk_passed": 1})
+    assert asvd.decide({**QUIET, "alignment_ratio": 1.25}, low, POLICY, 100)[:2] == (asvd.TO_FULL, "clobbering_risk_passed")
+    # inside the band (1.25, 2.0): stays, whatever the update ratio (it is ~0 while protected)
+    action, _, streaks = asvd.decide({**QUIET, "alignment_ratio": 1.6, "update_alignment_ratio": 0.0}, low, POLICY, 100)
+    assert action == asvd.KEEP and streaks == {"clobbering_risk_passed": 0}
+    assert asvd.decide({**QUIET, "alignment_ratio": None}, low, POLICY, 100)[0] == asvd.KEEP
 
 
-def run_lowrank(metrics, n, policy=POLICY):
-    """Feed the same metrics to a layer that entered low-rank mode long ago, n analyses in a row."""
-    st, actions = state(mode="lowrank", last_switch=0, analyses=10), []
-    for _ in range(n):
-        action, reason = asvd.decide(metrics, st, policy, 1000)
-        actions.append((action, reason))
-        st = asvd.advance_state(st, action, metrics, policy)
-    return actions, st
+def test_stable_rule_is_opt_in_and_static_policy_protects_at_once():
+    stable = {**QUIET, "subspace_overlap_above_chance": 0.95}
+    assert asvd.decide(stable, state(streaks={"optimal_lowrank_conditions": 5}), POLICY, 100)[0] == asvd.KEEP
+    opt_in = asvd.SVDPolicy(svd_stable_rule=True)
+    assert asvd.decide(stable, state(streaks={"optimal_lowrank_conditions": 1}), opt_in, 100)[:2] == \
+        (asvd.TO_LOWRANK, "optimal_lowrank_conditions")
+    static = asvd.SVDPolicy(svd_policy="static")
+    assert asvd.decide({}, state(analyses=0), static, 1)[:2] == (asvd.TO_LOWRANK, "static_protection")
+    assert asvd.decide({**QUIET, "alignment_ratio": 0.1}, state(mode="lowrank"), static, 50)[0] == asvd.KEEP
 
 
-@pytest.mark.parametrize("bad, reason", [({"trainable_fraction": 0.3}, "lowrank_cannot_follow_gradient"),
-                                         ({"subspace_angle": 0.8}, "principal_subspace_rotated")])
-def test_lowrank_to_full_needs_patience(bad, reason):
-    actions, st = run_lowrank({**QUIET, **bad}, 2)
-    assert actions == [("keep", "continue_current_mode"), ("to_full", reason)]
-    assert st.mode == "full" and st.bad_count == 0 and st.last_switch == 11
-    actions, _ = run_lowrank({**QUIET, **bad}, 3, asvd.SVDPolicy(svd_patience=3))
-    assert [a for a, _ in actions] == ["keep", "keep", "to_full"]
+def test_decide_reads_the_rule_table(monkeypatch):
+    """decide() has no thresholds of its own: changing the table changes the decision."""
+    danger = {**QUIET, "alignment_ratio": 3.0}
+    assert asvd.decide(danger, state(streaks={"gradient_clobbering_risk": 1}), POLICY, 100)[0] == asvd.TO_LOWRANK
+    stricter = tuple(dataclasses.replace(r, threshold="svd_overlap_stable") if r.reason == "gradient_clobbering_risk" else r
+                     for r in asvd.RULES)
+    monkeypatch.setattr(asvd, "RULES", stricter)
+    # now the rule compares 3.0 with svd_overlap_stable = 0.9 ... and the update ratio 1.1 too: still fires
+    assert asvd.decide(danger, state(streaks={"gradient_clobbering_risk": 1}), POLICY, 100)[0] == asvd.TO_LOWRANK
+    monkeypatch.setattr(asvd, "RULES", tuple(r for r in asvd.RULES if r.reason != "gradient_clobbering_risk"))
+    assert asvd.decide(danger, state(streaks={"gradient_clobbering_risk": 1}), POLICY, 100)[0] == asvd.KEEP
 
 
-def test_lowrank_bad_streak_resets_on_a_good_analysis():
-    st = state(mode="lowrank", last_switch=0, analyses=10)
-    for metrics in ({**QUIET, "subspace_angle": 0.8}, QUIET, {**QUIET, "subspace_angle": 0.8}):
-        action, _ = asvd.decide(metrics, st, POLICY, 1000)
-        assert action == "keep"
-        st = asvd.advance_state(st, action, metrics, POLICY)
-    assert st.bad_count == 1 and st.mode == "lowrank"
-
-
-def test_hysteresis_holds_a_switch_back():
-    st = asvd.advance_state(state(), "to_lowrank", QUIET, POLICY)  # switched at analysis 3
-    assert st.mode == "lowrank" and st.last_switch == 3 and st.analyses == 4
-    bad = {**QUIET, "trainable_fraction": 0.1}
-    history = []
-    for _ in range(4):
-        action, reason = asvd.decide(bad, st, POLICY, 1000)
-        history.append((action, reason))
-        st = asvd.advance_state(st, action, bad, POLICY)
-    assert history == [("keep", "continue_current_mode"),
-                       ("keep", "hysteresis_hold:lowrank_cannot_follow_gradient"),
-                       ("to_full", "lowrank_cannot_follow_gradient"),
-                       ("keep", "continue_current_mode")]
-    # and right after switching back to full, a clobbering signal is held too
-    assert asvd.decide({**QUIET, "alignment_ratio": 9.0}, st, POLICY, 1000) == (
-        "keep", "hysteresis_hold:gradient_clobbering_risk")
-
-
-def test_quiet_layers_continue_in_their_mode():
-    assert asvd.decide(QUIET, state(), POLICY, 40) == ("keep", "continue_current_mode")
-    assert asvd.decide(QUIET, state(mode="lowrank"), POLICY, 40) == ("keep", "continue_current_mode")
-    assert asvd.decide({}, state(mode="lowrank"), POLICY, 40) == ("keep", "continue_current_mode")
-
-
-# ---------------------------------------------------------------------------------------------
-# momentum transfer
-
-def tangent_projection(X, B, A):
-    P_B, P_A = B @ np.linalg.pinv(B), np.linalg.pinv(A) @ A
-    return P_B @ X + X @ P_A - P_B @ X @ P_A
-
-
-def test_momentum_to_lowrank_is_the_chain_rule():
-    gen = torch.Generator().manual_seed(0)
-    W_p, B, A = torch.randn(9, 7, generator=gen), torch.randn(9, 3, generator=gen), torch.randn(3, 7, generator=gen)
-    target = torch.randn(9, 7, generator=gen)
-    B_, A_ = B.clone().requires_grad_(), A.clone().requires_grad_()
-    W = W_p + B_ @ A_
-    ((W - target) ** 2).sum().backward()
-    G = 2 * (W_p + B @ A - target)
-    M_B, M_A = asvd.momentum_to_lowrank(G, B, A)
-    torch.testing.assert_close(M_B, B_.grad)
-    torch.testing.assert_close(M_A, A_.grad)
-
-
-def test_momentum_round_trip_lies_in_the_tangent_space():
-    rng = np.random.default_rng(0)
-    B, A, M = rng.standard_normal((10, 3)), rng.standard_normal((3, 8)), rng.standard_normal((10, 8))
-    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    M_W = asvd.momentum_to_full(*asvd.momentum_to_lowrank(t(M), t(B), t(A)), t(B), t(A)).numpy()
-    np.testing.assert_allclose(M_W, M @ A.T @ A + B @ B.T @ M, atol=1e-10)
-    np.testing.assert_allclose(tangent_projection(M_W, B, A), M_W, atol=1e-10)
-    # with orthonormal factors and no component in span(B) x rowspan(A) it is exactly the projection
-    Q_B, Q_A = np.linalg.qr(B)[0], np.linalg.qr(A.T)[0].T
-    M_0 = M - Q_B @ Q_B.T @ M @ Q_A.T @ Q_A
-    M_W = asvd.momentum_to_full(*asvd.momentum_to_lowrank(t(M_0), t(Q_B), t(Q_A)), t(Q_B), t(Q_A)).numpy()
-    np.testing.assert_allclose(M_W, tangent_projection(M_0, Q_B, Q_A), atol=1e-10)
+def test_policy_ranges_are_checked_in_one_place():
+    assert asvd.SVDPolicy().problems() == []
+    assert any("--svd_ratio_enter" in p for p in asvd.SVDPolicy(svd_ratio_enter=0.5).problems())
+    assert any("below --svd_ratio_enter" in p for p in asvd.SVDPolicy(svd_ratio_exit=2.5).problems())
+    assert any("could never fire" in p for p in asvd.SVDPolicy(svd_k_max_frac=0.5).problems())
+    assert any("--svd_policy" in p for p in asvd.SVDPolicy(svd_policy="sometimes").problems())
+    assert any("--svd_patience" in p for p in asvd.SVDPolicy(svd_patience=0).problems())
+    assert asvd.k_max(256, POLICY) == 25 and asvd.k_max(5, POLICY) == 1

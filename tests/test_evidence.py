@@ -38,13 +38,10 @@ def comparison(prepared_base, tmp_path_factory):
 def _independent_summary(records):
     recs = [r for r in records if "mode_after" in r]
     low = [r for r in recs if r["mode_after"] == "lowrank"]
-    last = {}
-    for r in recs:
-        last[r["layer"]] = r
     return {"lowrank_share": len(low) / len(recs), "to_lowrank": sum(r["action"] == "to_lowrank" for r in recs),
             "to_full": sum(r["action"] == "to_full" for r in recs),
             "mean_r": sum(r["r_after"] for r in low) / len(low) if low else None,
-            "trainable_params_end": sum(r["trainable_params"] for r in last.values())}
+            "mean_k": sum(r["k"] for r in recs) / len(recs)}
 
 
 def test_runner_files_table_and_values(comparison):
@@ -67,9 +64,8 @@ def test_runner_files_table_and_values(comparison):
     a, b = rows["adaptive_s42"], rows["baseline_s42"]
     for key, value in expect.items():
         assert a[key] == pytest.approx(value), key
-    assert a["optimizer_bytes_end"] == 4 * expect["trainable_params_end"]
     full = sum(r["shape"][0] * r["shape"][1] for r in records if r["step"] == records[0]["step"])
-    assert b["trainable_params_end"] == full and b["lowrank_share"] == 0 and b["to_lowrank"] == 0
+    assert b["full_params"] == full and b["lowrank_share"] == 0 and b["to_lowrank"] == 0
     for tag, row in rows.items():
         cfg = json.loads((runs / tag / "config.json").read_text())
         assert row["tokens"] == 12 * 64 and row["steps"] == 12
@@ -109,15 +105,14 @@ def test_monitor_follows_growing_file(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     # thresholds come from the run's config, here deliberately not the defaults
-    (run / "config.json").write_text(json.dumps({"train_config": {"svd_ratio_danger": 3.0, "svd_overlap_stable": 0.5,
-                                                                  "svd_reconstruction_max": 0.9, "svd_trainable_fraction_min": 0.4,
-                                                                  "svd_angle_max": 0.7}}))
+    (run / "config.json").write_text(json.dumps({"train_config": {"svd_ratio_enter": 3.0, "svd_ratio_exit": 1.5,
+                                                                  "svd_overlap_stable": 0.5, "svd_stable_rule": False}}))
     path = run / "svd_metrics.jsonl"
 
     def rec(step, **kw):
         r = {"step": step, "layer": "block0.attn.c_q", "mode": "full", "shape": [8, 8], "action": "keep",
-             "reason": "continue_current_mode", "mode_after": "full", "r_after": 6, "trainable_params": 64,
-             "alignment_ratio": 1.0, "update_alignment_ratio": 1.0}
+             "reason": "continue_current_mode", "mode_after": "full", "r_after": 8, "k": 2,
+             "alignment_ratio": 1.0, "update_alignment_ratio": 1.0, "subspace_overlap_above_chance": 0.9}
         r.update(kw)
         return json.dumps(r) + "\n"
 
@@ -126,9 +121,9 @@ def test_monitor_follows_growing_file(tmp_path, capsys):
     assert follower.new_records() == []  # not created yet
     path.write_text(rec(10, alignment_ratio=2.5))  # above the default 2.0, below this run's 3.0
     events = [e for r in follower.new_records() for e in mon.feed(r)]
-    assert events == []
+    assert events == []  # and the stable rule (overlap 0.9 >= 0.5) is off in this run: no event for it
     full = rec(20, alignment_ratio=3.5, action="to_lowrank", reason="gradient_clobbering_risk", mode_after="lowrank",
-               r_after=6, trainable_params=96)
+               r_after=6)
     with open(path, "a") as f:
         f.write(full[:30])  # half a line: not read yet
     assert follower.new_records() == []
@@ -136,19 +131,18 @@ def test_monitor_follows_growing_file(tmp_path, capsys):
         f.write(full[30:])
     events = [e for r in follower.new_records() for e in mon.feed(r)]
     assert any("SWITCH full -> lowrank" in e and "gradient_clobbering_risk" in e for e in events)
-    assert any("alignment_ratio=3.5 crossed svd_ratio_danger=3.0" in e for e in events)
+    assert any("alignment_ratio=3.5 crossed svd_ratio_enter=3.0 -> gradient_clobbering_risk" in e for e in events)
     with open(path, "a") as f:
-        f.write(rec(30, mode="lowrank", mode_after="lowrank", r_after=4, alignment_ratio=1.0, trainable_fraction=0.3))
+        f.write(rec(30, mode="lowrank", mode_after="lowrank", r_after=4, alignment_ratio=1.2))
     events = [e for r in follower.new_records() for e in mon.feed(r)]
     assert any("r 6 -> 4" in e for e in events)
-    assert any("alignment_ratio=1 crossed svd_ratio_danger=3.0 -> back below" in e for e in events)
-    # the first trainable_fraction of a low-rank layer is already on the alarming side: reported once
-    assert any("trainable_fraction=0.3 crossed svd_trainable_fraction_min=0.4" in e for e in events)
+    # the first low-rank analysis is already on the exit side of this run's 1.5: reported once
+    assert any("alignment_ratio=1.2 crossed svd_ratio_exit=1.5 -> clobbering_risk_passed" in e for e in events)
     path.write_text(rec(5))  # a new run replaced the file
     assert [r["step"] for r in follower.new_records()] == [5]
     monitor_svd.main([str(run), "--once"])
     out = capsys.readouterr().out
-    assert "svd_ratio_danger=3.0" in out and "--- analysis at step 5" in out
+    assert "svd_ratio_enter=3.0" in out and "--- analysis at step 5" in out
 
 
 def test_forgetting_bookkeeping(base, tmp_path):
@@ -197,7 +191,7 @@ def test_forgetting_bookkeeping(base, tmp_path):
     shutil.copy(os.path.join(adaptive["dir_b"], "command.txt"), only_cmd)
     settings, source = run_settings(str(only_cmd))
     assert source.endswith("command.txt") and settings["data_dir"] == dirs["shakespeare"] and settings["resume"] is True
-    assert monitor_svd.thresholds_of(str(only_cmd))[0]["svd_ratio_danger"] == 2.0
+    assert monitor_svd.thresholds_of(str(only_cmd))[0]["svd_ratio_enter"] == 2.0
     log = parse_log(None)
     assert log["steps"] == []
     assert "| baseline |" in (out / "forgetting.md").read_text()
