@@ -1,6 +1,6 @@
 """The GPT model (nanochat, early November 2025) and AdaptiveSVDLinear, its switchable layer.
 
-Facts the model matches (DESIGN.md section 3): rotary embeddings without positional embeddings,
+Facts the model matches (upstream nanochat, early November 2025): rotary embeddings without positional embeddings,
 parameter-free RMSNorm, QK norm, ReLU^2 MLP, untied soft-capped lm_head, no biases, MQA/GQA-ready.
 """
 

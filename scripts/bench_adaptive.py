@@ -1,18 +1,22 @@
 """Benchmark: wall time of adaptive-SVD training relative to the baseline, in one run on one machine.
 
 Runs the real training loop (same data, seed and flags) as baseline, as the Phase 1 adaptive setup
-(block0.attn.c_q) and with every attention matrix of every block analysed, alternating the runs
-`--repeats` times so drift of the machine hits all of them alike. Compares the summed step times
-(forward, backward, analysis, optimizer; evaluation and checkpoint writes are excluded).
-Needs the data and tokenizer of `python -m scripts.prepare_data` and `python -m scripts.tok_train`.
+(block0.attn.c_q) and with every attention and MLP matrix of every block analysed, alternating the
+runs `--repeats` times so drift of the machine hits all of them alike. Compares the summed step times
+(forward, backward, analysis, projection, optimizer; evaluation and checkpoint writes are excluded)
+and counts switches. With --compile=true every run is compiled, and the graphs torch.compile built are
+counted (a switch must not add one). Needs the data and tokenizer of `python -m scripts.prepare_data`
+and `python -m scripts.tok_train`.
 
-  python -m scripts.bench_adaptive [--steps=100] [--repeats=2] [--depth=4] [--svd_interval=20]
+  python -m scripts.bench_adaptive [--steps=100] [--repeats=2] [--depth=4] [--svd_interval=20] [--compile=true]
 """
 
 import contextlib
 import io
 import tempfile
 from dataclasses import dataclass
+
+import torch._dynamo
 
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.cli import flag, parse_args
@@ -27,39 +31,48 @@ class BenchConfig:
     depth: int = flag(4, "model depth")
     svd_interval: int = flag(20, "analysis interval of the adaptive runs")
     device_type: str = flag("cpu", "cpu | cuda | mps")
+    compile: str = flag("false", "torch.compile every run: true | false")
 
 
 def timed_run(cfg, variant, out_dir):
     common = dict(depth=cfg.depth, max_seq_len=512, device_batch_size=1, total_batch_size=512, eval_tokens=512,
                   num_iterations=cfg.steps, eval_every=-1, sample_every=-1, device_type=cfg.device_type,
-                  svd_interval=cfg.svd_interval, output_dir=out_dir)
+                  svd_interval=cfg.svd_interval, output_dir=out_dir, compile=cfg.compile)
     targets = {"phase1 (block0 c_q)": dict(adaptive_svd_target_layer=0, svd_targets="c_q"),
-               "all attention": dict(adaptive_svd_target_layer=-1, svd_targets="attn")}
+               "all attn + mlp": dict(adaptive_svd_target_layer=-1, svd_targets="all")}
     run_cfg = AdaptiveConfig(**common, **targets.get(variant, {}), adaptive_svd=variant != "baseline")
     hook = AdaptiveSVDHook(run_cfg) if run_cfg.adaptive_svd else None
     log = io.StringIO()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     with contextlib.redirect_stdout(log):
         result = train(run_cfg, hook=hook, default_tag=variant.split()[0])
     switches = log.getvalue().count("SWITCHED")
-    return result["total_time"], switches
+    return result["total_time"], switches, torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def main(argv):
     cfg = parse_args(BenchConfig, argv, "python -m scripts.bench_adaptive", __doc__)
-    variants = ["baseline", "phase1 (block0 c_q)", "all attention"]
+    variants = ["baseline", "phase1 (block0 c_q)", "all attn + mlp"]
     totals = {v: 0.0 for v in variants}
     switches = {v: 0 for v in variants}
+    graphs = {}
     with tempfile.TemporaryDirectory() as out_dir:
         for rep in range(cfg.repeats):
             for v in variants:
-                t, s = timed_run(cfg, v, out_dir)
+                t, s, g = timed_run(cfg, v, out_dir)
                 totals[v] += t
                 switches[v] += s
-                print(f"repeat {rep + 1}/{cfg.repeats} {v:<20} {t:7.2f} s of step time ({cfg.steps} steps, {s} switches)")
+                graphs[v] = max(graphs.get(v, 0), g)
+                print(f"repeat {rep + 1}/{cfg.repeats} {v:<20} {t:7.2f} s of step time ({cfg.steps} steps, {s} switches"
+                      + (f", {g} compiled graphs)" if cfg.compile == "true" else ")"), flush=True)
     base = totals["baseline"]
-    print(f"\ndepth {cfg.depth}, seq 512, batch 512 tokens, {cfg.steps} steps, svd_interval {cfg.svd_interval}, {cfg.device_type}")
+    print(f"\ndepth {cfg.depth}, seq 512, batch 512 tokens, {cfg.steps} steps, svd_interval {cfg.svd_interval}, "
+          f"{cfg.device_type}, compile {cfg.compile}")
     for v in variants:
-        print(f"  {v:<20} {totals[v] / cfg.repeats:7.2f} s/run  ratio to baseline {totals[v] / base:.3f}")
+        extra = f", {graphs[v]} compiled graphs (baseline {graphs['baseline']})" if cfg.compile == "true" else ""
+        print(f"  {v:<20} {totals[v] / cfg.repeats:7.2f} s/run  ratio to baseline {totals[v] / base:.3f}  "
+              f"switches/run {switches[v] / cfg.repeats:.1f}{extra}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ planted learned directions. tests/test_policy.py and tests/test_adaptive_cycle.p
 scenarios; experiments/ADAPTIVE_SVD_METHOD.md quotes this script's output.
 
     python -m scripts.method_checks [--seed=0]
+    python -m scripts.method_checks --checkpoint=base_checkpoints/d4/checkpoint.pt   # k of every matrix of a run
 """
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from nanochat import adaptive_svd as asvd
+from nanochat.checkpoint_manager import load_checkpoint
 from nanochat.cli import flag, parse_args
 from nanochat.common import run_cli
 from nanochat.gpt import AdaptiveSVDLinear
@@ -118,13 +120,34 @@ def muon_step_sizes(shape, k, seed):
             float((zero - full).abs().max()))
 
 
+def checkpoint_spectra(path, policy):
+    """For every block matrix of a checkpoint: shape, largest singular value, the bulk threshold, k, and
+    how many Tracy-Widom units the largest value sits above the Marchenko-Pastur edge."""
+    ckpt = load_checkpoint(path)
+    print(f"{path}: step {ckpt['metadata']['step']}, svd_edge_tw {policy.svd_edge_tw}, k <= {policy.svd_k_max_frac:g} g")
+    for name, W in ckpt["model"].items():
+        if not name.startswith("transformer.h.") or W.ndim != 2:
+            continue
+        n_out, n_in = W.shape
+        S = torch.linalg.svdvals(W.float())
+        k, sigma, threshold = asvd.count_learned(S, float(S.double().square().sum()), n_out, n_in,
+                                                 policy.svd_edge_tw, asvd.k_max(min(n_out, n_in), policy))
+        unit = asvd.bulk_threshold(sigma, n_out, n_in, 1.0) - asvd.bulk_threshold(sigma, n_out, n_in, 0.0)
+        above = (float(S[0]) - asvd.bulk_threshold(sigma, n_out, n_in, 0.0)) / unit if unit > 0 else float("nan")
+        print(f"  {name[len('transformer.h.'):-len('.weight')]:<14} {n_out}x{n_in}  s_max {float(S[0]):.4f}  "
+              f"threshold {threshold:.4f}  k {k:>2}  s_max - edge = {above:+.1f} TW units")
+
+
 @dataclass
 class ChecksConfig:
     seed: int = flag(0, "seed of the synthetic layers and gradients")
+    checkpoint: str = flag("", "instead: count the learned directions of every matrix in this checkpoint")
 
 
 def main(argv):
     cfg = parse_args(ChecksConfig, argv, "python -m scripts.method_checks", __doc__)
+    if cfg.checkpoint:
+        return checkpoint_spectra(cfg.checkpoint, asvd.SVDPolicy())
     torch.manual_seed(cfg.seed)
     s = cfg.seed
     print("1. Step size: one Muon step on the same gradient, 256x256, protected vs full")

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Shared by the job files in slurm/ and by prepare_login_node.sh: sourced, never run on its own.
 #
-# Every cluster fact (DESIGN.md section 6, the "Ptolemy" cluster) is only a default here. Override it
+# Every cluster fact (the researcher's "Ptolemy" cluster, experiments/CLUSTER_GUIDE.md) is only a default here. Override it
 # from the environment when submitting, never by editing a file, e.g.
 #   NANOCHAT_SCRATCH=/scratch/me NANOCHAT_MODULES="python/3.11" sbatch slurm/phase2_gpu.sbatch
 # and override the #SBATCH lines with sbatch options (command line beats SBATCH_* environment

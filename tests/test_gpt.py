@@ -1,4 +1,4 @@
-"""Model facts of DESIGN.md section 3, the fused soft-capped cross-entropy, and KV-cache generation."""
+"""Model facts of upstream nanochat (early November 2025), the fused soft-capped cross-entropy, and KV-cache generation."""
 
 import math
 
