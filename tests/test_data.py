@@ -18,8 +18,8 @@ from nanochat.dataset import (download_fineweb, file_documents, hf_disk_document
                               shakespeare_documents, shakespeare_files, split_paragraphs, strip_gutenberg,
                               wiki_documents, write_shards)
 from nanochat.tokenizer import Tokenizer
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_split(data_dir, split):

@@ -8,14 +8,14 @@ the same token windows in every step, and the comparison tests the distributed c
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT, free_port
+
 RUNNER = os.path.join(ROOT, "tests", "dist_run.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -87,9 +87,7 @@ def test_two_gloo_ranks_match_one_process_with_accumulation(env, tmp_path):
 
 def launch_ranks(env, out, world=2, **extra):
     """Start the ranks without torchrun (no agent that kills the others), so each one's own fate is seen."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank in range(world):
         rank_env = dict(env, DIST_RUN_OUT=str(out), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),

@@ -1,16 +1,17 @@
 """The SLURM job files in slurm/.
 
-Without SLURM: every command line of every job file passes only flags its target script defines
+Without SLURM (default selection): every command line of every job file passes only flags its target script defines
 (read from the file, and from what the file really runs in dry-run mode), the files are strict bash,
 and missing data or environment give a clear message.
 
-Under a real one-machine SLURM (tests/slurm_cluster.py installs slurm-wlm and munge with apt when
+Under a real one-machine SLURM, only with `-m slurm` (tests/slurm_cluster.py installs slurm-wlm and munge with apt when
 absent, starts munged, slurmctld and slurmd with a generated CPU-only slurm.conf and stops only
 those): the real job files are submitted with the cluster facts overridden by sbatch options and
 environment, as a user on another cluster would: Phase 1 completes; a job signalled with
 `scancel --signal=USR1 --batch` (what `--signal=B:USR1@N` does before the time limit) saves,
 requeues itself and resumes to exactly the result of an uninterrupted run; a 2-task job (srun + two
-torchruns meeting at a c10d rendezvous) and a 2-process torchrun job run the gloo path.
+torchruns meeting at a c10d rendezvous) and a 2-process torchrun job run the gloo path; a 2-task
+job resumes exactly too, and SLURM's own time-limit warning fires (these two take about a minute each).
 """
 
 import argparse
@@ -20,7 +21,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -29,9 +29,9 @@ import pytest
 import torch
 
 from nanochat.cli import parse_args
+from tests.conftest import ROOT, free_port
 from tests.slurm_cluster import CRED_EXPIRE, LocalSlurm, ensure_slurm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM_DIR = os.path.join(ROOT, "slurm")
 JOB_FILES = sorted(glob.glob(os.path.join(SLURM_DIR, "*.sbatch")))
 SHELL_FILES = JOB_FILES + [os.path.join(SLURM_DIR, "prepare_login_node.sh"), os.path.join(SLURM_DIR, "common.sh")]
@@ -264,8 +264,10 @@ def test_login_node_preparation_offline(tmp_path):
 
 
 def test_a_failed_install_is_reported_not_raised(tmp_path, monkeypatch):
-    """Without SLURM and without a working apt (no network), ensure_slurm says why; the fixture skips with that."""
+    """Without SLURM and without a working apt (no network), ensure_slurm says why; the fixture skips with that.
+    The policy file that keeps package scripts from starting services goes to tmp_path, not /usr/sbin."""
     import tests.slurm_cluster as sc
+    monkeypatch.setattr(sc, "POLICY_RC", str(tmp_path / "policy-rc.d"))
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "apt-get").write_text("#!/bin/sh\necho 'E: Could not resolve deb.debian.org' >&2\nexit 100\n")
@@ -277,6 +279,7 @@ def test_a_failed_install_is_reported_not_raised(tmp_path, monkeypatch):
         return
     reason = sc.ensure_slurm()
     assert reason.startswith("'apt-get update' failed (exit 100)") and "Could not resolve" in reason
+    assert not os.path.exists(sc.POLICY_RC)  # made for the install and removed again
 
 
 # -- under a real SLURM ----------------------------------------------------------------------------
@@ -335,6 +338,7 @@ def assert_completed(slurm, job, log_dir, timeout=240):
     return info
 
 
+@pytest.mark.slurm
 def test_phase1_job_completes(slurm, prepared_base, tmp_path):
     env = job_env(prepared_base, tmp_path / "runs", DEPTH=2)
     job = submit(slurm, "phase1_cpu.sbatch", [], [*TINY, "--total_batch_size=64", "--num_iterations=20", "--svd_interval=5",
@@ -352,6 +356,7 @@ def test_phase1_job_completes(slurm, prepared_base, tmp_path):
     assert "is complete; nothing to do" in log_of(tmp_path, again)
 
 
+@pytest.mark.slurm
 def test_signalled_job_saves_requeues_and_resumes_exactly(slurm, prepared_base, tmp_path):
     args = [*TINY, "--total_batch_size=64", "--num_iterations=300", "--svd_interval=25", "--eval_tokens=128",
             "--eval_every=-1", "--adaptive_svd_target_layer=-1", "--svd_targets=attn"]
@@ -395,18 +400,13 @@ def _read(log_dir, job):
     return open(paths[0]).read() if paths else ""
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slurm
 def test_two_task_and_two_process_jobs_run_the_gloo_path(slurm, prepared_base, tmp_path):
     args = [*TINY, "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=4", "--eval_tokens=256",
             "--svd_interval=2"]
     common = dict(DEPTH=2, DEVICE_TYPE="cpu", CORE_EVERY=-1)
     multi = submit(slurm, "phase3_multinode.sbatch", ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2"], args,
-                   job_env(prepared_base, tmp_path / "runs", NPROC_PER_NODE=1, RDZV_PORT=_free_port(), **common), tmp_path)
+                   job_env(prepared_base, tmp_path / "runs", NPROC_PER_NODE=1, RDZV_PORT=free_port(), **common), tmp_path)
     single = submit(slurm, "phase3_adaptive.sbatch", ["--cpus-per-task=2"], args,
                     job_env(prepared_base, tmp_path / "runs", NPROC_PER_NODE=2, **common), tmp_path)
     for job, kind in ((multi, "phase3_multinode_adaptive"), (single, "phase3_adaptive")):
@@ -419,7 +419,7 @@ def test_two_task_and_two_process_jobs_run_the_gloo_path(slurm, prepared_base, t
     assert "Rendezvous: 2 torchrun(s) x 1 process(es)" in log_of(tmp_path, multi)
 
 
-@pytest.mark.slow
+@pytest.mark.slurm
 def test_signalled_two_task_job_resumes_exactly(slurm, prepared_base, tmp_path):
     """The multi-node path under a signal: srun forwards SIGUSR1 to both tasks, both ranks save one
     checkpoint together, the job requeues itself, the two torchruns meet again and the run ends with
@@ -429,9 +429,9 @@ def test_signalled_two_task_job_resumes_exactly(slurm, prepared_base, tmp_path):
     opts = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2"]
     common = dict(DEPTH=2, DEVICE_TYPE="cpu", CORE_EVERY=-1, NPROC_PER_NODE=1)
     ref = submit(slurm, "phase3_multinode.sbatch", opts, args,
-                 job_env(prepared_base, tmp_path / "ref", RDZV_PORT=_free_port(), **common), tmp_path / "ref")
+                 job_env(prepared_base, tmp_path / "ref", RDZV_PORT=free_port(), **common), tmp_path / "ref")
     job = submit(slurm, "phase3_multinode.sbatch", opts, args,
-                 job_env(prepared_base, tmp_path / "int", RDZV_PORT=_free_port(), **common), tmp_path / "int")
+                 job_env(prepared_base, tmp_path / "int", RDZV_PORT=free_port(), **common), tmp_path / "int")
     deadline = time.time() + 240
     while not re.search(r"^step 0003\d/", _read(tmp_path / "int", job), re.M):
         assert time.time() < deadline and slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), \
@@ -453,7 +453,7 @@ def test_signalled_two_task_job_resumes_exactly(slurm, prepared_base, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
 
 
-@pytest.mark.slow
+@pytest.mark.slurm
 def test_time_limit_warning_signal_saves_and_requeues(slurm, prepared_base, tmp_path):
     """SLURM's own warning before the limit: with --time=3 and the job file's --signal=B:USR1@N set to
     120 s, SLURM signals the batch shell about 60 s into the job (up to a minute earlier: its timer is
