@@ -9,13 +9,29 @@ energy ||U_k^T W||_F^2 / sum of the true top-k S^2. Prints numbers; not a test.
     python -m scripts.bench_svd [--device cuda] [--k 200] [--energy 0.5] [--rel 1e-2 1e-3]
 """
 
-import argparse
+import dataclasses
 import statistics
 import time
 
 import torch
 
 from nanochat import adaptive_svd as asvd
+from nanochat.cli import flag, parse_args
+from nanochat.common import UserError, run_cli
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    device: str = flag("", "device to run on; empty = cuda when available, else cpu")
+    k: int = flag(0, "top-k tracked (0: choose from --energy)")
+    energy: float = flag(0.5, "share of ||W||_F^2 the top k hold")
+    rel: list[float] = flag([5e-2, 1e-2, 1e-3], "relative Frobenius size of the update between analyses")
+    analyses: int = flag(4, "analyses per shape and size of update")
+    spikes: int = flag(64, "learned directions in the start matrix")
+    iters: int = flag(1, "subspace iterations of the warm SVD")
+    oversample: int = flag(16, "extra columns of the warm SVD's start basis")
+    tol: float = flag(0.02, "residual tolerance of the warm SVD's certificate")
+    seed: int = flag(0, "random seed of the matrices and gradients")
 
 
 def newton_schulz(M, steps=5):
@@ -88,21 +104,14 @@ def bench_shape(n_out, n_in, rel, args, device):
           f"warm accepted {methods.count('warm')}/{len(methods)}", flush=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--k", type=int, default=0, help="top-k tracked (0: choose from --energy)")
-    parser.add_argument("--energy", type=float, default=0.5, help="share of ||W||_F^2 the top k hold")
-    parser.add_argument("--rel", type=float, nargs="+", default=[5e-2, 1e-2, 1e-3],
-                        help="relative Frobenius size of the update between analyses")
-    parser.add_argument("--analyses", type=int, default=4)
-    parser.add_argument("--spikes", type=int, default=64, help="learned directions in the start matrix")
-    parser.add_argument("--iters", type=int, default=1)
-    parser.add_argument("--oversample", type=int, default=16)
-    parser.add_argument("--tol", type=float, default=0.02)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    device = torch.device(args.device)
+def main(argv):
+    args = parse_args(BenchConfig, argv, prog="python -m scripts.bench_svd", description=__doc__)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device={args.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device is cuda but no CUDA device is available; use --device=cpu")
     print(f"device {device}, torch threads {torch.get_num_threads()}, median over {args.analyses} analyses")
     for n_out, n_in in ((1280, 1280), (5120, 1280)):
         for rel in args.rel:
@@ -110,4 +119,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -193,8 +193,9 @@ def test_prepare_data_cli_checks():
                          (["--val_fraction=1.5"], "between 0 and 1"),
                          (["--docs_per_shard=0"], ">= 1"),
                          (["--source=fineweb", "--seed=1"], "does not apply"),
-                         (["--source=web"], "invalid choice"),
-                         (["--num_shards=x"], "invalid int value")):
+                         (["--source=web"], "--source must be one of offline, files, hf_disk, fineweb"),
+                         (["--num_shards=x"], "--num_shards expects int"),
+                         (["--seed=1", "--seed=2"], "--seed is given twice")):
         with pytest.raises(UserError, match=message):
             parse_args(bad)
 

@@ -21,7 +21,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 # 12 matrices (attention + MLP of 2 blocks) split over the ranks; a low danger ratio and patience 1
 # make layers switch to low rank and re-split, so factors and momentum really cross ranks
-FLAGS = ["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=8",
+FLAGS = ["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256",
          "--eval_every=4", "--eval_tokens=512", "--sample_every=-1", "--device_type=cpu", "--svd_interval=2",
          "--adaptive_svd_target_layer=-1", "--svd_targets=all", "--svd_ratio_danger=1.05", "--svd_patience=1"]
 
@@ -50,8 +50,8 @@ def decisions(records):
 def test_two_gloo_ranks_match_one_process_with_accumulation(env, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
-    r2 = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", RUNNER, *FLAGS, f"--output_dir={two}"], env, two)
-    r1 = run([sys.executable, RUNNER, *FLAGS, f"--output_dir={one}"], env, one, DIST_RUN_EMULATE="2")
+    r2 = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", RUNNER, *FLAGS, "--num_iterations=8", f"--output_dir={two}"], env, two)
+    r1 = run([sys.executable, RUNNER, *FLAGS, "--num_iterations=8", f"--output_dir={one}"], env, one, DIST_RUN_EMULATE="2")
     assert "Distributed: 2 ranks, backend gloo" in r2.stdout
     assert "gradient accumulation steps: 1" in r2.stdout and "gradient accumulation steps: 2" in r1.stdout
     assert "analysis spread over 2 ranks by layer (layers per rank: 6, 6)" in r2.stdout

@@ -14,7 +14,7 @@ torchruns meeting at a c10d rendezvous) and a 2-process torchrun job run the glo
 job resumes exactly too, and SLURM's own time-limit warning fires (these two take about a minute each).
 """
 
-import argparse
+import dataclasses
 import glob
 import importlib
 import json
@@ -39,45 +39,24 @@ SHELL_FILES = JOB_FILES + [os.path.join(SLURM_DIR, "prepare_login_node.sh"), os.
 
 # -- the flags each entry point defines ------------------------------------------------------------
 
-def _dataclass_flags(cls):
-    import dataclasses
-    return {f.name for f in dataclasses.fields(cls)}
+CONFIGS = {  # the entry points the job files run: module -> (module of its config class, the class)
+    "scripts.base_train": ("nanochat.train", "TrainConfig"),
+    "scripts.base_train_adaptive_svd": ("nanochat.adaptive_cycle", "AdaptiveConfig"),
+    "scripts.tok_train": ("scripts.tok_train", "TokTrainConfig"),
+    "scripts.base_eval": ("scripts.base_eval", "EvalConfig"),
+    "scripts.prepare_data": ("scripts.prepare_data", "PrepareConfig"),
+}
 
 
-def _argparse_flags(build):
-    """Option names of an argparse-based entry point: catch its parser when it parses []."""
-    seen = {}
-    real = argparse.ArgumentParser.parse_args
-
-    def grab(self, *args, **kwargs):
-        seen["parser"] = self
-        return real(self, *args, **kwargs)
-
-    argparse.ArgumentParser.parse_args = grab
-    try:
-        build([])
-    finally:
-        argparse.ArgumentParser.parse_args = real
-    return {s[2:].replace("-", "_") for a in seen["parser"]._actions for s in a.option_strings if s.startswith("--")}
+def config_class(module):
+    assert module in CONFIGS, f"a job file runs {module}, which this test does not know: add it to CONFIGS"
+    where, name = CONFIGS[module]
+    return getattr(importlib.import_module(where), name)
 
 
 def script_flags(module):
-    if module == "scripts.base_train":
-        from nanochat.train import TrainConfig
-        return _dataclass_flags(TrainConfig)
-    if module == "scripts.base_train_adaptive_svd":
-        from nanochat.adaptive_cycle import AdaptiveConfig
-        return _dataclass_flags(AdaptiveConfig)
-    if module == "scripts.tok_train":
-        from scripts.tok_train import TokTrainConfig
-        return _dataclass_flags(TokTrainConfig)
-    if module == "scripts.base_eval":
-        from scripts.base_eval import EvalConfig
-        return _dataclass_flags(EvalConfig)
-    if module == "scripts.prepare_data":
-        from scripts.prepare_data import parse_args as prepare_parse
-        return _argparse_flags(prepare_parse)
-    raise AssertionError(f"a job file runs {module}, which this test does not know: add it to script_flags")
+    """The flags an entry point defines: the fields of its config dataclass."""
+    return {f.name for f in dataclasses.fields(config_class(module))}
 
 
 # -- reading the command lines of a job file -------------------------------------------------------
@@ -205,8 +184,7 @@ def test_dry_run_commands_parse_with_the_scripts_own_parser(prepared_base, tmp_p
     assert r.returncode == 0, r.stderr
     argv = printed_command(r.stdout)
     i = max(i for i, w in enumerate(argv) if w == "-m" and argv[i + 1].startswith("scripts."))
-    module = importlib.import_module(argv[i + 1])
-    config_cls = module.AdaptiveConfig if hasattr(module, "AdaptiveConfig") else module.TrainConfig
+    config_cls = config_class(argv[i + 1])
     script_args = argv[i + 2:]
     if "torch.distributed.run" in argv[:i]:
         assert script_args[0] == "--"  # without it torchrun's parser rejects --run=... as ambiguous
