@@ -29,12 +29,14 @@ import pytest
 import torch
 
 from nanochat.cli import parse_args
+from nanochat.common import UserError
 from tests.conftest import ROOT, free_port
 from tests.slurm_cluster import CRED_EXPIRE, LocalSlurm, ensure_slurm
 
 SLURM_DIR = os.path.join(ROOT, "slurm")
 JOB_FILES = sorted(glob.glob(os.path.join(SLURM_DIR, "*.sbatch")))
 SHELL_FILES = JOB_FILES + [os.path.join(SLURM_DIR, "prepare_login_node.sh"), os.path.join(SLURM_DIR, "common.sh")]
+WRAPPERS = {"phase3_adaptive.sbatch": "adaptive", "phase3_baseline.sbatch": "baseline"}  # phase3.sbatch, KIND fixed
 
 
 # -- the flags each entry point defines ------------------------------------------------------------
@@ -113,7 +115,7 @@ def commands(path):
 @pytest.mark.parametrize("path", SHELL_FILES, ids=os.path.basename)
 def test_every_flag_of_every_command_exists_in_its_script(path):
     found = commands(path)
-    if path.endswith("common.sh"):
+    if path.endswith("common.sh") or os.path.basename(path) in WRAPPERS:
         assert found == []
         return
     assert found, f"{path} runs no `-m scripts.X` command"
@@ -121,6 +123,8 @@ def test_every_flag_of_every_command_exists_in_its_script(path):
         known = script_flags(module)
         unknown = [f for f in flags if f not in known]
         assert not unknown, f"{os.path.basename(path)} passes {unknown} to {module}, which does not define them: {line[:200]}"
+        if path in JOB_FILES:  # the extra arguments come last: nanochat_launch lets them replace the job's flags
+            assert line.rstrip().endswith('"$@"'), line[-200:]
 
 
 def test_the_parser_sees_the_training_commands():
@@ -128,6 +132,10 @@ def test_the_parser_sees_the_training_commands():
     assert [m for m, _, _ in by_file["phase1_cpu.sbatch"]] == ["scripts.base_train_adaptive_svd"]
     assert sorted(m for m, _, _ in by_file["phase2_gpu.sbatch"]) == ["scripts.base_train", "scripts.base_train_adaptive_svd"]
     assert sorted(m for m, _, _ in by_file["phase3_multinode.sbatch"]) == ["scripts.base_train", "scripts.base_train_adaptive_svd"]
+    phase3 = {m: flags for m, flags, _ in by_file["phase3.sbatch"]}
+    assert sorted(phase3) == ["scripts.base_train", "scripts.base_train_adaptive_svd"]
+    assert set(phase3["scripts.base_train_adaptive_svd"]) - set(phase3["scripts.base_train"]) == {
+        "adaptive_svd_target_layer", "svd_targets", "svd_interval"}
     phase1 = by_file["phase1_cpu.sbatch"][0][1]
     for researcher_flag in ("depth", "max_seq_len", "device_batch_size", "eval_tokens", "core_metric_every",
                             "total_batch_size", "num_iterations", "device_type"):
@@ -152,6 +160,16 @@ def test_job_files_are_strict_and_ask_for_a_warning_signal(path):
         assert sbatch["cpus-per-task"] == "16" and sbatch["mem"] == "256G"
 
 
+@pytest.mark.parametrize("name,kind", WRAPPERS.items())
+def test_a_phase3_wrapper_is_the_shared_job_with_its_kind_fixed(name, kind):
+    """sbatch reads #SBATCH lines only from the submitted file: a wrapper repeats phase3.sbatch's but its
+    job name, and runs phase3.sbatch in its own process (exec), so the batch shell's signals reach it."""
+    text, shared = open(os.path.join(SLURM_DIR, name)).read(), open(os.path.join(SLURM_DIR, "phase3.sbatch")).read()
+    options = lambda t: re.findall(r"^#SBATCH (--(?!job-name)\S+)", t, re.M)
+    assert options(text) == options(shared) and f"#SBATCH --job-name=nanochat-phase3-{kind}\n" in text
+    assert logical_lines(text)[-1].startswith(f'KIND={kind} NANOCHAT_REPO=$NANOCHAT_REPO exec bash "$NANOCHAT_REPO/slurm/phase3.sbatch" "$@"')
+
+
 # -- running the job files with bash (no SLURM needed) ---------------------------------------------
 
 def job_env(base, runs, **extra):
@@ -172,30 +190,50 @@ def printed_command(stdout):
     ("phase1_cpu.sbatch", {}),
     ("phase2_gpu.sbatch", {}),
     ("phase2_gpu.sbatch", {"KIND": "baseline"}),
+    ("phase3.sbatch", {}),
+    ("phase3.sbatch", {"KIND": "baseline"}),
     ("phase3_adaptive.sbatch", {}),
-    ("phase3_baseline.sbatch", {}),
+    ("phase3_baseline.sbatch", {"KIND": "adaptive"}),  # the wrapper's own KIND wins
     ("phase3_multinode.sbatch", {}),
     ("phase3_multinode.sbatch", {"KIND": "baseline"}),
 ])
 def test_dry_run_commands_parse_with_the_scripts_own_parser(prepared_base, tmp_path, path, extra):
-    env = job_env(prepared_base, tmp_path, NANOCHAT_DRY_RUN=1, **extra)
-    r = subprocess.run(["bash", os.path.join(SLURM_DIR, path), "--eval_every=50"], cwd=ROOT, env=env,
+    """Dry run with extra arguments in both forms: they replace the job's own flags of the same name."""
+    module, script_args = dry_run(prepared_base, tmp_path, path, ["--eval_every=50", "--sample_every", "7"], **extra)
+    cfg = parse_args(config_class(module), script_args, prog=module, description="")
+    assert cfg.eval_every == 50 and cfg.sample_every == 7 and cfg.output_dir.startswith(str(tmp_path)) and not cfg.resume
+    kind = WRAPPERS.get(path, extra.get("KIND", "adaptive"))
+    assert module == ("scripts.base_train" if kind == "baseline" else "scripts.base_train_adaptive_svd")
+    if "phase3" in path:
+        assert cfg.depth == 20 and cfg.total_batch_size == 524288 and cfg.num_iterations == -1
+        assert cfg.output_dir.endswith("_multinode_" + kind if "multinode" in path else "phase3_" + kind)
+    if kind == "adaptive" and "phase3" in path:
+        assert cfg.svd_targets == "all" and cfg.svd_interval == 100
+
+
+def dry_run(base, runs, job, args, **env):
+    """(module, its arguments) of the command a job prints with NANOCHAT_DRY_RUN=1; checks the launcher."""
+    r = subprocess.run(["bash", os.path.join(SLURM_DIR, job), *args], cwd=ROOT, env=job_env(base, runs, NANOCHAT_DRY_RUN=1, **env),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     argv = printed_command(r.stdout)
     i = max(i for i, w in enumerate(argv) if w == "-m" and argv[i + 1].startswith("scripts."))
-    config_cls = config_class(argv[i + 1])
     script_args = argv[i + 2:]
-    if "torch.distributed.run" in argv[:i]:
+    if "phase3" in job:
+        assert "torch.distributed.run" in argv[:i]
         assert script_args[0] == "--"  # without it torchrun's parser rejects --run=... as ambiguous
         script_args = script_args[1:]  # torchrun drops it
-    cfg = parse_args(config_cls, script_args, prog=argv[i + 1], description="")
-    assert cfg.eval_every == 50 and cfg.output_dir.startswith(str(tmp_path)) and not cfg.resume
-    if "phase3" in path:
-        assert cfg.depth == 20 and cfg.total_batch_size == 524288 and cfg.num_iterations == -1
-        assert "torch.distributed.run" in argv[:i]
-    if "multinode" in path:
+    if "multinode" in job:
         assert argv[0] == "srun" and any(w.startswith("--rdzv_endpoint=") for w in argv[:i])
+    return argv[i + 1], script_args
+
+
+def test_a_flag_the_user_repeats_reaches_the_script_which_rejects_it(prepared_base, tmp_path):
+    module, script_args = dry_run(prepared_base, tmp_path, "phase3.sbatch", ["--eval_every=1", "--eval_every=2"])
+    assert script_args.count("--eval_every=1") == 1 and script_args.count("--eval_every=2") == 1
+    assert not any(a.startswith("--eval_every=250") for a in script_args)
+    with pytest.raises(UserError, match="--eval_every is given twice"):
+        parse_args(config_class(module), script_args, prog=module, description="")
 
 
 def test_missing_data_stops_with_a_clear_message(tmp_path):
