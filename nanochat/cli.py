@@ -1,15 +1,17 @@
 """Command-line arguments from a dataclass: `--key=value`, `--key value` and `--key-with-dashes`.
 
 Each field is one argument and its type annotation gives the parser: int, float, str, bool (`--flag`
-alone means true) or a list of one of these, which takes several values (`--files a b c`). Fields are
-declared with
+alone means true; `--flag false` and `--flag=no` also work) or a list of one of these, which takes the
+values up to the next flag (`--files a b c`). Fields are declared with
   flag(default, help, choices=None)   an optional --flag
   required(help, choices=None)        a --flag that must be given
   positional(help, default=MISSING)   a bare argument, in field order; a list takes all that remain
   passthrough(help)                   everything after `--`, unparsed (e.g. flags for another script)
-A field without a default must come before those with one (a dataclass rule), so required flags and
-positionals come first. Bad input (unknown or repeated flag, wrong type, a value outside its choices,
-a missing value or required argument) raises UserError, which entry points print as one line.
+A field without a default must come before those with one (a dataclass rule), so required arguments
+come first. `parse_args` returns the dataclass; `parse_flags` only the arguments given, for checks
+that depend on what the user set. Bad input (unknown or repeated flag, wrong type, a value outside
+its choices, a missing value or required argument) raises UserError, which entry points print as one
+line; `--help` prints every argument with its default, descriptions in one column.
 """
 
 import dataclasses
