@@ -141,7 +141,9 @@ def lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_fra
     return progress + (1 - progress) * final_lr_frac
 
 
-def _init_wandb(cfg, master):
+def _init_wandb(cfg, master, run_dir):
+    """wandb for --run=NAME on the master rank. Its folder goes next to the checkpoints (run_dir/wandb), or
+    under $WANDB_DIR when set, never into the current directory."""
     if not cfg.run or not master:
         return None
     try:
@@ -149,9 +151,11 @@ def _init_wandb(cfg, master):
     except ImportError:
         print0("wandb is not installed; continuing without it")
         return None
+    wandb_dir = os.environ.get("WANDB_DIR") or run_dir
+    os.makedirs(wandb_dir, exist_ok=True)
     for mode in (None, "offline"):
         try:
-            return wandb.init(project="nanochat", name=cfg.run, config=dataclasses.asdict(cfg), mode=mode)
+            return wandb.init(project="nanochat", name=cfg.run, config=dataclasses.asdict(cfg), mode=mode, dir=wandb_dir)
         except Exception as e:  # a missing login or no network must never stop training
             print0(f"wandb init failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                    + ("retrying offline" if mode is None else "continuing without wandb"))
@@ -242,7 +246,7 @@ def train(cfg, hook=None, default_tag=None):
     print0(f"Total training FLOPs estimate: {flops_per_token * num_iterations * cfg.total_batch_size:e}")
 
     muon, adamw = build_optimizers(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.weight_decay)
-    wandb_run = _init_wandb(cfg, master)
+    wandb_run = _init_wandb(cfg, master, ckpt_dir)
 
     def log(data, step):
         if wandb_run is not None:

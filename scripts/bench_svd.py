@@ -11,13 +11,24 @@ both found the same k. Prints numbers; not a test.
     python -m scripts.bench_svd [--device cuda] [--rel 1e-2 1e-3] [--spikes 64]
 """
 
-import argparse
+import dataclasses
 import statistics
 import time
 
 import torch
 
 from nanochat import adaptive_svd as asvd
+from nanochat.cli import flag, parse_args
+from nanochat.common import UserError, run_cli
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    device: str = flag("", "device to run on; empty = cuda when available, else cpu")
+    rel: list[float] = flag([5e-2, 1e-2, 1e-3], "relative Frobenius size of the update between analyses")
+    analyses: int = flag(4, "analyses per shape and size of update")
+    spikes: int = flag(64, "learned directions in the start matrix")
+    seed: int = flag(0, "random seed of the matrices and gradients")
 
 
 def newton_schulz(M, steps=5):
@@ -91,16 +102,14 @@ def bench_shape(n_out, n_in, rel, args, device):
           f"warm accepted {methods.count('warm')}/{len(methods)}", flush=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rel", type=float, nargs="+", default=[5e-2, 1e-2, 1e-3],
-                        help="relative Frobenius size of the update between analyses")
-    parser.add_argument("--analyses", type=int, default=4)
-    parser.add_argument("--spikes", type=int, default=64, help="learned directions in the start matrix")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    device = torch.device(args.device)
+def main(argv):
+    args = parse_args(BenchConfig, argv, prog="python -m scripts.bench_svd", description=__doc__)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device={args.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device is cuda but no CUDA device is available; use --device=cpu")
     print(f"device {device}, torch threads {torch.get_num_threads()}, median over {args.analyses} analyses")
     for n_out, n_in in ((1280, 1280), (5120, 1280)):
         for rel in args.rel:
@@ -108,4 +117,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

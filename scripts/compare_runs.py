@@ -18,7 +18,7 @@ of the analysed layers (for the baseline: the same layers at full size). On a sh
 time picks up pauses; "time estimate" = steps x median step + the logged SVD analysis time is robust to them.
 """
 
-import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -27,11 +27,21 @@ import sys
 import time
 
 from nanochat.checkpoint_manager import checkpoint_dir
+from nanochat.cli import flag, parse_args, passthrough, required
 from nanochat.common import UserError, run_cli
-from scripts.run_logs import find_log, full_sizes, parse_log, read_config, read_jsonl, split_training_flags, svd_summary
+from scripts.run_logs import find_log, full_sizes, parse_log, read_config, read_jsonl, svd_summary
 
 KINDS = ("baseline", "adaptive")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    out: str = required("output dir: runs, comparison.json, comparison.md")
+    seeds: str = flag("42", "comma list of seeds; one baseline + one adaptive run each")
+    force: bool = flag(False, "repeat runs that already finished")
+    table_only: bool = flag(False, "run nothing; tabulate the runs in --out")
+    train_flags: list[str] = passthrough("flags of scripts.base_train_adaptive_svd, shared by every run")
 
 
 def run_tag(kind, seed):
@@ -158,14 +168,8 @@ def markdown(rows, rat, command):
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m scripts.compare_runs", description=__doc__.split("\n")[0],
-                                epilog="Training flags (after --) are those of scripts.base_train_adaptive_svd.")
-    p.add_argument("--out", required=True, help="output dir: runs, comparison.json, comparison.md")
-    p.add_argument("--seeds", default="42", help="comma list of seeds; one baseline + one adaptive run each")
-    p.add_argument("--force", action="store_true", help="repeat runs that already finished")
-    p.add_argument("--table_only", action="store_true", help="run nothing; tabulate the runs in --out")
-    own, train_argv = split_training_flags(argv)
-    args = p.parse_args(own)
+    args = parse_args(CompareConfig, argv, prog="python -m scripts.compare_runs", description=__doc__)
+    train_argv = args.train_flags
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:

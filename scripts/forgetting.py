@@ -18,7 +18,6 @@ Writes <out>/forgetting.json (every measurement, per variant) and <out>/forgetti
 A variant whose files are complete is not run again (so an interrupted experiment continues).
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -28,18 +27,29 @@ import torch
 
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, checkpoint_dir, load_checkpoint
-from nanochat.cli import parse_args
+from nanochat.cli import flag, parse_args, passthrough, required
 from nanochat.common import UserError, run_cli
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_shards
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.train import TrainHook, train
-from scripts.run_logs import split_training_flags
 
 VARIANTS = {"baseline": {"adaptive_svd": False}, "adaptive": {"adaptive_svd": True, "svd_policy": "adaptive"},
             "static": {"adaptive_svd": True, "svd_policy": "static"}}
 OWN_FLAGS = ("data_a", "data_b", "steps_a", "steps_b", "out", "variants", "measure_every")
+
+
+@dataclasses.dataclass
+class ForgettingConfig:
+    data_a: str = required("domain A's data dir (train + val shards)")
+    data_b: str = required("domain B's data dir")
+    steps_a: int = required("optimizer steps on A")
+    steps_b: int = required("further optimizer steps on B")
+    out: str = required("output dir (checkpoints, forgetting.json, forgetting.md)")
+    variants: str = flag(",".join(VARIANTS), f"comma list of {', '.join(VARIANTS)}")
+    measure_every: int = flag(100, "measure A and B val bpb every N steps of phase B")
+    train_flags: list[str] = passthrough("flags of scripts.base_train_adaptive_svd, shared by every variant")
 
 
 class MeasureHook(TrainHook):
@@ -223,17 +233,8 @@ def markdown(results, command):
 
 
 def parse_own(argv):
-    p = argparse.ArgumentParser(prog="python -m scripts.forgetting", description=__doc__.split("\n")[0],
-                                epilog="Training flags (after --) are those of scripts.base_train_adaptive_svd.")
-    p.add_argument("--data_a", required=True, help="domain A's data dir (train + val shards)")
-    p.add_argument("--data_b", required=True, help="domain B's data dir")
-    p.add_argument("--steps_a", type=int, required=True, help="optimizer steps on A")
-    p.add_argument("--steps_b", type=int, required=True, help="further optimizer steps on B")
-    p.add_argument("--out", required=True, help="output dir (checkpoints, forgetting.json, forgetting.md)")
-    p.add_argument("--variants", default="baseline,adaptive,static", help=f"comma list of {', '.join(VARIANTS)}")
-    p.add_argument("--measure_every", type=int, default=100, help="measure A and B val bpb every N steps of phase B")
-    own, train_argv = split_training_flags(argv)
-    args = p.parse_args(own)
+    args = parse_args(ForgettingConfig, argv, prog="python -m scripts.forgetting", description=__doc__)
+    train_argv = args.train_flags
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:

@@ -14,7 +14,7 @@ layer's first analysis in that mode if it starts on the side the rule acts on). 
   low-rank mode: alignment_ratio <= svd_ratio_exit                            (clobbering_risk_passed)
 """
 
-import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,8 +22,18 @@ import time
 from types import SimpleNamespace
 
 from nanochat.adaptive_svd import RULES
+from nanochat.cli import flag, parse_args, positional
 from nanochat.common import UserError, run_cli
 from scripts.run_logs import run_settings
+
+
+@dataclasses.dataclass
+class MonitorConfig:
+    run_dir: str = positional("the run's checkpoint folder (holds svd_metrics.jsonl)")
+    once: bool = flag(False, "print what is there and exit")
+    poll: float = flag(2.0, "seconds between looks at the file")
+    idle_exit: float = flag(0.0, "exit after this many seconds without a new line (0 = never)")
+    quiet_analyses: bool = flag(False, "do not print a line per analysis step")
 
 
 class Monitor:
@@ -110,13 +120,7 @@ def thresholds_of(run_dir):
 
 
 def main(argv):
-    p = argparse.ArgumentParser(prog="python -m scripts.monitor_svd", description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", help="the run's checkpoint folder (holds svd_metrics.jsonl)")
-    p.add_argument("--once", action="store_true", help="print what is there and exit")
-    p.add_argument("--poll", type=float, default=2.0, help="seconds between looks at the file")
-    p.add_argument("--idle_exit", type=float, default=0, help="exit after this many seconds without a new line (0 = never)")
-    p.add_argument("--quiet_analyses", action="store_true", help="do not print a line per analysis step")
-    args = p.parse_args(argv)
+    args = parse_args(MonitorConfig, argv, prog="python -m scripts.monitor_svd", description=__doc__)
     thresholds, source = thresholds_of(args.run_dir)
     print(f"thresholds from {source}: " + ", ".join(f"{k}={thresholds[k]}" for k in sorted(thresholds)
                                                     if k in {r.threshold for r in RULES}), flush=True)

@@ -16,7 +16,7 @@ RUN_DIR is an adaptive run's checkpoint folder (svd_metrics.jsonl, config.json o
   forgetting.png          (--forgetting) A's and B's val bpb during phase B, per variant
 """
 
-import argparse
+import dataclasses
 import json
 import math
 import os
@@ -26,10 +26,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from nanochat.cli import flag, parse_args, positional  # noqa: E402
 from nanochat.common import UserError, run_cli  # noqa: E402
 from scripts.run_logs import find_log, layer_records, parse_log, read_jsonl, run_settings  # noqa: E402
 
 DPI = 90
+
+
+@dataclasses.dataclass
+class PlotConfig:
+    run_dir: str = positional("an adaptive run's checkpoint folder", default="")
+    baseline: str = flag("", "the baseline run's checkpoint folder (loss/bpb and spectra comparison)")
+    log: str = flag("", "console log of RUN_DIR if it is not RUN_DIR/train.log (e.g. a SLURM .out file)")
+    out: str = flag("", "where the PNGs go; empty = RUN_DIR/figures (for --forgetting: next to its file)")
+    prefix: str = flag("", "prefix of every file name")
+    spectra: bool = flag(False, "also plot singular-value spectra from checkpoint.pt")
+    forgetting: str = flag("", "forgetting.json of scripts.forgetting: plot its curves")
 
 
 def _grid(n, title, sharey=False):
@@ -227,15 +239,7 @@ def make_figures(run_dir, out, baseline=None, log=None, spectra=False, prefix=""
 
 
 def main(argv):
-    p = argparse.ArgumentParser(prog="python -m scripts.plot_svd", description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", nargs="?", help="an adaptive run's checkpoint folder")
-    p.add_argument("--baseline", help="the baseline run's checkpoint folder (loss/bpb and spectra comparison)")
-    p.add_argument("--log", help="console log of RUN_DIR if it is not RUN_DIR/train.log (e.g. a SLURM .out file)")
-    p.add_argument("--out", help="where the PNGs go (default RUN_DIR/figures)")
-    p.add_argument("--prefix", default="", help="prefix of every file name")
-    p.add_argument("--spectra", action="store_true", help="also plot singular-value spectra from checkpoint.pt")
-    p.add_argument("--forgetting", help="forgetting.json of scripts.forgetting: plot its curves")
-    args = p.parse_args(argv)
+    args = parse_args(PlotConfig, argv, prog="python -m scripts.plot_svd", description=__doc__)
     written = []
     if args.forgetting:
         out = args.out or os.path.dirname(os.path.abspath(args.forgetting))

@@ -7,10 +7,11 @@
     python -m scripts.prepare_data --source=fineweb --num_shards=8   # needs internet (login node)
 """
 
-import argparse
+import dataclasses
 import os
 import time
 
+from nanochat.cli import flag, parse_flags
 from nanochat.common import UserError, run_cli
 from nanochat.dataset import (DOMAINS, LICENCES, download_fineweb, file_documents, get_data_dir, hf_disk_documents,
                               offline_documents, write_shards)
@@ -24,47 +25,45 @@ SOURCE_FLAGS = {  # flags that only make sense for one source, so a misplaced on
 SHARD_FLAGS = {"docs_per_shard", "val_docs", "val_fraction", "seed"}  # the shard writer's, unused by fineweb
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(message)  # run_cli turns it into one line on stderr and exit status 2
+@dataclasses.dataclass
+class PrepareConfig:
+    source: str = flag("offline", "where the text comes from", choices=list(SOURCE_FLAGS))
+    data_dir: str = flag("", "output directory; empty = <base>/base_data")
+    domains: str = flag(",".join(DOMAINS), "offline: comma-separated domains")
+    max_chars_per_domain: int = flag(0, "offline: cap each domain's characters; 0 = no cap")
+    files: list[str] = flag([], "files: .txt, .jsonl (field 'text') or .parquet (column 'text')")
+    txt_split: str = flag("file", "files: a .txt file is one document, or one per blank-line-separated paragraph",
+                          choices=["file", "paragraphs"])
+    dataset_path: str = flag("", "hf_disk: directory written by Dataset.save_to_disk")
+    hf_split: str = flag("train", "hf_disk: split of a saved DatasetDict")
+    num_shards: int = flag(8, "fineweb: train shards to download (max 1822)")
+    retries: int = flag(5, "fineweb: tries per shard")
+    workers: int = flag(4, "fineweb: parallel downloads")
+    docs_per_shard: int = flag(2000, "documents per train shard")
+    val_docs: int = flag(0, "documents in the val shard; 0 = --val_fraction of all")
+    val_fraction: float = flag(0.05, "fraction of documents for val")
+    seed: int = flag(42, "shuffle seed that also fixes the val documents")
 
 
 def parse_args(argv):
-    p = _Parser(prog="python -m scripts.prepare_data", description=__doc__.split("\n")[0], allow_abbrev=False,
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("--source", choices=list(SOURCE_FLAGS), default="offline", help="where the text comes from (default: offline)")
-    p.add_argument("--data_dir", "--data-dir", default=None, help="output directory (default: <base>/base_data)")
-    p.add_argument("--domains", default=None, help=f"offline: comma-separated domains (default: {','.join(DOMAINS)})")
-    p.add_argument("--max_chars_per_domain", "--max-chars-per-domain", type=int, default=None, help="offline: cap each domain's characters")
-    p.add_argument("--files", nargs="+", default=None, help="files: .txt, .jsonl (field 'text') or .parquet (column 'text')")
-    p.add_argument("--txt_split", "--txt-split", choices=["file", "paragraphs"], default=None,
-                   help="files: a .txt file is one document ('file', default) or one per blank-line-separated paragraph")
-    p.add_argument("--dataset_path", "--dataset-path", default=None, help="hf_disk: directory written by Dataset.save_to_disk")
-    p.add_argument("--hf_split", "--hf-split", default=None, help="hf_disk: split of a saved DatasetDict (default: train)")
-    p.add_argument("--num_shards", "--num-shards", type=int, default=None, help="fineweb: train shards to download (default: 8, max 1822)")
-    p.add_argument("--retries", type=int, default=None, help="fineweb: tries per shard (default: 5)")
-    p.add_argument("--workers", type=int, default=None, help="fineweb: parallel downloads (default: 4)")
-    p.add_argument("--docs_per_shard", "--docs-per-shard", type=int, default=None, help="documents per train shard (default: 2000)")
-    p.add_argument("--val_docs", "--val-docs", type=int, default=None, help="documents in the val shard (default: 5%% of all)")
-    p.add_argument("--val_fraction", "--val-fraction", type=float, default=None, help="fraction of documents for val (default: 0.05)")
-    p.add_argument("--seed", type=int, default=None, help="shuffle seed that also fixes the val documents (default: 42)")
-    args = p.parse_args(argv)
-    given = {k for k, v in vars(args).items() if v is not None} - {"source", "data_dir"}
-    allowed = SOURCE_FLAGS[args.source] | (SHARD_FLAGS if args.source != "fineweb" else set())
-    if given - allowed:
-        raise UserError(f"--{sorted(given - allowed)[0]} does not apply to --source={args.source}")
-    if args.val_docs is not None and args.val_fraction is not None:
+    given = parse_flags(PrepareConfig, argv, prog="python -m scripts.prepare_data", description=__doc__)
+    cfg = PrepareConfig(**given)
+    allowed = SOURCE_FLAGS[cfg.source] | (SHARD_FLAGS if cfg.source != "fineweb" else set())
+    misplaced = sorted(set(given) - {"source", "data_dir"} - allowed)
+    if misplaced:
+        raise UserError(f"--{misplaced[0]} does not apply to --source={cfg.source}")
+    if "val_docs" in given and "val_fraction" in given:
         raise UserError("give --val_docs or --val_fraction, not both")
-    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
-        raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if not 0 < cfg.val_fraction < 1:
+        raise UserError(f"--val_fraction must be between 0 and 1, got {cfg.val_fraction}")
     for name in ("max_chars_per_domain", "num_shards", "retries", "workers", "docs_per_shard", "val_docs"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.source == "files" and not args.files:
+        if name in given and given[name] < 1:
+            raise UserError(f"--{name} must be >= 1, got {given[name]}")
+    if cfg.source == "files" and not cfg.files:
         raise UserError("--source=files needs --files PATH [PATH ...]")
-    if args.source == "hf_disk" and not args.dataset_path:
+    if cfg.source == "hf_disk" and not cfg.dataset_path:
         raise UserError("--source=hf_disk needs --dataset_path=DIR")
-    return args
+    return cfg
 
 
 def main(argv):
@@ -72,23 +71,23 @@ def main(argv):
     data_dir = get_data_dir(args.data_dir)
     t0 = time.time()
     if args.source == "fineweb":
-        manifest = download_fineweb(args.num_shards or 8, data_dir, retries=args.retries or 5, workers=args.workers or 4)
+        manifest = download_fineweb(args.num_shards, data_dir, retries=args.retries, workers=args.workers)
         print(f"FineWeb-Edu: {manifest['train']['shards']} train shards ({manifest['train']['docs']:,} docs) and the val shard "
               f"({manifest['val']['docs']:,} docs) in {os.path.abspath(data_dir)} [{time.time() - t0:.1f}s]")
         return
     if args.source == "offline":
-        domains = [d.strip() for d in (args.domains or ",".join(DOMAINS)).split(",") if d.strip()]
-        docs = offline_documents(domains, args.max_chars_per_domain)
+        domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+        docs = offline_documents(domains, args.max_chars_per_domain or None)
         source, licence = f"offline:{','.join(domains)}", "; ".join(LICENCES[d] for d in domains if d in LICENCES)
     elif args.source == "files":
-        docs = file_documents(args.files, args.txt_split or "file")
+        docs = file_documents(args.files, args.txt_split)
         source, licence = "files", "the user's own files"
         print(f"Reading {len(args.files)} files")
     else:
-        docs = hf_disk_documents(args.dataset_path, args.hf_split or "train")
+        docs = hf_disk_documents(args.dataset_path, args.hf_split)
         source, licence = f"hf_disk:{os.path.abspath(args.dataset_path)}", "see the dataset's own card"
-    manifest = write_shards(docs, data_dir, docs_per_shard=args.docs_per_shard or 2000, val_docs=args.val_docs,
-                            val_fraction=args.val_fraction or 0.05, seed=42 if args.seed is None else args.seed,
+    manifest = write_shards(docs, data_dir, docs_per_shard=args.docs_per_shard, val_docs=args.val_docs or None,
+                            val_fraction=args.val_fraction, seed=args.seed,
                             source=source, licence=licence)
     train, val = manifest["train"], manifest["val"]
     print(f"Source: {source} ({licence})")

@@ -19,14 +19,6 @@ RESUME_RE = re.compile(r"^Resumed from .* at step (\d+)")
 SVD_TIME_RE = re.compile(r"^=== SVD Analysis complete === \((\d+) ms\)")
 
 
-def split_training_flags(argv):
-    """(the runner's own arguments, the training flags after a `--`)."""
-    if "--" in argv:
-        i = argv.index("--")
-        return argv[:i], argv[i + 1:]
-    return argv, []
-
-
 def read_jsonl(path):
     """Complete records of a (possibly growing) JSONL file; a torn last line is left out."""
     records = []

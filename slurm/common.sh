@@ -157,6 +157,7 @@ nanochat_setup() {
     NANOCHAT_KIND=$1
     local tag=$2
     shift 2
+    NANOCHAT_EXTRA=("$@")
     nanochat_env
     nanochat_check_args "$@"
     : "${OUTPUT_DIR:=$NANOCHAT_RUNS/$NANOCHAT_KIND}"
@@ -177,6 +178,29 @@ nanochat_setup() {
     nanochat_resume "$OUTPUT_DIR/base_checkpoints/$MODEL_TAG"
 }
 
+# Extra arguments win over the job's own flags: the training scripts reject a flag given twice, so
+# every --name=value of the training script (after its `-m scripts.X`) that an extra argument sets
+# again is left out. The job's command ends with the extra arguments ("$@"), which are kept whole.
+# Sets NANOCHAT_CMD to the command to run.
+nanochat_override() {
+    local own=$(($# - ${#NANOCHAT_EXTRA[@]})) i=0 script=0 word name extra
+    NANOCHAT_CMD=()
+    for word in "$@"; do
+        i=$((i + 1))
+        if [ "$script" = 1 ] && [ "$i" -le "$own" ] && [[ $word == --*=* ]]; then
+            name=${word%%=*}
+            for extra in ${NANOCHAT_EXTRA[@]+"${NANOCHAT_EXTRA[@]}"}; do
+                extra=${extra%%=*}
+                [ "${extra//-/_}" = "${name//-/_}" ] && continue 2
+            done
+        fi
+        if [[ $word == scripts.* ]]; then
+            script=1
+        fi
+        NANOCHAT_CMD+=("$word")
+    done
+}
+
 nanochat_forward() {
     NANOCHAT_STOP=$1
     echo "$(date '+%H:%M:%S') job: got SIG$1; asking the training processes to save a checkpoint and stop"
@@ -190,6 +214,8 @@ nanochat_forward() {
 # phase3_multinode.sbatch). After a save on SIGUSR1 the job requeues itself; the requeued job
 # resumes from the checkpoint.
 nanochat_launch() {
+    nanochat_override "$@"
+    set -- "${NANOCHAT_CMD[@]}"
     echo "+ $*"
     if [ "${NANOCHAT_DRY_RUN:-0}" = 1 ]; then
         return 0

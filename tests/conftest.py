@@ -1,13 +1,64 @@
-"""Test isolation: every test gets its own NANOCHAT_BASE_DIR, so nothing touches ~/.cache/nanochat."""
+"""Shared test setup: every test gets its own NANOCHAT_BASE_DIR, so nothing touches ~/.cache/nanochat.
+
+Fixtures: `isolated_base_dir` (automatic), `prepared_base` (real data + tokenizer, once per session)
+and `base` (a test runs on `prepared_base`). Helpers for test modules (`from tests.conftest import ...`):
+`ROOT`, `free_port()`, `tiny_model(...)`, `perturb_zero_inits(model)`.
+
+Markers: `slow` and `slurm` tests are deselected by default (pyproject.toml). No test carries both and
+every test that uses the `slurm` fixture (a real SLURM cluster: apt-get and daemons) is marked `slurm`,
+so the default run, `-m slow` and `-m slurm` together run every test exactly once, and only `-m slurm`
+installs packages or starts daemons.
+"""
 
 import os
+import socket
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous or a local server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model(depth=2, vocab=256, seq=32, seed=0):
+    """A freshly initialised GPT on CPU, built on the meta device first as the training loop does."""
+    from nanochat.gpt import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(depth, vocab, seq))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model
+
+
+def perturb_zero_inits(model, std=0.05, seed=1):
+    """The zero-initialised projections make every output trivial; give them random weights for tests."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything
+def pytest_collection_modifyitems(items):
+    for item in items:
+        marks = {m.name for m in item.iter_markers()}
+        if "slurm" in getattr(item, "fixturenames", ()) and "slurm" not in marks:
+            raise pytest.UsageError(f"{item.nodeid} uses the slurm fixture: mark it @pytest.mark.slurm")
+        if {"slow", "slurm"} <= marks:
+            raise pytest.UsageError(f"{item.nodeid} is marked slow and slurm: -m slow would start SLURM; keep only slurm")
 
 
 @pytest.fixture(autouse=True)
@@ -40,3 +91,11 @@ def prepared_base(tmp_path_factory):
     texts = (t for path in list_shards(data_dir, "train") for t in pq.read_table(path).column("text").to_pylist())
     Tokenizer.train_from_iterator(texts, 4096).save(str(base / "tokenizer"))
     return base
+
+
+@pytest.fixture
+def base(prepared_base, monkeypatch):
+    """The test runs on `prepared_base` (read-only); child processes it starts use one thread each."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(prepared_base))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return prepared_base

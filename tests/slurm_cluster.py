@@ -25,6 +25,7 @@ import time
 CRED_EXPIRE = 10
 BINARIES = ("sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo", "slurmctld", "slurmd", "munged")
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
+POLICY_RC = "/usr/sbin/policy-rc.d"  # Debian: a script that says whether package scripts may start services
 
 
 def which(name):
@@ -46,7 +47,7 @@ def ensure_slurm(timeout=900):
         return f"SLURM is not installed ({', '.join(missing)} missing) and installing it needs root"
     if which("apt-get") is None:
         return f"SLURM is not installed ({', '.join(missing)} missing) and there is no apt-get"
-    policy = "/usr/sbin/policy-rc.d"
+    policy = POLICY_RC
     made_policy = not os.path.exists(policy)
     if made_policy:  # keep the packages' post-install scripts from starting system daemons
         with open(policy, "w") as f:

@@ -17,8 +17,8 @@ from nanochat.gpt import GPT, AdaptiveSVDLinear, GPTConfig
 from nanochat.optim import Muon, build_optimizers
 from nanochat.train import Run, train
 from scripts.method_checks import planted
+from tests.conftest import ROOT, tiny_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def protected_pair(shape=(64, 48), k=6, seed=0):
@@ -91,11 +91,7 @@ def test_state_dict_is_dense_and_loads_into_a_plain_linear():
 
 def small_run(cfg_overrides=None, depth=2, vocab=256, seq=32):
     cfg = AdaptiveConfig(**{"depth": depth, "svd_targets": "attn", "adaptive_svd_target_layer": -1, **(cfg_overrides or {})})
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(GPTConfig.from_depth(depth, vocab, seq))
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = tiny_model(depth, vocab, seq)
     with torch.no_grad():
         for b, block in enumerate(model.transformer.h):  # zero-initialised projections give zero gradients upstream
             n = block.attn.c_proj.weight.shape[0]
@@ -263,12 +259,6 @@ def test_switches_both_ways_under_compile_never_recompile():
 TINY = dict(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=256, eval_tokens=1024, sample_every=-1,
             device_type="cpu", eval_every=-1, svd_interval=2, adaptive_svd_target_layer=-1, svd_targets="all",
             svd_ratio_enter=1.05, svd_ratio_exit=1.0, svd_patience=1)
-
-
-@pytest.fixture
-def base(prepared_base, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(prepared_base))
-    return prepared_base
 
 
 class StopAt(AdaptiveSVDHook):

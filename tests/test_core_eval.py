@@ -7,7 +7,6 @@ import functools
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,8 +20,8 @@ from nanochat import core_eval
 from nanochat.common import UserError, run_cli
 from nanochat.core_eval import (CoreTask, centered_accuracy, common_length, crop, download_bundle, evaluate_core,
                                 load_bundle, locate, prepare_example, render_lm, render_mc, render_schema, sample_fewshot)
+from tests.conftest import ROOT, free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=256, eval_tokens=1024,
             sample_every=-1, device_type="cpu")
 
@@ -335,12 +334,6 @@ def test_standalone_errors_are_one_line(isolated_base_dir, tmp_path, capsys):
 
 # ---------------------------------------------------------------- preparing the bundle
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_download_bundle_from_a_local_server(tmp_path, capsys):
     served = tmp_path / "served"
     bundle = write_tiny_bundle(tmp_path / "src")
@@ -368,7 +361,7 @@ def test_download_bundle_from_a_local_server(tmp_path, capsys):
 
 def test_download_offline_is_one_line(isolated_base_dir, capsys):
     from scripts.base_eval import main
-    url = f"http://127.0.0.1:{_free_port()}/eval_bundle.zip"  # nothing listens there: like having no internet
+    url = f"http://127.0.0.1:{free_port()}/eval_bundle.zip"  # nothing listens there: like having no internet
     with pytest.raises(SystemExit) as e:
         run_cli(main, ["--download_bundle", f"--bundle_url={url}", "--download_retries=1"])
     err = capsys.readouterr().err
@@ -395,7 +388,7 @@ def test_two_gloo_ranks_split_examples_and_agree(tmp_path):
     bundle = write_tiny_bundle(tmp_path)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_dist_worker, args=(2, _free_port(), bundle, queue), nprocs=2, start_method="spawn")
+    mp.start_processes(_dist_worker, args=(2, free_port(), bundle, queue), nprocs=2, start_method="spawn")
     got = sorted(queue.get() for _ in range(2))
     for rank, results, core in got:
         assert results == pytest.approx(EXPECTED) and core == pytest.approx(EXPECTED_CORE)

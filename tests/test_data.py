@@ -18,8 +18,8 @@ from nanochat.dataset import (download_fineweb, file_documents, hf_disk_document
                               shakespeare_documents, shakespeare_files, split_paragraphs, strip_gutenberg,
                               wiki_documents, write_shards)
 from nanochat.tokenizer import Tokenizer
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_split(data_dir, split):
@@ -193,8 +193,9 @@ def test_prepare_data_cli_checks():
                          (["--val_fraction=1.5"], "between 0 and 1"),
                          (["--docs_per_shard=0"], ">= 1"),
                          (["--source=fineweb", "--seed=1"], "does not apply"),
-                         (["--source=web"], "invalid choice"),
-                         (["--num_shards=x"], "invalid int value")):
+                         (["--source=web"], "--source must be one of offline, files, hf_disk, fineweb"),
+                         (["--num_shards=x"], "--num_shards expects int"),
+                         (["--seed=1", "--seed=2"], "--seed is given twice")):
         with pytest.raises(UserError, match=message):
             parse_args(bad)
 

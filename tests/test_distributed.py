@@ -8,21 +8,21 @@ the same token windows in every step, and the comparison tests the distributed c
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT, free_port
+
 RUNNER = os.path.join(ROOT, "tests", "dist_run.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 # 12 matrices (attention + MLP of 2 blocks) split over the ranks; a low enter ratio, a very low exit
 # ratio and patience 1 make layers switch to low rank and stay there (refreshing their bases), so
 # bases and momentum really cross ranks
-FLAGS = ["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=8",
+FLAGS = ["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256",
          "--eval_every=4", "--eval_tokens=512", "--sample_every=-1", "--device_type=cpu", "--svd_interval=2",
          "--adaptive_svd_target_layer=-1", "--svd_targets=all", "--svd_ratio_enter=1.05", "--svd_ratio_exit=0.01",
          "--svd_patience=1"]
@@ -52,8 +52,8 @@ def decisions(records):
 def test_two_gloo_ranks_match_one_process_with_accumulation(env, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
-    r2 = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", RUNNER, *FLAGS, f"--output_dir={two}"], env, two)
-    r1 = run([sys.executable, RUNNER, *FLAGS, f"--output_dir={one}"], env, one, DIST_RUN_EMULATE="2")
+    r2 = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", RUNNER, *FLAGS, "--num_iterations=8", f"--output_dir={two}"], env, two)
+    r1 = run([sys.executable, RUNNER, *FLAGS, "--num_iterations=8", f"--output_dir={one}"], env, one, DIST_RUN_EMULATE="2")
     assert "Distributed: 2 ranks, backend gloo" in r2.stdout
     assert "gradient accumulation steps: 1" in r2.stdout and "gradient accumulation steps: 2" in r1.stdout
     assert "analysis spread over 2 ranks by layer (layers per rank: 6, 6)" in r2.stdout
@@ -90,9 +90,7 @@ def test_two_gloo_ranks_match_one_process_with_accumulation(env, tmp_path):
 
 def launch_ranks(env, out, world=2, **extra):
     """Start the ranks without torchrun (no agent that kills the others), so each one's own fate is seen."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank in range(world):
         rank_env = dict(env, DIST_RUN_OUT=str(out), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),

@@ -15,13 +15,6 @@ TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=1", "--total_batch
         "--sample_every=-1", "--device_type=cpu", "--adaptive_svd_target_layer=-1", "--svd_targets=attn", "--svd_interval=3"]
 
 
-@pytest.fixture
-def base(prepared_base, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(prepared_base))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    return prepared_base
-
-
 @pytest.fixture(scope="module")
 def comparison(prepared_base, tmp_path_factory):
     """One baseline + adaptive pair through the runner's CLI, shared by the checks below."""

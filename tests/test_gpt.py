@@ -8,24 +8,7 @@ import torch.nn.functional as F
 
 from nanochat.engine import Engine, generate_no_cache
 from nanochat.gpt import GPT, GPTConfig, SOFTCAP, SoftcapCrossEntropyMean, apply_rotary_emb, softcap_cross_entropy_chunks
-
-
-def make_model(depth=2, vocab=512, seq=64, seed=0):
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(GPTConfig.from_depth(depth, vocab, seq))
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model
-
-
-def perturb_zero_inits(model, seed=1):
-    """The zero-initialised projections make every output trivial; give them weights for tests."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+from tests.conftest import perturb_zero_inits, tiny_model
 
 
 @pytest.mark.parametrize("depth,params", [(4, 36_700_160), (20, 560_988_160)])
@@ -52,7 +35,7 @@ def test_flops_formula():
 
 
 def test_init_facts_and_first_loss():
-    model = make_model(depth=2, vocab=1000)
+    model = tiny_model(vocab=1000, seq=64)
     for block in model.transformer.h:
         assert block.attn.c_proj.weight.abs().sum() == 0 and block.mlp.c_proj.weight.abs().sum() == 0
         w = block.attn.c_q.weight
@@ -100,7 +83,7 @@ def test_fused_cross_entropy_matches_autograd():
 
 
 def test_model_loss_and_per_token_losses_match_reference():
-    model = make_model()
+    model = tiny_model(vocab=512, seq=64)
     perturb_zero_inits(model)
     idx = torch.randint(0, 512, (2, 64))
     tgt = torch.randint(0, 512, (2, 64))
@@ -121,7 +104,7 @@ def test_rotary_is_a_rotation():
 
 
 def test_causality():
-    model = make_model()
+    model = tiny_model(vocab=512, seq=64)
     perturb_zero_inits(model)
     idx = torch.randint(0, 512, (1, 32))
     out1 = model(idx)
@@ -140,7 +123,7 @@ class _FakeTokenizer:
 
 
 def test_kv_cache_generation_equals_no_cache():
-    model = make_model(depth=2, vocab=512, seq=64)
+    model = tiny_model(vocab=512, seq=64)
     perturb_zero_inits(model)
     model.eval()
     prompt = [5, 17, 33, 2, 99]
@@ -151,7 +134,7 @@ def test_kv_cache_generation_equals_no_cache():
 
 
 def test_sampling_is_seeded():
-    model = make_model()
+    model = tiny_model(vocab=512, seq=64)
     perturb_zero_inits(model)
     eng = Engine(model, _FakeTokenizer())
     a, _ = eng.generate_batch([1, 2, 3], num_samples=3, max_tokens=8, temperature=1.0, seed=7)

@@ -3,8 +3,8 @@ protected layers is tested with the layer, in tests/test_adaptive_cycle.py."""
 
 import torch
 
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import Muon, build_optimizers, muon_momentum, zeropower_via_newtonschulz5
+from tests.conftest import tiny_model
 
 
 def test_newton_schulz_approximately_orthogonalises():
@@ -72,10 +72,7 @@ def test_momentum_ramp():
 
 
 def test_build_optimizers_groups_and_scaled_lrs():
-    with torch.device("meta"):
-        model = GPT(GPTConfig.from_depth(2, 256, 32))
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = tiny_model(depth=2, vocab=256, seq=32)
     muon, adamw = build_optimizers(model, 0.02, 0.2, 0.004)
     scale = (128 / 768) ** -0.5
     assert abs(adamw.param_groups[0]["lr"] - 0.004 * scale) < 1e-12

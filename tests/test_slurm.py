@@ -1,26 +1,26 @@
 """The SLURM job files in slurm/.
 
-Without SLURM: every command line of every job file passes only flags its target script defines
+Without SLURM (default selection): every command line of every job file passes only flags its target script defines
 (read from the file, and from what the file really runs in dry-run mode), the files are strict bash,
 and missing data or environment give a clear message.
 
-Under a real one-machine SLURM (tests/slurm_cluster.py installs slurm-wlm and munge with apt when
+Under a real one-machine SLURM, only with `-m slurm` (tests/slurm_cluster.py installs slurm-wlm and munge with apt when
 absent, starts munged, slurmctld and slurmd with a generated CPU-only slurm.conf and stops only
 those): the real job files are submitted with the cluster facts overridden by sbatch options and
 environment, as a user on another cluster would: Phase 1 completes; a job signalled with
 `scancel --signal=USR1 --batch` (what `--signal=B:USR1@N` does before the time limit) saves,
 requeues itself and resumes to exactly the result of an uninterrupted run; a 2-task job (srun + two
-torchruns meeting at a c10d rendezvous) and a 2-process torchrun job run the gloo path.
+torchruns meeting at a c10d rendezvous) and a 2-process torchrun job run the gloo path; a 2-task
+job resumes exactly too, and SLURM's own time-limit warning fires (these two take about a minute each).
 """
 
-import argparse
+import dataclasses
 import glob
 import importlib
 import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -29,55 +29,36 @@ import pytest
 import torch
 
 from nanochat.cli import parse_args
+from nanochat.common import UserError
+from tests.conftest import ROOT, free_port
 from tests.slurm_cluster import CRED_EXPIRE, LocalSlurm, ensure_slurm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM_DIR = os.path.join(ROOT, "slurm")
 JOB_FILES = sorted(glob.glob(os.path.join(SLURM_DIR, "*.sbatch")))
 SHELL_FILES = JOB_FILES + [os.path.join(SLURM_DIR, "prepare_login_node.sh"), os.path.join(SLURM_DIR, "common.sh")]
+WRAPPERS = {"phase3_adaptive.sbatch": "adaptive", "phase3_baseline.sbatch": "baseline"}  # phase3.sbatch, KIND fixed
 
 
 # -- the flags each entry point defines ------------------------------------------------------------
 
-def _dataclass_flags(cls):
-    import dataclasses
-    return {f.name for f in dataclasses.fields(cls)}
+CONFIGS = {  # the entry points the job files run: module -> (module of its config class, the class)
+    "scripts.base_train": ("nanochat.train", "TrainConfig"),
+    "scripts.base_train_adaptive_svd": ("nanochat.adaptive_cycle", "AdaptiveConfig"),
+    "scripts.tok_train": ("scripts.tok_train", "TokTrainConfig"),
+    "scripts.base_eval": ("scripts.base_eval", "EvalConfig"),
+    "scripts.prepare_data": ("scripts.prepare_data", "PrepareConfig"),
+}
 
 
-def _argparse_flags(build):
-    """Option names of an argparse-based entry point: catch its parser when it parses []."""
-    seen = {}
-    real = argparse.ArgumentParser.parse_args
-
-    def grab(self, *args, **kwargs):
-        seen["parser"] = self
-        return real(self, *args, **kwargs)
-
-    argparse.ArgumentParser.parse_args = grab
-    try:
-        build([])
-    finally:
-        argparse.ArgumentParser.parse_args = real
-    return {s[2:].replace("-", "_") for a in seen["parser"]._actions for s in a.option_strings if s.startswith("--")}
+def config_class(module):
+    assert module in CONFIGS, f"a job file runs {module}, which this test does not know: add it to CONFIGS"
+    where, name = CONFIGS[module]
+    return getattr(importlib.import_module(where), name)
 
 
 def script_flags(module):
-    if module == "scripts.base_train":
-        from nanochat.train import TrainConfig
-        return _dataclass_flags(TrainConfig)
-    if module == "scripts.base_train_adaptive_svd":
-        from nanochat.adaptive_cycle import AdaptiveConfig
-        return _dataclass_flags(AdaptiveConfig)
-    if module == "scripts.tok_train":
-        from scripts.tok_train import TokTrainConfig
-        return _dataclass_flags(TokTrainConfig)
-    if module == "scripts.base_eval":
-        from scripts.base_eval import EvalConfig
-        return _dataclass_flags(EvalConfig)
-    if module == "scripts.prepare_data":
-        from scripts.prepare_data import parse_args as prepare_parse
-        return _argparse_flags(prepare_parse)
-    raise AssertionError(f"a job file runs {module}, which this test does not know: add it to script_flags")
+    """The flags an entry point defines: the fields of its config dataclass."""
+    return {f.name for f in dataclasses.fields(config_class(module))}
 
 
 # -- reading the command lines of a job file -------------------------------------------------------
@@ -134,7 +115,7 @@ def commands(path):
 @pytest.mark.parametrize("path", SHELL_FILES, ids=os.path.basename)
 def test_every_flag_of_every_command_exists_in_its_script(path):
     found = commands(path)
-    if path.endswith("common.sh"):
+    if path.endswith("common.sh") or os.path.basename(path) in WRAPPERS:
         assert found == []
         return
     assert found, f"{path} runs no `-m scripts.X` command"
@@ -142,6 +123,8 @@ def test_every_flag_of_every_command_exists_in_its_script(path):
         known = script_flags(module)
         unknown = [f for f in flags if f not in known]
         assert not unknown, f"{os.path.basename(path)} passes {unknown} to {module}, which does not define them: {line[:200]}"
+        if path in JOB_FILES:  # the extra arguments come last: nanochat_launch lets them replace the job's flags
+            assert line.rstrip().endswith('"$@"'), line[-200:]
 
 
 def test_the_parser_sees_the_training_commands():
@@ -149,6 +132,10 @@ def test_the_parser_sees_the_training_commands():
     assert [m for m, _, _ in by_file["phase1_cpu.sbatch"]] == ["scripts.base_train_adaptive_svd"]
     assert sorted(m for m, _, _ in by_file["phase2_gpu.sbatch"]) == ["scripts.base_train", "scripts.base_train_adaptive_svd"]
     assert sorted(m for m, _, _ in by_file["phase3_multinode.sbatch"]) == ["scripts.base_train", "scripts.base_train_adaptive_svd"]
+    phase3 = {m: flags for m, flags, _ in by_file["phase3.sbatch"]}
+    assert sorted(phase3) == ["scripts.base_train", "scripts.base_train_adaptive_svd"]
+    assert set(phase3["scripts.base_train_adaptive_svd"]) - set(phase3["scripts.base_train"]) == {
+        "adaptive_svd_target_layer", "svd_targets", "svd_interval"}
     phase1 = by_file["phase1_cpu.sbatch"][0][1]
     for researcher_flag in ("depth", "max_seq_len", "device_batch_size", "eval_tokens", "core_metric_every",
                             "total_batch_size", "num_iterations", "device_type"):
@@ -173,6 +160,16 @@ def test_job_files_are_strict_and_ask_for_a_warning_signal(path):
         assert sbatch["cpus-per-task"] == "16" and sbatch["mem"] == "256G"
 
 
+@pytest.mark.parametrize("name,kind", WRAPPERS.items())
+def test_a_phase3_wrapper_is_the_shared_job_with_its_kind_fixed(name, kind):
+    """sbatch reads #SBATCH lines only from the submitted file: a wrapper repeats phase3.sbatch's but its
+    job name, and runs phase3.sbatch in its own process (exec), so the batch shell's signals reach it."""
+    text, shared = open(os.path.join(SLURM_DIR, name)).read(), open(os.path.join(SLURM_DIR, "phase3.sbatch")).read()
+    options = lambda t: re.findall(r"^#SBATCH (--(?!job-name)\S+)", t, re.M)
+    assert options(text) == options(shared) and f"#SBATCH --job-name=nanochat-phase3-{kind}\n" in text
+    assert logical_lines(text)[-1].startswith(f'KIND={kind} NANOCHAT_REPO=$NANOCHAT_REPO exec bash "$NANOCHAT_REPO/slurm/phase3.sbatch" "$@"')
+
+
 # -- running the job files with bash (no SLURM needed) ---------------------------------------------
 
 def job_env(base, runs, **extra):
@@ -193,31 +190,50 @@ def printed_command(stdout):
     ("phase1_cpu.sbatch", {}),
     ("phase2_gpu.sbatch", {}),
     ("phase2_gpu.sbatch", {"KIND": "baseline"}),
+    ("phase3.sbatch", {}),
+    ("phase3.sbatch", {"KIND": "baseline"}),
     ("phase3_adaptive.sbatch", {}),
-    ("phase3_baseline.sbatch", {}),
+    ("phase3_baseline.sbatch", {"KIND": "adaptive"}),  # the wrapper's own KIND wins
     ("phase3_multinode.sbatch", {}),
     ("phase3_multinode.sbatch", {"KIND": "baseline"}),
 ])
 def test_dry_run_commands_parse_with_the_scripts_own_parser(prepared_base, tmp_path, path, extra):
-    env = job_env(prepared_base, tmp_path, NANOCHAT_DRY_RUN=1, **extra)
-    r = subprocess.run(["bash", os.path.join(SLURM_DIR, path), "--eval_every=50"], cwd=ROOT, env=env,
+    """Dry run with extra arguments in both forms: they replace the job's own flags of the same name."""
+    module, script_args = dry_run(prepared_base, tmp_path, path, ["--eval_every=50", "--sample_every", "7"], **extra)
+    cfg = parse_args(config_class(module), script_args, prog=module, description="")
+    assert cfg.eval_every == 50 and cfg.sample_every == 7 and cfg.output_dir.startswith(str(tmp_path)) and not cfg.resume
+    kind = WRAPPERS.get(path, extra.get("KIND", "adaptive"))
+    assert module == ("scripts.base_train" if kind == "baseline" else "scripts.base_train_adaptive_svd")
+    if "phase3" in path:
+        assert cfg.depth == 20 and cfg.total_batch_size == 524288 and cfg.num_iterations == -1
+        assert cfg.output_dir.endswith("_multinode_" + kind if "multinode" in path else "phase3_" + kind)
+    if kind == "adaptive" and "phase3" in path:
+        assert cfg.svd_targets == "all" and cfg.svd_interval == 100
+
+
+def dry_run(base, runs, job, args, **env):
+    """(module, its arguments) of the command a job prints with NANOCHAT_DRY_RUN=1; checks the launcher."""
+    r = subprocess.run(["bash", os.path.join(SLURM_DIR, job), *args], cwd=ROOT, env=job_env(base, runs, NANOCHAT_DRY_RUN=1, **env),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     argv = printed_command(r.stdout)
     i = max(i for i, w in enumerate(argv) if w == "-m" and argv[i + 1].startswith("scripts."))
-    module = importlib.import_module(argv[i + 1])
-    config_cls = module.AdaptiveConfig if hasattr(module, "AdaptiveConfig") else module.TrainConfig
     script_args = argv[i + 2:]
-    if "torch.distributed.run" in argv[:i]:
+    if "phase3" in job:
+        assert "torch.distributed.run" in argv[:i]
         assert script_args[0] == "--"  # without it torchrun's parser rejects --run=... as ambiguous
         script_args = script_args[1:]  # torchrun drops it
-    cfg = parse_args(config_cls, script_args, prog=argv[i + 1], description="")
-    assert cfg.eval_every == 50 and cfg.output_dir.startswith(str(tmp_path)) and not cfg.resume
-    if "phase3" in path:
-        assert cfg.depth == 20 and cfg.total_batch_size == 524288 and cfg.num_iterations == -1
-        assert "torch.distributed.run" in argv[:i]
-    if "multinode" in path:
+    if "multinode" in job:
         assert argv[0] == "srun" and any(w.startswith("--rdzv_endpoint=") for w in argv[:i])
+    return argv[i + 1], script_args
+
+
+def test_a_flag_the_user_repeats_reaches_the_script_which_rejects_it(prepared_base, tmp_path):
+    module, script_args = dry_run(prepared_base, tmp_path, "phase3.sbatch", ["--eval_every=1", "--eval_every=2"])
+    assert script_args.count("--eval_every=1") == 1 and script_args.count("--eval_every=2") == 1
+    assert not any(a.startswith("--eval_every=250") for a in script_args)
+    with pytest.raises(UserError, match="--eval_every is given twice"):
+        parse_args(config_class(module), script_args, prog=module, description="")
 
 
 def test_missing_data_stops_with_a_clear_message(tmp_path):
@@ -264,8 +280,10 @@ def test_login_node_preparation_offline(tmp_path):
 
 
 def test_a_failed_install_is_reported_not_raised(tmp_path, monkeypatch):
-    """Without SLURM and without a working apt (no network), ensure_slurm says why; the fixture skips with that."""
+    """Without SLURM and without a working apt (no network), ensure_slurm says why; the fixture skips with that.
+    The policy file that keeps package scripts from starting services goes to tmp_path, not /usr/sbin."""
     import tests.slurm_cluster as sc
+    monkeypatch.setattr(sc, "POLICY_RC", str(tmp_path / "policy-rc.d"))
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "apt-get").write_text("#!/bin/sh\necho 'E: Could not resolve deb.debian.org' >&2\nexit 100\n")
@@ -277,6 +295,7 @@ def test_a_failed_install_is_reported_not_raised(tmp_path, monkeypatch):
         return
     reason = sc.ensure_slurm()
     assert reason.startswith("'apt-get update' failed (exit 100)") and "Could not resolve" in reason
+    assert not os.path.exists(sc.POLICY_RC)  # made for the install and removed again
 
 
 # -- under a real SLURM ----------------------------------------------------------------------------
@@ -335,6 +354,7 @@ def assert_completed(slurm, job, log_dir, timeout=240):
     return info
 
 
+@pytest.mark.slurm
 def test_phase1_job_completes(slurm, prepared_base, tmp_path):
     env = job_env(prepared_base, tmp_path / "runs", DEPTH=2)
     job = submit(slurm, "phase1_cpu.sbatch", [], [*TINY, "--total_batch_size=64", "--num_iterations=20", "--svd_interval=5",
@@ -352,6 +372,7 @@ def test_phase1_job_completes(slurm, prepared_base, tmp_path):
     assert "is complete; nothing to do" in log_of(tmp_path, again)
 
 
+@pytest.mark.slurm
 def test_signalled_job_saves_requeues_and_resumes_exactly(slurm, prepared_base, tmp_path):
     args = [*TINY, "--total_batch_size=64", "--num_iterations=300", "--svd_interval=25", "--eval_tokens=128",
             "--eval_every=-1", "--adaptive_svd_target_layer=-1", "--svd_targets=attn"]
@@ -395,18 +416,13 @@ def _read(log_dir, job):
     return open(paths[0]).read() if paths else ""
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slurm
 def test_two_task_and_two_process_jobs_run_the_gloo_path(slurm, prepared_base, tmp_path):
     args = [*TINY, "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=4", "--eval_tokens=256",
             "--svd_interval=2"]
     common = dict(DEPTH=2, DEVICE_TYPE="cpu", CORE_EVERY=-1)
     multi = submit(slurm, "phase3_multinode.sbatch", ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2"], args,
-                   job_env(prepared_base, tmp_path / "runs", NPROC_PER_NODE=1, RDZV_PORT=_free_port(), **common), tmp_path)
+                   job_env(prepared_base, tmp_path / "runs", NPROC_PER_NODE=1, RDZV_PORT=free_port(), **common), tmp_path)
     single = submit(slurm, "phase3_adaptive.sbatch", ["--cpus-per-task=2"], args,
                     job_env(prepared_base, tmp_path / "runs", NPROC_PER_NODE=2, **common), tmp_path)
     for job, kind in ((multi, "phase3_multinode_adaptive"), (single, "phase3_adaptive")):
@@ -419,7 +435,7 @@ def test_two_task_and_two_process_jobs_run_the_gloo_path(slurm, prepared_base, t
     assert "Rendezvous: 2 torchrun(s) x 1 process(es)" in log_of(tmp_path, multi)
 
 
-@pytest.mark.slow
+@pytest.mark.slurm
 def test_signalled_two_task_job_resumes_exactly(slurm, prepared_base, tmp_path):
     """The multi-node path under a signal: srun forwards SIGUSR1 to both tasks, both ranks save one
     checkpoint together, the job requeues itself, the two torchruns meet again and the run ends with
@@ -429,9 +445,9 @@ def test_signalled_two_task_job_resumes_exactly(slurm, prepared_base, tmp_path):
     opts = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2"]
     common = dict(DEPTH=2, DEVICE_TYPE="cpu", CORE_EVERY=-1, NPROC_PER_NODE=1)
     ref = submit(slurm, "phase3_multinode.sbatch", opts, args,
-                 job_env(prepared_base, tmp_path / "ref", RDZV_PORT=_free_port(), **common), tmp_path / "ref")
+                 job_env(prepared_base, tmp_path / "ref", RDZV_PORT=free_port(), **common), tmp_path / "ref")
     job = submit(slurm, "phase3_multinode.sbatch", opts, args,
-                 job_env(prepared_base, tmp_path / "int", RDZV_PORT=_free_port(), **common), tmp_path / "int")
+                 job_env(prepared_base, tmp_path / "int", RDZV_PORT=free_port(), **common), tmp_path / "int")
     deadline = time.time() + 240
     while not re.search(r"^step 0003\d/", _read(tmp_path / "int", job), re.M):
         assert time.time() < deadline and slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), \
@@ -453,7 +469,7 @@ def test_signalled_two_task_job_resumes_exactly(slurm, prepared_base, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
 
 
-@pytest.mark.slow
+@pytest.mark.slurm
 def test_time_limit_warning_signal_saves_and_requeues(slurm, prepared_base, tmp_path):
     """SLURM's own warning before the limit: with --time=3 and the job file's --signal=B:USR1@N set to
     120 s, SLURM signals the batch shell about 60 s into the job (up to a minute earlier: its timer is

@@ -12,8 +12,8 @@ import torch
 from nanochat.common import UserError
 from nanochat.dataset import wiki_documents, write_shards
 from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, get_token_bytes, get_tokenizer
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIED = [
     "The capital of France is Paris.",
     "Numbers: 3.14159, 1,000,000 and 2025-11-24; version 0.1.0",

@@ -11,16 +11,10 @@ import torch
 from nanochat.checkpoint_manager import CHECKPOINT_NAME
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.train import TrainConfig, TrainHook, train
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=256, eval_tokens=1024,
             sample_every=-1, device_type="cpu")
-
-
-@pytest.fixture
-def base(prepared_base, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(prepared_base))
-    return prepared_base
 
 
 def test_training_lowers_validation_bpb(base, tmp_path, capsys):

@@ -1,0 +1,1 @@
+"""The test suite as a package, so test modules import shared helpers with `from tests.conftest import ...`."""
