@@ -8,9 +8,7 @@ layer's Muon momentum carried by the gradient-consistent rule. Logs to the conso
 """
 
 import dataclasses
-import json
 import math
-import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -148,7 +146,7 @@ class AdaptiveSVDHook(TrainHook):
         self.k_min = {}    # display name -> k_min chosen at the first analysis
         self.prev_res = {} # display name -> top-k SVDResult of the previous analysis (warm start)
         self.switches = {"to_lowrank": 0, "to_full": 0}
-        self.jsonl_path = None
+        self.metrics_log = None
 
     # -- setup -------------------------------------------------------------------------------
     def prepare_model(self, model):
@@ -166,11 +164,8 @@ class AdaptiveSVDHook(TrainHook):
         if self.compiling:
             # let the factor shapes be dynamic, so a new r re-uses the compiled graph
             torch._dynamo.config.force_parameter_static_shapes = False
-        self.jsonl_path = os.path.join(run.ckpt_dir, "svd_metrics.jsonl")
-        if run.rank == 0:
-            os.makedirs(run.ckpt_dir, exist_ok=True)
-            if not self.cfg.resume:
-                open(self.jsonl_path, "w").close()
+        # rank 0 writes it; the loop empties it (fresh run) or drops rows after the checkpoint (resume)
+        self.metrics_log = run.jsonl("svd_metrics.jsonl")
         self.distributed = run.world_size > 1 and dist.is_initialized()
         self.owner = assign_owners(self.layers, run.world_size if self.distributed else 1)
         if self.distributed:
@@ -199,6 +194,8 @@ class AdaptiveSVDHook(TrainHook):
         rank = self.run.rank if self.distributed else 0
         plans = {}
         for display, (_, module) in self.layers.items():
+            if self.run.stop_requested():
+                break  # a stop signal: leave the rest; stop_check() below stops every rank together
             if self.owner[display] == rank:
                 t_layer = time.perf_counter()
                 try:
@@ -207,6 +204,8 @@ class AdaptiveSVDHook(TrainHook):
                     traceback.print_exc()
                     plans[display] = {"error": f"{type(e).__name__}: {e}"}
                 plans[display]["seconds"] = time.perf_counter() - t_layer
+        # planning changed nothing, so a stop here abandons the analysis without a trace
+        self.run.stop_check()
         if self.distributed:
             plans = self._exchange(plans)
         for display, plan in plans.items():
@@ -430,9 +429,7 @@ class AdaptiveSVDHook(TrainHook):
     # -- logging -----------------------------------------------------------------------------
     def _log(self, step, display, record):
         clean = {k: (v.item() if torch.is_tensor(v) else v) for k, v in record.items()}
-        if self.run.rank == 0:
-            with open(self.jsonl_path, "a") as f:
-                f.write(json.dumps(clean) + "\n")
+        self.metrics_log.write(clean)
         data = {f"svd/{display}/{k}": v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         data[f"svd/{display}/lowrank"] = int(clean.get("mode_after", clean["mode"]) == "lowrank")
         self.run.log(data, step)
