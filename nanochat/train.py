@@ -489,8 +489,10 @@ def train(cfg, hook=None, default_tag=None):
 def _print_estimate(step_times, steps_left):
     """The cost of the rest of the run on this device, from the median of this process's first steps."""
     per_step = sorted(step_times)[len(step_times) // 2]
-    print0(f"Estimated time for the remaining {steps_left:,} steps: {per_step * steps_left / 60:.1f} min at "
-           f"{per_step * 1000:.0f} ms/step (median of the first {len(step_times)}; evaluations and saves come on top)")
+    total = per_step * steps_left
+    took = f"{total:.0f} s" if total < 60 else f"{total / 60:.1f} min" if total < 3600 else f"{total / 3600:.1f} h"
+    print0(f"Estimated time for the remaining {steps_left:,} steps: {took} at {per_step * 1000:.0f} ms/step "
+           f"(median of the first {len(step_times)}; evaluations and saves come on top)")
 
 
 def _rng_state(device):
