@@ -25,12 +25,12 @@ CONFIG_NAME = "config.json"
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format is a zip archive
 
 
-class WriteFailed(Exception):
-    """A file of the run could not be written; carries the final path and the operating system's error."""
+class WriteFailed(UserError):
+    """A file of the run could not be written (or, for `action`, read or removed); carries the path and the OS error."""
 
-    def __init__(self, path, error):
+    def __init__(self, path, error, action="write"):
         self.path, self.error = path, error
-        super().__init__(f"could not write {path} ({error.strerror or error})")
+        super().__init__(f"could not {action} {path} ({error.strerror or error})")
 
 
 def _oserror_in(e):

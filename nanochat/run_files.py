@@ -26,10 +26,11 @@ def row_key(record):
 
 
 class JsonlLog:
-    """Appends JSON rows to one file. Opened on the first write; a failed write raises WriteFailed."""
+    """Appends JSON rows to one file. Opened on the first write; a failed write raises WriteFailed,
+    or what on_error(WriteFailed) returns."""
 
-    def __init__(self, path, enabled=True):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path, enabled=True, on_error=None):
+        self.path, self.enabled, self.on_error = path, enabled, on_error
         self.file = None
 
     def write(self, record):
@@ -43,7 +44,8 @@ class JsonlLog:
                 data = data[self.file.write(data):]
         except OSError as e:
             self.close()
-            raise WriteFailed(self.path, e) from None
+            failure = WriteFailed(self.path, e)
+            raise (self.on_error(failure) if self.on_error else failure) from None
 
     def close(self):
         if self.file is not None:
@@ -66,21 +68,25 @@ class JsonlLog:
         if not self.enabled or not os.path.exists(self.path):
             return None
         kept, seen, later, duplicate, broken = [], set(), 0, 0, 0
-        with open(self.path, "rb") as f:
-            for line in f:
-                try:
-                    record = json.loads(line) if line.endswith(b"\n") else None
-                except ValueError:
-                    record = None
-                if not isinstance(record, dict):
-                    broken += line.strip() != b""
-                elif isinstance(record.get("step"), int) and record["step"] > keep_through:
-                    later += 1
-                elif row_key(record) in seen:
-                    duplicate += 1
-                else:
-                    seen.add(row_key(record))
-                    kept.append(line)
+        try:
+            with open(self.path, "rb") as f:
+                lines = f.readlines()
+        except OSError as e:
+            raise WriteFailed(self.path, e, "read") from None
+        for line in lines:
+            try:
+                record = json.loads(line) if line.endswith(b"\n") else None
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                broken += line.strip() != b""
+            elif isinstance(record.get("step"), int) and record["step"] > keep_through:
+                later += 1
+            elif row_key(record) in seen:
+                duplicate += 1
+            else:
+                seen.add(row_key(record))
+                kept.append(line)
         if not (later or duplicate or broken):
             return None
         atomic_write(self.path, lambda f: f.writelines(kept))
@@ -91,17 +97,33 @@ class JsonlLog:
 
 
 class RunFolder:
-    """One run folder, as seen by one rank (only rank 0 touches files)."""
+    """One run folder, as seen by one rank (only rank 0 touches files). `saved_step` is the step of the
+    checkpoint in it that this run wrote or resumed from (None before the first save)."""
 
     def __init__(self, path, rank=0):
         self.path, self.master = path, rank == 0
         self.logs = {}
+        self.saved_step = None
 
     def jsonl(self, name):
         """The metrics log `name` in this folder; the loop starts (empties or trims) it when training starts."""
         if name not in self.logs:
-            self.logs[name] = JsonlLog(os.path.join(self.path, name), self.master)
+            self.logs[name] = JsonlLog(os.path.join(self.path, name), self.master, self.failed)
         return self.logs[name]
+
+    def close(self):
+        for log in self.logs.values():
+            log.close()
+
+    def kept(self):
+        """What a run stopped by an error or a forced stop leaves behind, in words."""
+        if self.saved_step is None:
+            return "no checkpoint of this run had been saved yet"
+        return f"the last good checkpoint, at step {self.saved_step}, is intact (continue with --resume)"
+
+    def failed(self, error):
+        """The one-line error for a file of the run that could not be written."""
+        return UserError(f"{error}; {self.kept()}")
 
     def _names(self):
         return sorted(os.listdir(self.path)) if os.path.isdir(self.path) else []
@@ -111,7 +133,7 @@ class RunFolder:
         return [n for n in self._names() if n in (CHECKPOINT_NAME, CONFIG_NAME)
                 or (n.endswith(".jsonl") and os.path.getsize(os.path.join(self.path, n)) > 0)]
 
-    def saved_step(self):
+    def recorded_step(self):
         """(step, num_iterations) that config.json reports, or None."""
         try:
             with open(os.path.join(self.path, CONFIG_NAME)) as f:
@@ -126,7 +148,7 @@ class RunFolder:
         if not files or overwrite:
             return
         if CHECKPOINT_NAME in files:
-            saved = self.saved_step()
+            saved = self.recorded_step()
             at = f" (checkpoint at step {saved[0]} of {saved[1]})" if saved else ""
             raise UserError(f"{self.path} already holds a run{at}; continue it with --resume, or replace it with "
                             f"--overwrite=true (deletes its checkpoint and metrics), or pick another --model_tag/--output_dir")
@@ -137,8 +159,16 @@ class RunFolder:
         """Training really starts: clean crash debris, then replace (overwrite), repair and trim (resume,
         `checkpoint` given) or empty (fresh) the run's files. `keep_through` overrides, per metrics file
         name, the last step whose rows are kept on resume (default: the checkpoint's step)."""
+        if checkpoint is not None:
+            self.saved_step = checkpoint["loop"]["step"]
         if not self.master:
             return
+        try:
+            self._start(checkpoint, overwrite, keep_through)
+        except WriteFailed as e:
+            raise self.failed(e) from None
+
+    def _start(self, checkpoint, overwrite, keep_through):
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
@@ -151,9 +181,8 @@ class RunFolder:
                 log.reset()
             return
         self._repair_config(checkpoint)
-        step = checkpoint["loop"]["step"]
         for name, log in self.logs.items():
-            report = log.trim((keep_through or {}).get(name, step))
+            report = log.trim((keep_through or {}).get(name, self.saved_step))
             if report:
                 print0(report)
 
@@ -161,8 +190,11 @@ class RunFolder:
         sizes = []
         for name in names:
             path = os.path.join(self.path, name)
-            size = os.path.getsize(path)
-            os.remove(path)
+            try:
+                size = os.path.getsize(path)
+                os.remove(path)
+            except OSError as e:
+                raise WriteFailed(path, e, "remove") from None
             sizes.append(f"{name} ({size / 1e6:.1f} MB)" if size >= 1e5 else name)
         if sizes:
             print0(f"Removed {len(sizes)} {what} in {self.path}: {', '.join(sizes)}")
@@ -172,7 +204,7 @@ class RunFolder:
                      "file(s) left by an interrupted write")
 
     def _remove_run(self):
-        saved = self.saved_step()
+        saved = self.recorded_step()
         self._remove([n for n in self._names() if n in (CHECKPOINT_NAME, CONFIG_NAME) or n.endswith(".jsonl")],
                      "file(s) of the replaced run" + (f" (it was at step {saved[0]})" if saved else "") + " (--overwrite)")
 
@@ -189,7 +221,7 @@ class RunFolder:
                     return
         except OSError:
             pass
-        before = self.saved_step()
+        before = self.recorded_step()
         atomic_write(path, lambda f: f.write(text))
         was = f"it described step {before[0]}" if before else "it was missing or unreadable"
         print0(f"Rewrote {path} from the checkpoint ({was}; the checkpoint is at step {checkpoint['loop']['step']})")

@@ -11,7 +11,8 @@ Under torchrun every rank must stop at the same check point, or one would wait f
 - `requested()` is this rank's own flag, no communication. Where ranks do different amounts of work
   (the layers or examples each rank owns), use it to skip the rest of that work, then meet at a
   `check()` that every rank reaches once.
-A second SIGINT while a stop is pending raises KeyboardInterrupt at once: stop without saving.
+A second SIGINT while a stop is pending raises KeyboardInterrupt at once: stop without saving (its
+message says so, and what is left, from the `note` given to install()).
 """
 
 import signal
@@ -32,8 +33,11 @@ class StopSignals:
         self.signum = None  # the signal this rank received
         self.agreed = None  # the signal every rank stopped for (the largest number, if ranks got different ones)
         self.previous = {}
+        self.note = None
 
-    def install(self):
+    def install(self, note=None):
+        """Handle the signals from now on; note() describes, for a stop without saving, what is left."""
+        self.note = note
         self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def restore(self):
@@ -43,7 +47,7 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.signum is not None:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("stopped at once without saving" + (f"; {self.note()}" if self.note else ""))
         self.signum = signum
 
     def requested(self):

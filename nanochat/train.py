@@ -315,15 +315,11 @@ def train(cfg, hook=None, default_tag=None):
     # train_metrics.jsonl gets one row per step, written once the step's evaluations are done; a row
     # whose evaluation a stop abandoned travels in the checkpoint and is completed after --resume
     pending_row = loop_state.get("pending_row")
-    saved_step = step if resume_ckpt is not None else None
     losses = []  # raw per-step training loss of this process, returned for tests and reports
     step_times = []
 
     # every check has passed: from here on the run's files change
-    try:
-        folder.start(resume_ckpt, cfg.overwrite, {TRAIN_METRICS: step - 1} if pending_row else None)
-    except WriteFailed as e:
-        raise UserError(f"{e}; nothing of the run was changed") from None
+    folder.start(resume_ckpt, cfg.overwrite, {TRAIN_METRICS: step - 1} if pending_row else None)
     every = f"every {cfg.eval_every:,} steps and at the end" if cfg.eval_every > 0 else "at the end"
     later = f"; a time estimate follows after {ESTIMATE_AFTER} steps" if num_iterations - step > ESTIMATE_AFTER else ""
     print0(f"Plan: {num_iterations - step:,} steps of {cfg.total_batch_size:,} tokens to go "
@@ -333,7 +329,6 @@ def train(cfg, hook=None, default_tag=None):
     resume_point = (train_loader.state_dict(), _rng_state(device))
 
     def save(step):
-        nonlocal saved_step
         loader_states = [None] * world_size
         if ddp:
             dist.all_gather_object(loader_states, resume_point[0])
@@ -361,7 +356,7 @@ def train(cfg, hook=None, default_tag=None):
             try:
                 save_checkpoint(ckpt_dir, ckpt, config)
             except WriteFailed as e:
-                failure = e
+                failure = folder.failed(e)
         if ddp:  # every rank learns whether the save worked, so none waits for a rank that stopped
             ok = torch.tensor(0 if failure else 1, device=device)
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
@@ -369,66 +364,59 @@ def train(cfg, hook=None, default_tag=None):
                 raise UserError("rank 0 could not write the checkpoint (see its error)")
         if failure:
             raise failure
-        saved_step = step
+        folder.saved_step = step
         print0(f"Saved checkpoint to {ckpt_dir} (step {step})")
 
-    stop.install()
+    stop.install(folder.kept)
     try:
         while True:
-            try:
-                last_step = step == num_iterations
-                if (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)) and val_step != step:
-                    model.eval()
-                    val_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", device,
-                                            rank=rank, world_size=world_size, data_dir=data_dir)
-                    with autocast:
-                        val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes, stop=stop)
-                    model.train()
-                    val_step = step
-                    min_val_bpb = min(min_val_bpb, val_bpb)
-                    print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
-                    log({"val/bpb": val_bpb}, step)
-                    pending_row = {**(pending_row or {"step": step}), "val_bpb": val_bpb}
-                if (core_tasks is not None and step > 0 and (last_step or step % cfg.core_metric_every == 0)
-                        and not (core and core["step"] == step)):  # a resumed run does not redo its last result
-                    core = _core_metric(model, tokenizer, device, core_tasks, autocast, step, log, stop)
-                    pending_row = {**(pending_row or {"step": step}), "core_metric": core["core_metric"]}
-                if pending_row is not None:
-                    train_metrics.write(pending_row)
-                    pending_row = None
-                if master and (last_step or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
-                    _print_samples(model, tokenizer, autocast)
-                if (last_step or (cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0)) and saved_step != step:
-                    save(step)
-                if last_step:
-                    break
-                stop.check()
-
-                t0 = time.time()
-                micro_losses = []
-                for micro in range(grad_accum_steps):
-                    if micro:
-                        stop.check()
-                    x, y = next(train_iter)
-                    with autocast:
-                        loss = train_model(x, y)
-                    micro_losses.append(loss.detach())
-                    (loss / grad_accum_steps).backward()
-                # the step's loss is the mean over its micro-batches (and over ranks below), so N ranks and one
-                # process with N times the accumulation report the same number
-                train_loss = torch.stack(micro_losses).mean()
-                if ddp:
-                    _all_reduce_grads(model, world_size)
-                    dist.all_reduce(train_loss)
-                    train_loss /= world_size
-                grad_norm = clip_gradients(model, cfg.grad_clip, muon.params() + [p for g in adamw.param_groups for p in g["params"]])
-                hook.after_backward(step + 1, step + 1 == num_iterations)
-            except StopTraining:
-                model.zero_grad(set_to_none=True)
-                if saved_step != step:
-                    save(step)
-                print0(f"Stopped by signal {stop.agreed} at step {step}; continue with --resume")
+            last_step = step == num_iterations
+            if (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)) and val_step != step:
+                model.eval()
+                val_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", device,
+                                        rank=rank, world_size=world_size, data_dir=data_dir)
+                with autocast:
+                    val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes, stop=stop)
+                model.train()
+                val_step = step
+                min_val_bpb = min(min_val_bpb, val_bpb)
+                print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
+                log({"val/bpb": val_bpb}, step)
+                pending_row = {**(pending_row or {"step": step}), "val_bpb": val_bpb}
+            if (core_tasks is not None and step > 0 and (last_step or step % cfg.core_metric_every == 0)
+                    and not (core and core["step"] == step)):  # a resumed run does not redo its last result
+                core = _core_metric(model, tokenizer, device, core_tasks, autocast, step, log, stop)
+                pending_row = {**(pending_row or {"step": step}), "core_metric": core["core_metric"]}
+            if pending_row is not None:
+                train_metrics.write(pending_row)
+                pending_row = None
+            if master and (last_step or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
+                _print_samples(model, tokenizer, autocast)
+            if (last_step or (cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0)) and folder.saved_step != step:
+                save(step)
+            if last_step:
                 break
+            stop.check()
+
+            t0 = time.time()
+            micro_losses = []
+            for micro in range(grad_accum_steps):
+                if micro:
+                    stop.check()
+                x, y = next(train_iter)
+                with autocast:
+                    loss = train_model(x, y)
+                micro_losses.append(loss.detach())
+                (loss / grad_accum_steps).backward()
+            # the step's loss is the mean over its micro-batches (and over ranks below), so N ranks and one
+            # process with N times the accumulation report the same number
+            train_loss = torch.stack(micro_losses).mean()
+            if ddp:
+                _all_reduce_grads(model, world_size)
+                dist.all_reduce(train_loss)
+                train_loss /= world_size
+            grad_norm = clip_gradients(model, cfg.grad_clip, muon.params() + [p for g in adamw.param_groups for p in g["params"]])
+            hook.after_backward(step + 1, step + 1 == num_iterations)
             lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
             for opt in (muon, adamw):
                 for group in opt.param_groups:
@@ -462,17 +450,15 @@ def train(cfg, hook=None, default_tag=None):
             step_times.append(dt)
             if len(step_times) == ESTIMATE_AFTER and step < num_iterations:
                 _print_estimate(step_times, num_iterations - step)
-    except WriteFailed as e:
-        kept = (f"the last good checkpoint, at step {saved_step}, is intact (continue with --resume once it can be written)"
-                if saved_step is not None else "no checkpoint of this run had been saved yet")
-        raise UserError(f"{e}; {kept}") from None
-    except KeyboardInterrupt:
-        kept = f"the last checkpoint, at step {saved_step}, is intact" if saved_step is not None else "no checkpoint was saved"
-        raise KeyboardInterrupt(f"stopped at once without saving; {kept}") from None
+    except StopTraining:
+        # the partial step, evaluation or analysis is dropped: the checkpoint describes the last completed step
+        model.zero_grad(set_to_none=True)
+        if folder.saved_step != step:
+            save(step)
+        print0(f"Stopped by signal {stop.agreed} at step {step}; continue with --resume")
     finally:
         stop.restore()
-        for metrics_log in folder.logs.values():
-            metrics_log.close()
+        folder.close()
 
     print0(f"Peak memory usage: {peak_memory_mib(device_type):.2f} MiB")
     print0(f"Total training time: {total_time / 60:.2f}m")

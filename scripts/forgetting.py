@@ -103,6 +103,7 @@ def start_phase_b(dir_a, dir_b):
     """Copy phase A's checkpoint into phase B's folder with the data position cleared: B starts at its beginning."""
     ckpt = load_checkpoint(os.path.join(dir_a, CHECKPOINT_NAME))
     ckpt["loop"]["dataloader"] = [None] * len(ckpt["loop"]["dataloader"])
+    ckpt["loop"].update(val_step=None, pending_row=None)  # B validates on its own data from its first step
     ckpt.pop("config", None)  # A's config.json; B writes its own at its first save
     os.makedirs(dir_b, exist_ok=True)
     write_checkpoint(os.path.join(dir_b, CHECKPOINT_NAME), ckpt)
