@@ -17,7 +17,7 @@ import re
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, CONFIG_NAME, WriteFailed, atomic_write, config_text
 from nanochat.common import UserError, print0
 
-TEMP_RE = re.compile(r"^(.+)\.tmp\.\d+$")  # atomic_write's temp files: <name>.tmp.<pid>
+TEMP_RE = re.compile(r"^.+\.tmp\.\d+$")  # atomic_write's temp files: <name>.tmp.<pid>
 
 
 def row_key(record):

@@ -88,7 +88,10 @@ def assert_like_uninterrupted(run, ref):
     assert sorted(os.listdir(run)) == sorted(os.listdir(ref))
     for name in os.listdir(ref):
         if name.endswith(".jsonl"):
-            assert rows(os.path.join(run, name)) == rows(os.path.join(ref, name)), name
+            got, want = rows(os.path.join(run, name)), rows(os.path.join(ref, name))
+            for a, b in zip(got, want):
+                assert a == b, (name, {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if a.get(k) != b.get(k)})
+            assert len(got) == len(want), name
     ckpt = load_checkpoint(os.path.join(run, CHECKPOINT_NAME))
     assert open(os.path.join(run, CONFIG_NAME), "rb").read() == config_text(ckpt["config"])
     config, ref_config = (json.load(open(os.path.join(d, CONFIG_NAME))) for d in (run, ref))
