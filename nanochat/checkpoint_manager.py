@@ -160,8 +160,9 @@ def _first_nonfinite(tree, prefix=""):
     elif isinstance(tree, (list, tuple)):
         items = enumerate(tree)
     elif isinstance(tree, torch.Tensor) and tree.is_floating_point():
-        count = tree.numel() - int(torch.isfinite(tree).sum())
-        return (prefix, count, tree.numel()) if count else None
+        if tree.numel() == 0 or torch.isfinite(torch.stack(torch.aminmax(tree.float()))).all():  # NaN and inf reach min or max
+            return None
+        return prefix, tree.numel() - int(torch.isfinite(tree).sum()), tree.numel()
     elif isinstance(tree, float) and not math.isfinite(tree):
         return prefix, 1, 1
     else:
