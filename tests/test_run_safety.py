@@ -26,7 +26,9 @@ from nanochat import adaptive_svd as asvd
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, CONFIG_NAME, config_text, load_checkpoint, write_checkpoint
 from nanochat.common import UserError
+from nanochat.core_eval import evaluate_core
 from nanochat.run_files import TEMP_RE, JsonlLog
+from nanochat.stopping import StopSignals, StopTraining
 from nanochat.train import TrainConfig, TrainHook, train
 from scripts.run_logs import read_jsonl, svd_summary
 
@@ -461,6 +463,25 @@ def test_sigterm_during_a_slow_analysis_stops_the_process_within_the_bound(base,
     assert proc.returncode == 0 and "Stopped by signal 15 at step 1; continue with --resume" in out, out[-2000:]
     assert took < 2 + STOP_BOUND_S / 2 and "=== SVD Analysis complete ===" not in out
     assert not read_jsonl(os.path.join(folder(tmp_path), "svd_metrics.jsonl"))
+
+
+def test_sigterm_during_core_evaluation_abandons_it_after_the_current_example(tmp_path):
+    from tests.test_core_eval import AlphabetOracle, CharTokenizer, tiny_tasks
+
+    class SignalOnSecondExample(AlphabetOracle):
+        def forward(self, *args, **kwargs):
+            if self.calls == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().forward(*args, **kwargs)
+
+    model, stop = SignalOnSecondExample(), StopSignals()
+    stop.install()
+    try:
+        with pytest.raises(StopTraining):
+            evaluate_core(model, CharTokenizer(), torch.device("cpu"), tasks=tiny_tasks(tmp_path), log=None, stop=stop)
+    finally:
+        stop.restore()
+    assert model.calls == 2 and stop.agreed == signal.SIGTERM  # one forward per example: none after the signal
 
 
 def test_sigint_saves_and_a_second_one_stops_at_once_without_saving(base, tmp_path):
