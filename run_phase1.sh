@@ -3,6 +3,8 @@
 # researcher's Phase 1 command verbatim (adaptive SVD on block0.attn.c_q, depth 4, 100 steps, CPU).
 # Data and tokenizer go to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat); the checkpoint and
 # svd_metrics.jsonl to ./base_checkpoints/d4/. The log is also written to phase1_training.log.
+# A second run stops rather than replace the first: `bash run_phase1.sh --overwrite=true` replaces it
+# (arguments are appended to the training command).
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
@@ -22,7 +24,7 @@ python -m scripts.base_train_adaptive_svd \
   --core_metric_every=-1 \
   --total_batch_size=512 \
   --num_iterations=100 \
-  --device_type=cpu 2>&1 | tee phase1_training.log
+  --device_type=cpu "$@" 2>&1 | tee phase1_training.log
 echo
 echo "Phase 1 summary (from phase1_training.log):"
 grep -c "=== SVD Analysis at step" phase1_training.log | sed 's/^/  SVD analyses: /'

@@ -10,9 +10,7 @@ graphs stay as they are. One record per layer holds its state. Logs go to the co
 """
 
 import dataclasses
-import json
 import math
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -156,7 +154,7 @@ class AdaptiveSVDHook(TrainHook):
         self.policy = policy_from(cfg)
         self.layers = {}  # name -> Layer
         self.switches = {"to_lowrank": 0, "to_full": 0}
-        self.jsonl_path = None
+        self.metrics_log = None
 
     # -- setup -------------------------------------------------------------------------------
     def prepare_model(self, model):
@@ -169,11 +167,8 @@ class AdaptiveSVDHook(TrainHook):
 
     def attach(self, run):
         self.run = run
-        self.jsonl_path = os.path.join(run.ckpt_dir, "svd_metrics.jsonl")
-        if run.rank == 0:
-            os.makedirs(run.ckpt_dir, exist_ok=True)
-            if not self.cfg.resume:
-                open(self.jsonl_path, "w").close()
+        # rank 0 writes it; the loop empties it (fresh run) or drops rows after the checkpoint (resume)
+        self.metrics_log = run.jsonl("svd_metrics.jsonl")
         self.distributed = run.world_size > 1 and dist.is_initialized()
         self.owner = assign_owners(self.layers, run.world_size if self.distributed else 1)
         if self.distributed:
@@ -203,6 +198,8 @@ class AdaptiveSVDHook(TrainHook):
         rank = self.run.rank if self.distributed else 0
         plans = {}
         for layer in self.layers.values():
+            if self.run.stop_requested():
+                break  # a stop signal: leave the rest; stop_check() below stops every rank together
             if self.owner[layer.name] == rank:
                 t_layer = time.perf_counter()
                 try:
@@ -211,6 +208,8 @@ class AdaptiveSVDHook(TrainHook):
                     traceback.print_exc()
                     plans[layer.name] = Plan([], {}, error=f"{type(e).__name__}: {e}")
                 plans[layer.name].seconds = time.perf_counter() - t_layer
+        # planning changed nothing, so a stop here abandons the analysis without a trace
+        self.run.stop_check()
         if self.distributed:
             plans = self._exchange(plans)
         for name, plan in plans.items():
@@ -222,11 +221,14 @@ class AdaptiveSVDHook(TrainHook):
             self._apply(layer, plan)
             for line in plan.lines:
                 print0(line)
-            self._log(step, layer.name, plan.record)
+        seconds = time.time() - t0
+        for layer in self.layers.values():  # each row carries its layer's and the whole analysis' time
+            self._log(step, layer.name, dict(plans[layer.name].record, layer_seconds=layer.seconds,
+                                             analysis_seconds=seconds))
         if self.distributed:
             # next time, balance the ranks by what each layer really cost; all ranks have the same numbers
             self.owner = assign_owners(self.layers, self.run.world_size)
-        print0(f"=== SVD Analysis complete === ({(time.time() - t0) * 1000:.0f} ms)")
+        print0(f"=== SVD Analysis complete === ({seconds * 1000:.0f} ms)")
 
     def _exchange(self, local):
         """All ranks get every layer's plan: the small parts through one all_gather_object, the
@@ -331,9 +333,7 @@ class AdaptiveSVDHook(TrainHook):
     # -- logging -----------------------------------------------------------------------------
     def _log(self, step, name, record):
         clean = {k: (v.item() if torch.is_tensor(v) else v) for k, v in record.items()}
-        if self.run.rank == 0:
-            with open(self.jsonl_path, "a") as f:
-                f.write(json.dumps(clean) + "\n")
+        self.metrics_log.write(clean)
         data = {f"svd/{name}/{k}": v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         data[f"svd/{name}/lowrank"] = int(clean.get("mode_after", clean["mode"]) == "lowrank")
         self.run.log(data, step)

@@ -21,9 +21,18 @@ def run_cli(main, argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"error: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
         sys.exit(130)
+
+
+def first_sentence(e):
+    """The first sentence of an exception's message, for a one-line error: never cut mid-word, and for
+    torch's weights-only refusal the sentence naming what was refused, not its advice to load unsafely."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    text = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0])
+    end = text.find(". ")
+    return text[:end] if end > 0 else text.rstrip(".")
 
 
 def get_base_dir():

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from nanochat.common import UserError, download, get_base_dir, print0
+from nanochat.common import UserError, download, first_sentence, get_base_dir, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 BUNDLE_DIRNAME = "eval_bundle"
@@ -92,7 +92,7 @@ def load_bundle(bundle_dir=None, max_per_task=-1):
         with open(meta_path, encoding="utf-8", newline="") as f:
             baselines = {row["Eval Task"]: row["Random baseline"] for row in csv.DictReader(f)}
     except Exception as e:  # yaml errors, missing keys, bad numbers: all mean a damaged bundle
-        raise UserError(f"the CORE eval bundle at {bundle_dir} is malformed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+        raise UserError(f"the CORE eval bundle at {bundle_dir} is malformed ({type(e).__name__}: {first_sentence(e)}); "
                         f"delete it and {PREPARE_HINT}") from None
     tasks = []
     for spec in specs:
@@ -124,7 +124,7 @@ def _read_examples(path):
         with open(path, encoding="utf-8") as f:
             data = [json.loads(line) for line in f if line.strip()]
     except (ValueError, OSError) as e:
-        raise UserError(f"cannot read CORE task data {path} ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"cannot read CORE task data {path} ({first_sentence(e)})") from None
     if not data:
         raise UserError(f"CORE task data {path} has no examples")
     return data
@@ -266,16 +266,22 @@ def model_max_len(model):
     return cos.size(1) if isinstance(cos, torch.Tensor) else None
 
 
-def evaluate_task(model, tokenizer, task, device, max_len=None):
-    """Accuracy on one task; under torchrun each rank takes every world_size-th example."""
+def evaluate_task(model, tokenizer, task, device, max_len=None, stop=None):
+    """Accuracy on one task; under torchrun each rank takes every world_size-th example. With `stop`
+    (nanochat.stopping), a stop signal skips this rank's remaining examples and all ranks stop together
+    at `stop.check()` before the reduction (ranks own different numbers of examples)."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     correct = torch.zeros(len(task.data), dtype=torch.float32, device=device)
     pad_id = tokenizer.get_bos_token_id()
     for idx in range(rank, len(task.data), world):
+        if stop is not None and stop.requested():
+            break
         tokens, starts, ends = prepare_example(task, idx, tokenizer, max_len)
         gold = task.data[idx].get("gold")
         correct[idx] = float(score_example(model, tokens, starts, ends, task.task_type, gold, pad_id, device))
+    if stop is not None:
+        stop.check()
     if world > 1:
         dist.all_reduce(correct)
     return correct.mean().item()
@@ -291,11 +297,11 @@ def core_metric(centered_results):
     return sum(centered_results.values()) / len(centered_results)
 
 
-def evaluate_core(model, tokenizer, device, tasks=None, max_per_task=-1, max_seq_len=None, log=print0):
+def evaluate_core(model, tokenizer, device, tasks=None, max_per_task=-1, max_seq_len=None, log=print0, stop=None):
     """Evaluate every task of the bundle; returns {results, centered_results, core_metric, random_baselines, examples}.
 
     `tasks` is what load_bundle returned (load it once and reuse it in a training loop); without it the
-    bundle in the base dir is read. `max_seq_len` defaults to what the model can forward.
+    bundle in the base dir is read. `max_seq_len` defaults to what the model can forward. `stop`: see evaluate_task.
     """
     if tasks is None:
         tasks = load_bundle(max_per_task=max_per_task)
@@ -303,7 +309,7 @@ def evaluate_core(model, tokenizer, device, tasks=None, max_per_task=-1, max_seq
     results, centered = {}, {}
     for task in tasks:
         t0 = time.time()
-        results[task.label] = evaluate_task(model, tokenizer, task, device, max_len)
+        results[task.label] = evaluate_task(model, tokenizer, task, device, max_len, stop=stop)
         centered[task.label] = centered_accuracy(results[task.label], task.random_baseline)
         if log:
             log(f"Evaluating: {task.label} ({task.num_fewshot}-shot, type: {task.task_type}, {len(task.data)} examples)... "

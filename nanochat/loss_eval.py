@@ -7,16 +7,19 @@ import torch.distributed as dist
 
 
 @torch.no_grad()
-def evaluate_bpb(model, batches, steps, token_bytes):
+def evaluate_bpb(model, batches, steps, token_bytes, stop=None):
     """Sum of per-token nats over targets whose token has bytes > 0 (specials and ignored targets
     are left out), divided by ln 2 times the sum of those tokens' UTF-8 byte lengths; both sums are
-    reduced over ranks so every rank returns the same number."""
+    reduced over ranks so every rank returns the same number. `stop.check()` (nanochat.stopping) runs
+    before every batch, so a stop signal abandons a long evaluation within one batch."""
     device = model.get_device()
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     token_bytes = token_bytes.to(device)
     batch_iter = iter(batches)
     for _ in range(steps):
+        if stop is not None:
+            stop.check()
         x, y = next(batch_iter)
         loss = model(x, y, loss_reduction="none").reshape(-1)
         y = y.reshape(-1)

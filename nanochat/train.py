@@ -5,13 +5,17 @@ momentum schedules, clipping, periodic validation bpb, sampling, checkpoints and
 A `TrainHook` is where a method plugs in without forking the loop: it may swap layers before the
 optimizers exist, and it runs once per update after the gradients are final and before the
 optimizer step (which is where the adaptive-SVD analysis happens).
+
+The run folder never loses history (nanochat.run_files): a fresh run refuses a folder that holds a run
+unless --overwrite=true; files are touched only once every check has passed; rank 0 appends one row
+per step to train_metrics.jsonl. Stop signals (nanochat.stopping) take effect within a micro-batch,
+an evaluation batch or an analysed layer; the last completed step is saved and resume stays exact.
 """
 
 import dataclasses
 import json
 import math
 import os
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -19,24 +23,30 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import CHECKPOINT_NAME, checkpoint_dir, load_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import CHECKPOINT_NAME, WriteFailed, checkpoint_dir, load_checkpoint, save_checkpoint
 from nanochat.cli import flag
 from nanochat.common import (UserError, check_device_type, compute_cleanup, compute_init, device_peak_flops,
-                             peak_memory_mib, print0, print_banner)
+                             first_sentence, get_dist_info, peak_memory_mib, print0, print_banner)
 from nanochat.core_eval import evaluate_core, load_bundle
 from nanochat.dataloader import DataLoader
+from nanochat.dataset import list_shards
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizers, muon_momentum
+from nanochat.run_files import RunFolder
+from nanochat.stopping import StopSignals, StopTraining
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+TRAIN_METRICS = "train_metrics.jsonl"
+ESTIMATE_AFTER = 5  # steps of this process before the time estimate (the first ones include warm-up)
 
 
 @dataclass
 class TrainConfig:
     run: str = flag("", "wandb run name; empty = no wandb (WANDB_MODE=offline works on clusters)")
     device_type: str = flag("", "cpu | cuda | mps; empty = autodetect (CUDA > MPS > CPU)")
-    depth: int = flag(20, "number of transformer layers; model_dim = 64 * depth")
+    depth: int = flag(-1, "number of transformer layers; model_dim = 64 * depth; -1 = 20 on CUDA (required on CPU and MPS)")
     max_seq_len: int = flag(2048, "context length in tokens")
     num_iterations: int = flag(-1, "number of optimizer steps; -1 = derive from target_flops or the data:param ratio")
     target_flops: float = flag(-1.0, "compute budget in FLOPs; used when num_iterations = -1")
@@ -62,6 +72,8 @@ class TrainConfig:
     output_dir: str = flag(".", "directory that holds base_checkpoints/")
     data_dir: str = flag("", "directory of parquet shards; empty = $NANOCHAT_BASE_DIR/base_data")
     resume: bool = flag(False, "continue the run saved in base_checkpoints/<tag>/checkpoint.pt exactly")
+    overwrite: bool = flag(False, "start a fresh run in a folder that holds a run, deleting its checkpoint and metrics "
+                                  "(without it, such a run is refused)")
     compile: str = flag("auto", "torch.compile: auto (on for CUDA only) | true | false")
     seed: int = flag(42, "random seed of the model init")
 
@@ -69,7 +81,8 @@ class TrainConfig:
 def validate(cfg):
     """Range checks before anything is created or written."""
     checks = [
-        (cfg.depth >= 1, "--depth must be >= 1"),
+        (cfg.depth >= 1 or cfg.depth == -1, "--depth must be >= 1 (or -1: 20 on CUDA)"),
+        (not (cfg.resume and cfg.overwrite), "--resume continues the run in its folder and --overwrite replaces it; give one of them"),
         (cfg.max_seq_len >= 2, "--max_seq_len must be >= 2"),
         (cfg.device_batch_size >= 1, "--device_batch_size must be >= 1"),
         (cfg.total_batch_size >= 1, "--total_batch_size must be >= 1"),
@@ -128,6 +141,29 @@ class Run:
     log: object  # log(dict, step) -> wandb when enabled
     rank: int
     world_size: int
+    stop: StopSignals = None
+    folder: RunFolder = None
+
+    def jsonl(self, name):
+        """The run's metrics file `name` (next to the checkpoint): call `.write(record)` on any rank, rank 0
+        writes. Each record needs an int "step" (and "layer" for per-layer records): on --resume the rows
+        after the checkpoint's step are dropped, so a row is never logged twice. Nothing is opened or
+        truncated before training really starts."""
+        if self.folder is None:
+            self.folder = RunFolder(self.ckpt_dir, self.rank)
+        return self.folder.jsonl(name)
+
+    def stop_requested(self):
+        """This rank got a stop signal (no communication): skip the rest of this rank's own work, then
+        call stop_check() at a point every rank reaches."""
+        return self.stop is not None and self.stop.requested()
+
+    def stop_check(self):
+        """Raise nanochat.stopping.StopTraining (on every rank together) once a stop signal has arrived; the
+        loop then saves the last completed step. Call it the same number of times on every rank; change
+        nothing before it that the checkpoint of that step must not see."""
+        if self.stop is not None:
+            self.stop.check()
 
 
 def lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
@@ -175,34 +211,35 @@ def _resolve_horizon(cfg, num_params, flops_per_token):
     return n
 
 
-class _StopRequest:
-    """SIGTERM/SIGUSR1 (SLURM's warning before the time limit) ask the loop to save and exit."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.signum = None
-        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+def _resolve_depth(cfg, device_type):
+    """--depth=-1: d20 on CUDA; on CPU and MPS a model size must be chosen (d20 would take days there)."""
+    if cfg.depth != -1:
+        return cfg
+    if device_type != "cuda":
+        raise UserError(f"--depth is required on {device_type}: the default (depth 20, about 560M parameters) is sized for "
+                        f"GPUs; choose a small model, e.g. --depth=4 as in the Phase 1 guide")
+    print0("Using --depth=20 (the default on CUDA)")
+    return dataclasses.replace(cfg, depth=20)
 
 
 def train(cfg, hook=None, default_tag=None):
+    """Train; `default_tag` names the run folder when --model_tag is empty ("{depth}" is filled in)."""
     hook = hook or TrainHook()
     validate(cfg)
     device_type = check_device_type(cfg.device_type)
+    cfg = _resolve_depth(cfg, device_type)
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes()
     # the CORE bundle is read now, so a missing one stops the run before any training
     core_tasks = load_bundle(max_per_task=cfg.core_metric_max_per_task) if cfg.core_metric_every > 0 else None
-    model_tag = cfg.model_tag or default_tag or f"d{cfg.depth}"
+    model_tag = cfg.model_tag or (default_tag or "d{depth}").format(depth=cfg.depth)
     ckpt_dir = checkpoint_dir(cfg.output_dir, model_tag)
-    resume_ckpt = load_checkpoint(os.path.join(ckpt_dir, CHECKPOINT_NAME)) if cfg.resume else None
+    folder = RunFolder(ckpt_dir, get_dist_info()[1])
+    if cfg.resume:
+        resume_ckpt = load_checkpoint(os.path.join(ckpt_dir, CHECKPOINT_NAME))
+    else:
+        folder.check_fresh(cfg.overwrite)
+        resume_ckpt = None
 
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     master = rank == 0
@@ -252,11 +289,15 @@ def train(cfg, hook=None, default_tag=None):
         if wandb_run is not None:
             wandb_run.log(data, step=step)
 
-    run = Run(cfg, model, muon, adamw, device, ckpt_dir, log, rank, world_size)
+    stop = StopSignals(device, ddp)
+    run = Run(cfg, model, muon, adamw, device, ckpt_dir, log, rank, world_size, stop, folder)
     hook.attach(run)
+    train_metrics = folder.jsonl(TRAIN_METRICS)
 
     step, smooth_loss, total_time, min_val_bpb, loader_state = 0, 0.0, 0.0, float("inf"), None
+    loop_state = {}
     if resume_ckpt is not None:
+        loop_state = resume_ckpt["loop"]
         step, smooth_loss, total_time, min_val_bpb, loader_state = _restore(
             resume_ckpt, cfg, model, muon, adamw, hook, rank, world_size, num_iterations)
         print0(f"Resumed from {ckpt_dir} at step {step}")
@@ -269,20 +310,36 @@ def train(cfg, hook=None, default_tag=None):
     train_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", device,
                               rank=rank, world_size=world_size, data_dir=data_dir, state=loader_state)
     train_iter = iter(train_loader)
+    list_shards(data_dir, "val")  # a missing val split must stop the run now, not at its first evaluation
     peak_flops = device_peak_flops(device)
-    stop = _StopRequest()
     ema_beta = 0.9
-    val_bpb = None
+    val_bpb = resume_ckpt["metadata"].get("val_bpb") if resume_ckpt is not None else None
+    val_step = loop_state.get("val_step")  # the step of val_bpb: a resumed run does not repeat that evaluation
     core = resume_ckpt["metadata"].get("core") if resume_ckpt is not None else None  # the latest CORE result
+    # train_metrics.jsonl gets one row per step, written once the step's evaluations are done; a row
+    # whose evaluation a stop abandoned travels in the checkpoint and is completed after --resume
+    pending_row = loop_state.get("pending_row")
     losses = []  # raw per-step training loss of this process, returned for tests and reports
+    step_times = []
+
+    # every check has passed: from here on the run's files change
+    folder.start(resume_ckpt, cfg.overwrite, {TRAIN_METRICS: step - 1} if pending_row else None)
+    every = f"every {cfg.eval_every:,} steps and at the end" if cfg.eval_every > 0 else "at the end"
+    later = f"; a time estimate follows after {ESTIMATE_AFTER} steps" if num_iterations - step > ESTIMATE_AFTER else ""
+    print0(f"Plan: {num_iterations - step:,} steps of {cfg.total_batch_size:,} tokens to go "
+           f"({(num_iterations - step) * cfg.total_batch_size:,} tokens), validation on {eval_steps * tokens_per_fwdbwd:,} "
+           f"tokens {every}{later}")
+    # the state a save describes: the last completed step (a stop mid-step must not see later batches)
+    resume_point = (train_loader.state_dict(), _rng_state(device))
 
     def save(step):
         loader_states = [None] * world_size
         if ddp:
-            dist.all_gather_object(loader_states, train_loader.state_dict())
+            dist.all_gather_object(loader_states, resume_point[0])
         else:
-            loader_states = [train_loader.state_dict()]
+            loader_states = [resume_point[0]]
         hook_state = hook.state_dict()
+        failure = None
         if master:
             ckpt = {
                 "model": model.state_dict(),
@@ -291,92 +348,122 @@ def train(cfg, hook=None, default_tag=None):
                              "run_kind": hook.name, "world_size": world_size, "core": core},
                 "optim": {"muon": muon.state_dict(), "adamw": adamw.state_dict()},
                 "loop": {"step": step, "smooth_loss": smooth_loss, "total_time": total_time,
-                         "min_val_bpb": min_val_bpb, "dataloader": loader_states},
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else torch.zeros(0)},
+                         "min_val_bpb": min_val_bpb, "dataloader": loader_states, "val_step": val_step,
+                         "pending_row": pending_row},
+                "rng": resume_point[1],
                 "adaptive": hook_state,
             }
             config = {"model_config": model_config.to_dict(), "train_config": dataclasses.asdict(cfg), "step": step,
                       "num_iterations": num_iterations, "val_bpb": val_bpb, "min_val_bpb": _finite_or_none(min_val_bpb),
                       "run_kind": hook.name, "adaptive": hook.summary(),
                       "core_metric": core["core_metric"] if core else None, "core": core}
-            save_checkpoint(ckpt_dir, ckpt, config)
-            print0(f"Saved checkpoint to {ckpt_dir} (step {step})")
-        if ddp:
-            dist.barrier()
+            try:
+                save_checkpoint(ckpt_dir, ckpt, config)
+            except WriteFailed as e:
+                failure = folder.failed(e)
+        if ddp:  # every rank learns whether the save worked, so none waits for a rank that stopped
+            ok = torch.tensor(0 if failure else 1, device=device)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if not ok.item() and failure is None:
+                raise UserError("rank 0 could not write the checkpoint (see its error)")
+        if failure:
+            raise failure
+        folder.saved_step = step
+        print0(f"Saved checkpoint to {ckpt_dir} (step {step})")
 
-    while True:
-        last_step = step == num_iterations
-        if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
-            model.eval()
-            val_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", device,
-                                    rank=rank, world_size=world_size, data_dir=data_dir)
-            with autocast:
-                val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
-            model.train()
-            min_val_bpb = min(min_val_bpb, val_bpb)
-            print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
-            log({"val/bpb": val_bpb}, step)
-        if (core_tasks is not None and step > 0 and (last_step or step % cfg.core_metric_every == 0)
-                and not (core and core["step"] == step)):  # a resumed run does not redo its last result
-            core = _core_metric(model, tokenizer, device, core_tasks, autocast, step, log)
-        if master and (last_step or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
-            _print_samples(model, tokenizer, autocast)
-        if last_step or (cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0):
-            save(step)
-        if last_step:
-            break
-        if _stop_requested(stop, device, ddp):
-            save(step)
-            print0(f"Stopped by signal {stop.signum} at step {step}; continue with --resume")
-            break
+    stop.install(folder.kept)
+    try:
+        while True:
+            last_step = step == num_iterations
+            if (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)) and val_step != step:
+                model.eval()
+                val_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", device,
+                                        rank=rank, world_size=world_size, data_dir=data_dir)
+                with autocast:
+                    val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes, stop=stop)
+                model.train()
+                val_step = step
+                min_val_bpb = min(min_val_bpb, val_bpb)
+                print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
+                log({"val/bpb": val_bpb}, step)
+                pending_row = {**(pending_row or {"step": step}), "val_bpb": val_bpb}
+            if (core_tasks is not None and step > 0 and (last_step or step % cfg.core_metric_every == 0)
+                    and not (core and core["step"] == step)):  # a resumed run does not redo its last result
+                core = _core_metric(model, tokenizer, device, core_tasks, autocast, step, log, stop)
+                pending_row = {**(pending_row or {"step": step}), "core_metric": core["core_metric"]}
+            if pending_row is not None:
+                train_metrics.write(pending_row)
+                pending_row = None
+            if master and (last_step or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
+                _print_samples(model, tokenizer, autocast)
+            if (last_step or (cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0)) and folder.saved_step != step:
+                save(step)
+            if last_step:
+                break
+            stop.check()
 
-        t0 = time.time()
-        micro_losses = []
-        for _ in range(grad_accum_steps):
-            x, y = next(train_iter)
-            with autocast:
-                loss = train_model(x, y)
-            micro_losses.append(loss.detach())
-            (loss / grad_accum_steps).backward()
-        # the step's loss is the mean over its micro-batches (and over ranks below), so N ranks and one
-        # process with N times the accumulation report the same number
-        train_loss = torch.stack(micro_losses).mean()
-        if ddp:
-            _all_reduce_grads(model, world_size)
-            dist.all_reduce(train_loss)
-            train_loss /= world_size
-        grad_norm = clip_gradients(model, cfg.grad_clip, muon.params() + [p for g in adamw.param_groups for p in g["params"]])
-        hook.after_backward(step + 1, step + 1 == num_iterations)
-        lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
-        for opt in (muon, adamw):
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        muon.param_groups[0]["momentum"] = muon_momentum(step)
-        muon.step()
-        adamw.step()
+            t0 = time.time()
+            micro_losses = []
+            for micro in range(grad_accum_steps):
+                if micro:
+                    stop.check()
+                x, y = next(train_iter)
+                with autocast:
+                    loss = train_model(x, y)
+                micro_losses.append(loss.detach())
+                (loss / grad_accum_steps).backward()
+            # the step's loss is the mean over its micro-batches (and over ranks below), so N ranks and one
+            # process with N times the accumulation report the same number
+            train_loss = torch.stack(micro_losses).mean()
+            if ddp:
+                _all_reduce_grads(model, world_size)
+                dist.all_reduce(train_loss)
+                train_loss /= world_size
+            grad_norm = clip_gradients(model, cfg.grad_clip, muon.params() + [p for g in adamw.param_groups for p in g["params"]])
+            hook.after_backward(step + 1, step + 1 == num_iterations)
+            lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+            for opt in (muon, adamw):
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lrm
+            muon.param_groups[0]["momentum"] = muon_momentum(step)
+            muon.step()
+            adamw.step()
+            model.zero_grad(set_to_none=True)
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            step += 1
+            resume_point = (train_loader.state_dict(), _rng_state(device))
+
+            loss_value = train_loss.item()
+            losses.append(loss_value)
+            if not math.isfinite(loss_value):
+                raise RuntimeError(f"training loss became {loss_value} at step {step}; lower the learning rates")
+            smooth_loss = ema_beta * smooth_loss + (1 - ema_beta) * loss_value
+            debiased = smooth_loss / (1 - ema_beta ** step)
+            total_time += dt
+            tok_per_sec = int(cfg.total_batch_size / dt)
+            mfu = f"{100 * flops_per_token * cfg.total_batch_size / dt / (peak_flops * world_size):.2f}" if peak_flops else "n/a"
+            pct = 100 * step / num_iterations
+            print0(f"step {step:05d}/{num_iterations:05d} ({pct:.2f}%) | loss: {debiased:.6f} | grad norm: {grad_norm.item():.4f} | "
+                   f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu} | total time: {total_time / 60:.2f}m")
+            log({"train/loss": debiased, "train/grad_norm": grad_norm.item(), "train/lrm": lrm, "train/dt": dt,
+                 "train/tok_per_sec": tok_per_sec}, step)
+            pending_row = {"step": step, "loss": debiased, "raw_loss": loss_value, "grad_norm": grad_norm.item(), "lrm": lrm,
+                           "dt": dt, "tok_per_sec": tok_per_sec, "total_time": total_time}
+            step_times.append(dt)
+            if len(step_times) == ESTIMATE_AFTER and step < num_iterations:
+                _print_estimate(step_times, num_iterations - step)
+    except StopTraining:
+        # the partial step, evaluation or analysis is dropped: the checkpoint describes the last completed step
         model.zero_grad(set_to_none=True)
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        step += 1
+        if folder.saved_step != step:
+            save(step)
+        print0(f"Stopped by signal {stop.agreed} at step {step}; continue with --resume")
+    finally:
+        stop.restore()
+        folder.close()
 
-        loss_value = train_loss.item()
-        losses.append(loss_value)
-        if not math.isfinite(loss_value):
-            raise RuntimeError(f"training loss became {loss_value} at step {step}; lower the learning rates")
-        smooth_loss = ema_beta * smooth_loss + (1 - ema_beta) * loss_value
-        debiased = smooth_loss / (1 - ema_beta ** step)
-        total_time += dt
-        tok_per_sec = int(cfg.total_batch_size / dt)
-        mfu = f"{100 * flops_per_token * cfg.total_batch_size / dt / (peak_flops * world_size):.2f}" if peak_flops else "n/a"
-        pct = 100 * step / num_iterations
-        print0(f"step {step:05d}/{num_iterations:05d} ({pct:.2f}%) | loss: {debiased:.6f} | grad norm: {grad_norm.item():.4f} | "
-               f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu} | total time: {total_time / 60:.2f}m")
-        log({"train/loss": debiased, "train/grad_norm": grad_norm.item(), "train/lrm": lrm, "train/dt": dt,
-             "train/tok_per_sec": tok_per_sec}, step)
-
-    stop.restore()
     print0(f"Peak memory usage: {peak_memory_mib(device_type):.2f} MiB")
     print0(f"Total training time: {total_time / 60:.2f}m")
     print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
@@ -386,14 +473,28 @@ def train(cfg, hook=None, default_tag=None):
     compute_cleanup()
     return {"step": step, "min_val_bpb": min_val_bpb, "val_bpb": val_bpb, "ckpt_dir": ckpt_dir,
             "total_time": total_time, "num_iterations": num_iterations, "losses": losses,
-            "stopped_by_signal": stop.signum, "core_metric": core["core_metric"] if core else None}
+            "stopped_by_signal": stop.agreed, "core_metric": core["core_metric"] if core else None}
 
 
-def _core_metric(model, tokenizer, device, tasks, autocast, step, log):
+def _print_estimate(step_times, steps_left):
+    """The cost of the rest of the run on this device, from the median of this process's first steps."""
+    per_step = sorted(step_times)[len(step_times) // 2]
+    total = per_step * steps_left
+    took = f"{total:.0f} s" if total < 60 else f"{total / 60:.1f} min" if total < 3600 else f"{total / 3600:.1f} h"
+    print0(f"Estimated time for the remaining {steps_left:,} steps: {took} at {per_step * 1000:.0f} ms/step "
+           f"(median of the first {len(step_times)}; evaluations and saves come on top)")
+
+
+def _rng_state(device):
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0)}
+
+
+def _core_metric(model, tokenizer, device, tasks, autocast, step, log, stop=None):
     """CORE on the uncompiled model (prompt lengths vary); every rank takes part."""
     model.eval()
     with autocast:
-        out = evaluate_core(model, tokenizer, device, tasks=tasks)
+        out = evaluate_core(model, tokenizer, device, tasks=tasks, stop=stop)
     model.train()
     print0(f"Step {step:05d} | CORE metric: {out['core_metric']:.4f}")
     log({"core_metric": out["core_metric"], **{f"core/{label}": v for label, v in out["centered_results"].items()}}, step)
@@ -416,14 +517,6 @@ def clip_gradients(model, max_norm, trained=None):
 
 def _finite_or_none(x):
     return x if math.isfinite(x) else None
-
-
-def _stop_requested(stop, device, ddp):
-    """All ranks must agree to stop, or one would wait forever in the next collective."""
-    flag_value = torch.tensor(1 if stop.signum is not None else 0, device=device)
-    if ddp:
-        dist.all_reduce(flag_value, op=dist.ReduceOp.MAX)
-    return bool(flag_value.item())
 
 
 def _all_reduce_grads(model, world_size):
@@ -455,7 +548,7 @@ def _restore(ckpt, cfg, model, muon, adamw, hook, rank, world_size, num_iteratio
         muon.load_state_dict(ckpt["optim"]["muon"])
         adamw.load_state_dict(ckpt["optim"]["adamw"])
     except (RuntimeError, KeyError, ValueError) as e:
-        raise UserError(f"--resume: checkpoint does not match this model ({str(e).splitlines()[0][:150]})") from None
+        raise UserError(f"--resume: checkpoint does not match this model ({first_sentence(e)})") from None
     torch.set_rng_state(ckpt["rng"]["torch"])
     if model.get_device().type == "cuda" and ckpt["rng"]["cuda"].numel():
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], model.get_device())

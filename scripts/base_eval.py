@@ -19,7 +19,7 @@ import torch
 
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, checkpoint_dir, load_checkpoint
 from nanochat.cli import flag, parse_args
-from nanochat.common import UserError, check_device_type, compute_cleanup, compute_init, print0, run_cli
+from nanochat.common import UserError, check_device_type, compute_cleanup, compute_init, first_sentence, print0, run_cli
 from nanochat.core_eval import EVAL_BUNDLE_URL, download_bundle, evaluate_core, get_bundle_dir, load_bundle
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
@@ -61,7 +61,7 @@ def load_model(ckpt_dir, device, tokenizer):
         model.init_weights()  # fills the rotary tables; the weights come from the checkpoint
         model.load_state_dict(ckpt["model"], strict=True)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise UserError(f"checkpoint in {ckpt_dir} does not match the model ({str(e).splitlines()[0][:150]})") from None
+        raise UserError(f"checkpoint in {ckpt_dir} does not match the model ({first_sentence(e)})") from None
     model.eval()
     return model, meta
 

@@ -13,7 +13,7 @@ from nanochat.train import TrainConfig, train
 
 def main(argv):
     cfg = parse_args(TrainConfig, argv, prog="python -m scripts.base_train", description=__doc__)
-    train(cfg, default_tag=f"d{cfg.depth}_baseline")
+    train(cfg, default_tag="d{depth}_baseline")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from nanochat.train import train
 def main(argv):
     cfg = parse_args(AdaptiveConfig, argv, prog="python -m scripts.base_train_adaptive_svd", description=__doc__)
     hook = AdaptiveSVDHook(cfg) if cfg.adaptive_svd else None
-    train(cfg, hook=hook, default_tag=f"d{cfg.depth}" if cfg.adaptive_svd else f"d{cfg.depth}_baseline")
+    train(cfg, hook=hook, default_tag="d{depth}" if cfg.adaptive_svd else "d{depth}_baseline")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class BenchConfig:
 def timed_run(cfg, variant, out_dir):
     common = dict(depth=cfg.depth, max_seq_len=512, device_batch_size=1, total_batch_size=512, eval_tokens=512,
                   num_iterations=cfg.steps, eval_every=-1, sample_every=-1, device_type=cfg.device_type,
-                  svd_interval=cfg.svd_interval, output_dir=out_dir, compile=cfg.compile)
+                  svd_interval=cfg.svd_interval, output_dir=out_dir, compile=cfg.compile, overwrite=True)
     targets = {"phase1 (block0 c_q)": dict(adaptive_svd_target_layer=0, svd_targets="c_q"),
                "all attn + mlp": dict(adaptive_svd_target_layer=-1, svd_targets="all")}
     run_cfg = AdaptiveConfig(**common, **targets.get(variant, {}), adaptive_svd=variant != "baseline")

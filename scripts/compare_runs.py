@@ -8,7 +8,7 @@ Both runs are `python -m scripts.base_train_adaptive_svd <flags> --seed=S` in th
 time and peak memory are each run's own), one after the other; the baseline adds --adaptive_svd=false,
 which runs the identical loop without the hook. Runs go to <out>/base_checkpoints/{baseline,adaptive}_s<S>/
 with their console log (train.log) and command (command.txt). A run that already finished there is
-reused, not repeated (--force repeats it). `--table_only` only tabulates what exists.
+reused, not repeated (--force repeats it, replacing its files). `--table_only` only tabulates what exists.
 
 Writes <out>/comparison.json and <out>/comparison.md. Columns: final and minimum val bpb (from the
 log), tokens (config.json), loop training time (the log's "Total training time", evaluation excluded)
@@ -50,7 +50,7 @@ def run_tag(kind, seed):
 
 def run_command(kind, seed, out, train_argv):
     return [sys.executable, "-m", "scripts.base_train_adaptive_svd", f"--adaptive_svd={'true' if kind == 'adaptive' else 'false'}",
-            f"--model_tag={run_tag(kind, seed)}", f"--output_dir={out}", *train_argv, f"--seed={seed}"]
+            f"--model_tag={run_tag(kind, seed)}", f"--output_dir={out}", *train_argv, f"--seed={seed}", "--overwrite=true"]
 
 
 def finished(run_dir):
@@ -176,7 +176,7 @@ def parse(argv):
         raise UserError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from None
     if not seeds:
         raise UserError("--seeds is empty")
-    for key in ("seed", "model_tag", "output_dir", "adaptive_svd", "resume"):
+    for key in ("seed", "model_tag", "output_dir", "adaptive_svd", "resume", "overwrite"):
         if any(a.lstrip("-").replace("-", "_").split("=")[0] == key for a in train_argv):
             raise UserError(f"--{key} is set by the comparison runner itself; leave it out of the training flags")
     return args, seeds, train_argv

@@ -23,10 +23,8 @@ import json
 import os
 import time
 
-import torch
-
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
-from nanochat.checkpoint_manager import CHECKPOINT_NAME, checkpoint_dir, load_checkpoint
+from nanochat.checkpoint_manager import CHECKPOINT_NAME, CONFIG_NAME, checkpoint_dir, load_checkpoint, write_checkpoint
 from nanochat.cli import flag, parse_args, passthrough, required
 from nanochat.common import UserError, run_cli
 from nanochat.dataloader import DataLoader
@@ -34,6 +32,7 @@ from nanochat.dataset import list_shards
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.train import TrainHook, train
+from scripts.run_logs import read_jsonl
 
 VARIANTS = {"baseline": {"adaptive_svd": False}, "adaptive": {"adaptive_svd": True, "svd_policy": "adaptive"},
             "static": {"adaptive_svd": True, "svd_policy": "static"}}
@@ -116,9 +115,11 @@ def start_phase_b(dir_a, dir_b):
     """Copy phase A's checkpoint into phase B's folder with the data position cleared: B starts at its beginning."""
     ckpt = load_checkpoint(os.path.join(dir_a, CHECKPOINT_NAME))
     ckpt["loop"]["dataloader"] = [None] * len(ckpt["loop"]["dataloader"])
+    ckpt["loop"].update(val_step=None, pending_row=None)  # B validates on its own data from its first step
+    ckpt.pop("config", None)  # A's config.json; B writes its own at its first save
     os.makedirs(dir_b, exist_ok=True)
-    torch.save(ckpt, os.path.join(dir_b, CHECKPOINT_NAME))
-    for name in ("svd_metrics.jsonl",):  # B's analyses go to a file of their own
+    write_checkpoint(os.path.join(dir_b, CHECKPOINT_NAME), ckpt)
+    for name in (CONFIG_NAME, "svd_metrics.jsonl", "train_metrics.jsonl"):  # B's metrics go to files of their own
         path = os.path.join(dir_b, name)
         if os.path.exists(path):
             os.remove(path)
@@ -150,7 +151,7 @@ def run_variant(name, args, train_argv):
     t0 = time.time()
     # phase A
     cfg_a = make_config(train_argv, dict(VARIANTS[name], data_dir=args.data_a, num_iterations=args.steps_a,
-                                         output_dir=args.out, model_tag=tags["A"], resume=False))
+                                         output_dir=args.out, model_tag=tags["A"], resume=False, overwrite=True))
     write_command(cfg_a)
     res_a = train(cfg_a, hook=AdaptiveSVDHook(cfg_a) if cfg_a.adaptive_svd else None, default_tag=tags["A"])
     time_a = time.time() - t0
@@ -186,8 +187,7 @@ def svd_phase_summary(jsonl_path):
     """What the analyses of a phase did: counts, switches, mean metrics (None for the baseline)."""
     if not os.path.exists(jsonl_path):
         return None
-    recs = [json.loads(line) for line in open(jsonl_path) if line.strip()]
-    recs = [r for r in recs if "mode_after" in r]
+    recs = [r for r in read_jsonl(jsonl_path) if "mode_after" in r]
     if not recs:
         return None
 
@@ -241,7 +241,7 @@ def parse_own(argv):
         raise UserError(f"--variants: unknown {bad}; use {', '.join(VARIANTS)}")
     if args.steps_a < 1 or args.steps_b < 1 or args.measure_every < 1:
         raise UserError("--steps_a, --steps_b and --measure_every must be >= 1")
-    for key in ("data_dir", "num_iterations", "model_tag", "output_dir", "resume", "adaptive_svd", "svd_policy"):
+    for key in ("data_dir", "num_iterations", "model_tag", "output_dir", "resume", "overwrite", "adaptive_svd", "svd_policy"):
         if any(a.lstrip("-").replace("-", "_").split("=")[0] == key for a in train_argv):
             raise UserError(f"--{key} is set by the forgetting experiment itself; leave it out of the training flags")
     for d in (args.data_a, args.data_b):

@@ -3,11 +3,16 @@
 A run folder is a checkpoint folder (<output_dir>/base_checkpoints/<tag>/). Its console log is found as
 train.log there (what scripts.compare_runs writes), or given explicitly (e.g. a SLURM .out file).
 Everything here tolerates a run that is still writing: a half-written last JSONL line is skipped.
+A metrics file holds each (step[, layer]) row once (a resumed run drops the rows it repeats); a file
+with a duplicate row is refused rather than counted twice.
 """
 
 import json
 import os
 import re
+
+from nanochat.common import UserError
+from nanochat.run_files import row_key
 
 STEP_RE = re.compile(r"^step (\d+)/(\d+) \([^)]*\) \| loss: ([-+0-9.eEnaif]+) \| grad norm: ([-+0-9.eEnaif]+) \| "
                      r"lrm: ([0-9.]+) \| dt: ([0-9.]+)ms")
@@ -20,7 +25,7 @@ SVD_TIME_RE = re.compile(r"^=== SVD Analysis complete === \((\d+) ms\)")
 
 
 def read_jsonl(path):
-    """Complete records of a (possibly growing) JSONL file; a torn last line is left out."""
+    """Complete records of a (possibly growing) JSONL file; a torn last line is left out, a duplicate row refused."""
     records = []
     if not os.path.exists(path):
         return records
@@ -34,7 +39,23 @@ def read_jsonl(path):
                     records.append(json.loads(line))
                 except json.JSONDecodeError:
                     continue
+    check_unique(records, path)
     return records
+
+
+def check_unique(records, source):
+    """UserError if two records share (step, layer): counting both would double that analysis or step."""
+    first = {}
+    for i, record in enumerate(records):
+        key = row_key(record)
+        if key[0] is None:
+            continue
+        if key in first:
+            what = f"step {key[0]}" + (f", layer {key[1]}" if key[1] is not None else "")
+            raise UserError(f"{source} holds two rows for {what} (rows {first[key] + 1} and {i + 1}); it was appended to "
+                            f"twice (e.g. resumed by an older version): delete the repeated rows, or resume the run "
+                            f"once more, which drops them")
+        first[key] = i
 
 
 def read_config(run_dir):
@@ -101,6 +122,7 @@ def svd_summary(records):
     over all layer-analyses. Protection changes no parameter count: every layer trains its full weight,
     confined to its minor subspace while protected.
     """
+    check_unique(records, "svd_metrics records")
     layers = layer_records(records)
     decided = [r for recs in layers.values() for r in recs]
     if not decided:

@@ -17,7 +17,7 @@
 #   MODEL_TAG          checkpoint folder name          default d<depth> (adaptive), d<depth>_baseline
 #   NANOCHAT_MODULES   modules to load ("" = none)     default spack-managed-x86-64_v3/v1.0 python/3.12.5 cuda-toolkit
 #   NANOCHAT_PYTHON    the Python to run               default <project>/.venv/bin/python
-#   NANOCHAT_RESUME    auto | 1 | 0                    auto = continue an unfinished checkpoint of this run
+#   NANOCHAT_RESUME    auto | 1 | 0                    auto = continue an unfinished checkpoint of this run; 0 = start over (replaces it)
 #   NANOCHAT_REQUEUE   1 | 0                           1 = requeue the job after a pre-timeout save
 #   NANOCHAT_DRY_RUN   1 = print the command, run nothing
 #   WANDB_MODE (offline), WANDB_RUN (job kind), OMP_NUM_THREADS (1)
@@ -119,7 +119,8 @@ EOF
 }
 
 # Sets RESUME_FLAG to --resume when this run has an unfinished checkpoint (a requeued or resubmitted
-# job); stops the job when the run is already complete.
+# job), to --overwrite=true when the run is to start over (the training script refuses to replace a
+# run without it); stops the job when the run is already complete.
 nanochat_resume() {
     local dir=$1 mode=${NANOCHAT_RESUME:-auto} state stale
     RESUME_FLAG=""
@@ -130,7 +131,10 @@ nanochat_resume() {
         echo "Removing $stale, left by an interrupted save"
         rm -f "$stale"
     done
-    [ "$mode" = 0 ] && return 0
+    if [ "$mode" = 0 ]; then
+        [ -d "$dir" ] && RESUME_FLAG=--overwrite=true
+        return 0
+    fi
     state=$(nanochat_run_state "$dir")
     case "$state" in
         complete)
@@ -146,7 +150,16 @@ nanochat_resume() {
             echo "Continuing the run in $dir from its checkpoint at step $2 of $3 (--resume)"
             RESUME_FLAG=--resume ;;
         none)
-            [ "$mode" = 1 ] && nanochat_die "NANOCHAT_RESUME=1 but there is no checkpoint in $dir" ;;
+            if [ -f "$dir/checkpoint.pt" ]; then
+                # killed between writing checkpoint.pt and config.json: --resume rewrites config.json
+                echo "Continuing the run in $dir from its checkpoint (--resume)"
+                RESUME_FLAG=--resume
+            elif [ "$mode" = 1 ]; then
+                nanochat_die "NANOCHAT_RESUME=1 but there is no checkpoint in $dir"
+            elif compgen -G "$dir/*.jsonl" >/dev/null; then
+                echo "The run in $dir stopped before its first checkpoint; starting it again (--overwrite=true)"
+                RESUME_FLAG=--overwrite=true
+            fi ;;
     esac
     return 0
 }

@@ -13,12 +13,15 @@ of an N-rank run, for validation too. Ranks read disjoint row groups, so this is
 process with N-fold gradient accumulation see exactly the tokens that N ranks see in one step.
 
 Fault injection: DIST_RUN_FAIL_SVD_RANK=r makes every SVD on rank r fail (a numerical failure, which
-skips the layers that rank analyses); DIST_RUN_RAISE_RANK=r makes planning raise on rank r (a bug).
+skips the layers that rank analyses); DIST_RUN_RAISE_RANK=r makes planning raise on rank r (a bug);
+DIST_RUN_SLOW_SVD=s makes every SVD take s seconds longer (a long analysis to stop with a signal).
+Each rank writes its process id to $DIST_RUN_OUT/pid<r> at the start (for tests that signal one rank).
 """
 
 import hashlib
 import json
 import os
+import time
 
 import torch
 
@@ -63,7 +66,9 @@ class RecordingHook(AdaptiveSVDHook):
         self.records = []
 
     def _log(self, step, display, record):
-        self.records.append(json.loads(json.dumps({k: (v.item() if torch.is_tensor(v) else v) for k, v in record.items()})))
+        timing = ("layer_seconds", "analysis_seconds")  # wall times differ between ranks
+        self.records.append(json.loads(json.dumps({k: (v.item() if torch.is_tensor(v) else v) for k, v in record.items()
+                                                   if k not in timing})))
         super()._log(step, display, record)
 
     def _plan(self, step, layer):
@@ -76,12 +81,24 @@ def digest(t):
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def slowed(svd, seconds):
+    def slow_svd(*args, **kwargs):
+        time.sleep(seconds)
+        return svd(*args, **kwargs)
+    return slow_svd
+
+
 def main(argv):
     cfg = parse_args(AdaptiveConfig, argv, prog="tests/dist_run.py", description=__doc__)
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, f"pid{RANK}"), "w") as f:
+        f.write(str(os.getpid()))
     if os.environ.get("DIST_RUN_EMULATE"):
         train_module.DataLoader = EmulatedRanksLoader
     if os.environ.get("DIST_RUN_FAIL_SVD_RANK") == str(RANK):
         asvd.svd = lambda *a, **k: asvd.SVDResult(reason="injected failure")
+    if os.environ.get("DIST_RUN_SLOW_SVD"):
+        asvd.svd = slowed(asvd.svd, float(os.environ["DIST_RUN_SLOW_SVD"]))
     hook = RecordingHook(cfg) if cfg.adaptive_svd else train_module.TrainHook()
     state = {}
 
@@ -100,7 +117,6 @@ def main(argv):
             params[name + ".U_k"], params[name + ".V_k"] = digest(layer.module.U_k), digest(layer.module.V_k)
     out = {"rank": RANK, "losses": result["losses"], "val_bpb": result["val_bpb"], "params": params, "momentum": momentum,
            "records": getattr(hook, "records", [])}
-    os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
         json.dump(out, f)
 

@@ -266,6 +266,22 @@ def test_a_save_killed_mid_write_leaves_no_partial_file_for_the_next_start(prepa
     assert list(run.iterdir()) == [] and "--resume" not in printed_command(r.stdout)
 
 
+@pytest.mark.parametrize("files,resume,expect", [
+    (["train_metrics.jsonl"], "auto", "--overwrite=true"),  # killed before its first checkpoint: start again
+    (["checkpoint.pt"], "auto", "--resume"),                # killed between checkpoint.pt and config.json
+    (["checkpoint.pt", "config.json"], "0", "--overwrite=true"),  # starting over was asked for
+])
+def test_the_next_start_continues_or_replaces_what_a_killed_job_left(prepared_base, tmp_path, files, resume, expect):
+    run = tmp_path / "phase1/base_checkpoints/d4"
+    run.mkdir(parents=True)
+    for name in files:
+        (run / name).write_text('{"step": 1}\n')
+    r = subprocess.run(["bash", os.path.join(SLURM_DIR, "phase1_cpu.sbatch")], cwd=ROOT, capture_output=True, text=True,
+                       env=job_env(prepared_base, tmp_path, NANOCHAT_DRY_RUN=1, NANOCHAT_RESUME=resume), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert expect in printed_command(r.stdout) and sorted(os.listdir(run)) == sorted(files)
+
+
 def test_login_node_preparation_offline(tmp_path):
     env = job_env(tmp_path / "base", tmp_path / "runs", SKIP_SETUP=1, DATA_SOURCE="offline", VOCAB_SIZE=300,
                   PREPARE_DATA_ARGS="--max_chars_per_domain=60000 --docs_per_shard=100")

@@ -25,7 +25,9 @@ def test_training_lowers_validation_bpb(base, tmp_path, capsys):
     assert result["losses"][-1] < result["losses"][0] - 1.0
     for needed in ("Vocab size: 4,096", "num_layers: 2", "model_dim: 128", "num_heads: 1",
                    "Number of parameters:", "step 00001/00040 (2.50%) | loss:", "Peak memory usage:",
-                   "Total training time:", "Minimum validation bpb:"):
+                   "Total training time:", "Minimum validation bpb:",
+                   "Plan: 40 steps of 256 tokens to go (10,240 tokens), validation on 1,024 tokens every 40 steps and at the end",
+                   "Estimated time for the remaining 35 steps: "):
         assert needed in out
 
 
@@ -76,6 +78,8 @@ def run_cli(args, env_base, cwd=ROOT):
     (["--depth=0"], "--depth must be >= 1"),
     (["--device_type=tpu"], "unknown --device_type"),
     (["--device_type=cuda"], "no CUDA device"),
+    (["--device_type=cpu"], "--depth is required on cpu"),
+    (["--depth=2", "--resume", "--overwrite"], "give one of them"),
     (["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=100", "--device_type=cpu"],
      "not a multiple of"),
 ])
