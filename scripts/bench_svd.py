@@ -69,18 +69,19 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def bench_shape(n_out, n_in, rel, args, device):
+def bench_shape(n_out, n_in, rel, analyses, spikes, seed, device):
     """Exact vs warm analyses of one drifting matrix: the SVD plus the count of learned directions, the
-    warm one certified (else redone exactly, as in a run), chained from the previous analysis' basis."""
-    gen = torch.Generator().manual_seed(args.seed)
-    W, U_s = trained_matrix(n_out, n_in, args.spikes, gen, device)
+    warm one certified (else redone exactly, as in a run), chained from the previous analysis' basis.
+    Returns the medians and the checks as a dict."""
+    gen = torch.Generator().manual_seed(seed)
+    W, U_s = trained_matrix(n_out, n_in, spikes, gen, device)
     k_max = max(1, min(n_out, n_in) // 10)
     count = dict(tw=3.3, k_max=k_max)
     first, k, _, _ = asvd.spectrum(W, "exact", None, n_out, n_in, **count)
     asvd.spectrum(W, "warm", first.Vh[:k].T, n_out, n_in, **count)  # untimed: first-call overheads of the kernels
     prev_V, momentum = first.Vh[:k].T, torch.zeros_like(W)
     exact_t, warm_t, captured, methods, ks = [], [], [], [], []
-    for _ in range(args.analyses):
+    for _ in range(analyses):
         grad = U_s @ torch.randn(U_s.shape[1], n_in, generator=gen).to(device)
         grad += 0.5 * torch.randn(n_out, n_in, generator=gen).to(device) * grad.norm() / (n_out * n_in) ** 0.5
         momentum = 0.95 * momentum + grad
@@ -95,11 +96,16 @@ def bench_shape(n_out, n_in, rel, args, device):
         exact_t.append(t_exact)
         warm_t.append(t_warm)
         prev_V = warm.Vh[:k_warm].T
-    t_e, t_w = statistics.median(exact_t), statistics.median(warm_t)
-    same_k = all(a == b for a, b in ks)
-    print(f"{n_out:>5}x{n_in:<5} rel={rel:<7g} k={ks[-1][0]:<4} exact {t_e * 1e3:8.1f} ms  warm {t_w * 1e3:7.1f} ms  "
-          f"speed-up {t_e / t_w:5.1f}x  captured energy min {min(captured):.5f}  same k {same_k}  "
-          f"warm accepted {methods.count('warm')}/{len(methods)}", flush=True)
+    return {"shape": (n_out, n_in), "rel": rel, "k": ks[-1][0], "exact_s": statistics.median(exact_t),
+            "warm_s": statistics.median(warm_t), "captured_min": min(captured), "same_k": all(a == b for a, b in ks),
+            "accepted": methods.count("warm"), "analyses": len(methods)}
+
+
+def describe(r):
+    n_out, n_in = r["shape"]
+    return (f"{n_out:>5}x{n_in:<5} rel={r['rel']:<7g} k={r['k']:<4} exact {r['exact_s'] * 1e3:8.1f} ms  "
+            f"warm {r['warm_s'] * 1e3:7.1f} ms  speed-up {r['exact_s'] / r['warm_s']:5.1f}x  "
+            f"captured energy min {r['captured_min']:.5f}  same k {r['same_k']}  warm accepted {r['accepted']}/{r['analyses']}")
 
 
 def main(argv):
@@ -113,7 +119,7 @@ def main(argv):
     print(f"device {device}, torch threads {torch.get_num_threads()}, median over {args.analyses} analyses")
     for n_out, n_in in ((1280, 1280), (5120, 1280)):
         for rel in args.rel:
-            bench_shape(n_out, n_in, rel, args, device)
+            print(describe(bench_shape(n_out, n_in, rel, args.analyses, args.spikes, args.seed, device)), flush=True)
 
 
 if __name__ == "__main__":

@@ -305,7 +305,7 @@ def test_phase1_style_run_and_the_guides_snippet(base, tmp_path):
     assert (tmp_path / "base_checkpoints/d4/checkpoint.pt").exists() and (tmp_path / "base_checkpoints/d4/config.json").exists()
     lines = [json.loads(line) for line in open(tmp_path / "base_checkpoints/d4/svd_metrics.jsonl")]
     assert [x["step"] for x in lines] == [20, 40]
-    snippet = open(os.path.join(os.path.dirname(__file__), "guide_snippet.py")).read()
+    snippet = open(os.path.join(ROOT, "experiments", "guide_snippet.py")).read()
     r = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("<|bos|>The capital of France is")

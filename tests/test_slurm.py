@@ -47,6 +47,7 @@ CONFIGS = {  # the entry points the job files run: module -> (module of its conf
     "scripts.tok_train": ("scripts.tok_train", "TokTrainConfig"),
     "scripts.base_eval": ("scripts.base_eval", "EvalConfig"),
     "scripts.prepare_data": ("scripts.prepare_data", "PrepareConfig"),
+    "scripts.gpu_check": ("scripts.gpu_check", "CheckConfig"),
 }
 
 
@@ -152,6 +153,9 @@ def test_job_files_are_strict_and_ask_for_a_warning_signal(path):
     sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=?(\S*)", text, re.M))
     assert sbatch["account"] == "class-cse8990"
     assert sbatch["output"] == "slurm/logs/%x-%j.out" and sbatch["open-mode"] == "append"
+    if "gpu_check" in path:  # a check has nothing to save or resume: no warning signal, no requeue
+        assert sbatch["time"] == "00:20:00" and sbatch["gres"] == "gpu:a100:1" and "requeue" not in sbatch
+        return
     assert "requeue" in sbatch and re.fullmatch(r"B:USR1@\d+", sbatch["signal"])
     if "phase3" in path or "phase2" in path:
         assert sbatch["partition"] == "gpu-a100" and sbatch["gres"].startswith("gpu:a100:")
@@ -226,6 +230,18 @@ def dry_run(base, runs, job, args, **env):
     if "multinode" in job:
         assert argv[0] == "srun" and any(w.startswith("--rdzv_endpoint=") for w in argv[:i])
     return argv[i + 1], script_args
+
+
+def test_gpu_check_job_runs_the_check_with_extra_flags_replacing_its_own(prepared_base, tmp_path):
+    r = subprocess.run(["bash", os.path.join(SLURM_DIR, "gpu_check.sbatch"), "--device_batch_size=16", "--device_type", "cpu"],
+                       cwd=ROOT, env=job_env(prepared_base, tmp_path, NANOCHAT_DRY_RUN=1), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    argv = printed_command(r.stdout)
+    i = argv.index("-m")
+    assert argv[i + 1] == "scripts.gpu_check"
+    cfg = parse_args(config_class("scripts.gpu_check"), argv[i + 2:], prog="gpu_check", description="")
+    assert cfg.device_batch_size == 16 and cfg.device_type == "cpu" and cfg.out == os.path.join(str(tmp_path), "gpu_check")
 
 
 def test_a_flag_the_user_repeats_reaches_the_script_which_rejects_it(prepared_base, tmp_path):
