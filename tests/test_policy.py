@@ -15,7 +15,8 @@ import torch
 from nanochat import adaptive_svd as asvd
 from scripts.method_checks import concentrated_gradient, planted, random_gradient, simulate, update_ratio_of_random_updates
 
-SHAPES = [(256, 256), (1024, 256), (256, 1024)]
+# the square shape runs by default, the tall and wide ones with the slow tests (CI runs both)
+SHAPES = [(256, 256), pytest.param((1024, 256), marks=pytest.mark.slow), pytest.param((256, 1024), marks=pytest.mark.slow)]
 
 
 @pytest.fixture(autouse=True)
