@@ -8,7 +8,7 @@ basis and accepted only with its certificate (else redone exactly, which the tim
 reports the warm result's captured top-k energy ||U_k^T W||_F^2 / sum of the true top-k S^2 and whether
 both found the same k. Prints numbers; not a test.
 
-    python -m scripts.bench_svd [--device cuda] [--rel 1e-2 1e-3] [--spikes 64]
+    python -m scripts.bench_svd [--device cuda] [--rel 1e-2 1e-3] [--spikes 64] [--shapes 256x256 1024x256]
 """
 
 import dataclasses
@@ -25,6 +25,7 @@ from nanochat.common import UserError, run_cli
 @dataclasses.dataclass
 class BenchConfig:
     device: str = flag("", "device to run on; empty = cuda when available, else cpu")
+    shapes: list[str] = flag(["1280x1280", "5120x1280"], "matrix shapes n_out x n_in (d20's; d4's are 256x256 1024x256)")
     rel: list[float] = flag([5e-2, 1e-2, 1e-3], "relative Frobenius size of the update between analyses")
     analyses: int = flag(4, "analyses per shape and size of update")
     spikes: int = flag(64, "learned directions in the start matrix")
@@ -117,7 +118,11 @@ def main(argv):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device is cuda but no CUDA device is available; use --device=cpu")
     print(f"device {device}, torch threads {torch.get_num_threads()}, median over {args.analyses} analyses")
-    for n_out, n_in in ((1280, 1280), (5120, 1280)):
+    try:
+        shapes = [tuple(int(n) for n in shape.lower().split("x")) for shape in args.shapes]
+    except ValueError:
+        raise UserError(f"--shapes expects sizes like 1280x1280, got {args.shapes}") from None
+    for n_out, n_in in shapes:
         for rel in args.rel:
             print(describe(bench_shape(n_out, n_in, rel, args.analyses, args.spikes, args.seed, device)), flush=True)
 

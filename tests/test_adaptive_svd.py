@@ -327,8 +327,8 @@ def test_warm_svd_after_drift_is_certified_and_accurate():
     assert captured(W2, warm.U[:, :k2]) >= 0.999
     np.testing.assert_allclose(warm.S[:k2].numpy(), np.linalg.svd(W2.double().numpy(), compute_uv=False)[:k2], rtol=1e-4)
     # 'auto' is warm only above its size threshold and with a previous basis of this shape
-    assert asvd.svd(W2, "auto", res.Vh[:k].T).method == "exact"
-    assert asvd.svd(W2, "auto", res.Vh[:k].T, auto_exact_max_dim=100).method == "warm"
+    assert asvd.svd(W2, "auto", res.Vh[:k].T).method == "warm"
+    assert asvd.svd(W2, "auto", res.Vh[:k].T, auto_exact_max_dim=200).method == "exact"
     assert asvd.svd(W2, "auto", None, auto_exact_max_dim=100).method == "exact"
     assert "impossible" in asvd.svd(W2, "warm", torch.randn(n + 1, 3)).notes[0]
 
