@@ -215,8 +215,10 @@ def _workspace(name, rows, cols, device, dtype=torch.float32):
 
 
 def matmul_dtype(device_type):
-    """The forward's matmul dtype: autocast's when it is on for this device, else fp32."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
+    """The fused loss's matmul dtype: bf16 under bf16 autocast on this device, else fp32 (fp16 would
+    overflow: the gradient matrix holds values up to V e^15)."""
+    bf16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def softcap_cross_entropy_chunks(x, weight, targets, need_grad, max_elements=2 ** 25, dtype=torch.float32):
@@ -226,8 +228,8 @@ def softcap_cross_entropy_chunks(x, weight, targets, need_grad, max_elements=2 *
     dL/d(x W^T) = (e / s - onehot) (1 - tanh^2), and the per-row factors (1/s, 1/count) are applied
     to the small (rows x d) matrices instead of the (rows x vocab) one. The chunk is as many rows as
     fit in `max_elements` logits, so at most two such buffers exist and they are reused across calls.
-    `dtype` is the dtype of the three matmuls (logits, grad_x, grad_w); the soft-cap, exp, the sums and
-    the gradient factors are fp32 in any case, computed from the (possibly bf16) logits.
+    `dtype` (fp32 or bf16) is the dtype of the three matmuls (logits, grad_x, grad_w); the soft-cap,
+    exp, the sums and the gradient factors are fp32 in any case, computed from the (bf16) logits.
     Returns (losses (N,), grad_x, grad_w), the gradients being those of the mean over valid targets.
     """
     N, V = x.shape[0], weight.shape[0]
@@ -237,7 +239,7 @@ def softcap_cross_entropy_chunks(x, weight, targets, need_grad, max_elements=2 *
     losses = torch.empty(N, dtype=torch.float32, device=x.device)
     grad_x = torch.empty_like(x) if need_grad else None
     grad_w = None
-    low = dtype != torch.float32
+    low = dtype == torch.bfloat16
     w = weight.to(dtype) if low else weight.float()
     for s in range(0, N, chunk):
         xs = x[s:s + chunk].float()
