@@ -262,13 +262,14 @@ def softcap_cross_entropy_chunks(x, weight, targets, need_grad, max_elements=2 *
         if need_grad:
             e.scatter_add_(1, ts, -sumexp)               # e - s * onehot = s (softmax - onehot)
             t.mul_(t)
-            e.addcmul_(e, t, value=-1.0)                 # times (1 - tanh^2)
             row_scale = vs.float()[:, None] / (sumexp * count)
             if low:
-                e_low = logits.copy_(e)                  # the logits are spent: their buffer takes e
-                grad_x[s:s + chunk] = (torch.mm(e_low, w).float() * row_scale).to(x.dtype)
-                gw = torch.mm(e_low.T, (xs * row_scale).to(dtype)).float()
+                # times (1 - tanh^2), computed in fp32 and stored in bf16 in the spent logits' buffer
+                g = torch.addcmul(e, e, t, value=-1.0, out=logits)
+                grad_x[s:s + chunk] = (torch.mm(g, w).float() * row_scale).to(x.dtype)
+                gw = torch.mm(g.T, (xs * row_scale).to(dtype)).float()
             else:
+                e.addcmul_(e, t, value=-1.0)             # times (1 - tanh^2)
                 grad_x[s:s + chunk] = (torch.mm(e, w) * row_scale).to(x.dtype)
                 gw = torch.mm(e.T, xs * row_scale)
             grad_w = gw if grad_w is None else grad_w.add_(gw)
