@@ -81,7 +81,7 @@ def resolve_dtype(requested, device_type, saved_train_config=None):
         if requested not in ("auto", saved):
             raise UserError(f"--resume: the checkpoint was trained with --dtype={saved}, not {requested}; "
                             f"use --dtype={saved} or auto to continue exactly")
-        return saved, "the checkpoint's dtype (--resume)"
+        return saved, "kept from the checkpoint on --resume"
     if requested != "auto":
         return requested, "--dtype"
     decision = [_decide(device_type)]

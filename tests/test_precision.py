@@ -116,7 +116,7 @@ def test_auto_dtype_is_recorded_and_resume_reuses_it(base, tmp_path, monkeypatch
     force_cpu_bf16(monkeypatch, 0.5)  # a fresh decision would now be fp32
     capsys.readouterr()
     rest = train(TrainConfig(**run, resume=True, output_dir=str(tmp_path / "b")))
-    assert "Matmul dtype: bfloat16 (the checkpoint's dtype (--resume))" in capsys.readouterr().out
+    assert "Matmul dtype: bfloat16 (kept from the checkpoint on --resume)" in capsys.readouterr().out
     assert first["losses"] + rest["losses"] == full["losses"]
     with pytest.raises(UserError, match="trained with --dtype=bfloat16, not float32"):
         train(TrainConfig(**run, resume=True, dtype="float32", output_dir=str(tmp_path / "b")))
