@@ -13,7 +13,7 @@ In one run on the same machine it measures
 The machine's load average is printed with the numbers: on a shared machine they are only as quiet
 as it was. Synthetic tokens: the step's cost does not depend on the data.
 
-  python -m scripts.bench_train [--steps=20] [--depth=4] [--seq=512] [--batch=1] [--device_type=cpu] [--compile_check=true]
+  python -m scripts.bench_train [--steps=20] [--depth=4] [--seq=512] [--batch=1] [--device_type=cpu] [--compile_check=true] [--threads=0]
 """
 
 import os
@@ -42,6 +42,7 @@ class BenchConfig:
     vocab: int = flag(65536, "vocabulary size")
     device_type: str = flag("cpu", "cpu | cuda | mps")
     compile_check: bool = flag(True, "also time the torch.compile'd step against eager (compiling takes minutes on CPU)")
+    threads: int = flag(0, "CPU threads; 0 = torch's default (all cores). 1 is steadier on a machine shared with other jobs")
 
 
 def sync(device):
@@ -131,6 +132,8 @@ def report(name, times, tokens, flops, peaks):
 def main(argv):
     cfg = parse_args(BenchConfig, argv, "python -m scripts.bench_train", __doc__)
     device = torch.device(check_device_type(cfg.device_type))
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; {load()}")
     peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s "
