@@ -300,6 +300,19 @@ class SoftcapCrossEntropyMean(torch.autograd.Function):
         return grad_x, grad_w.to(ctx.weight_dtype), None
 
 
+@torch.compiler.disable
+def fused_softcap_loss(x, weight, targets, reduction):
+    """The chunked soft-capped cross-entropy: its mean (gradient fused) or per-token losses ('none').
+    Always eager: in a compiled CPU forward it is a graph break, because there the compiled plain
+    formula, which materialises the (tokens x vocab) logits gradient, is slower than this."""
+    if reduction == "mean":
+        return SoftcapCrossEntropyMean.apply(x, weight, targets)
+    if reduction == "none":
+        with torch.no_grad():
+            return softcap_cross_entropy_chunks(x, weight, targets, False, dtype=matmul_dtype(x.device.type))[0]
+    raise ValueError(f"unknown loss_reduction {reduction!r}")
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -375,16 +388,10 @@ class GPT(nn.Module):
             logits = self.lm_head(x).float()
             return SOFTCAP * torch.tanh(logits / SOFTCAP)
         x2, t2 = x.view(B * T, -1), targets.reshape(-1)
-        if torch.compiler.is_compiling():
-            # the compiler fuses the plain formula well; the chunked function is for eager mode.
-            # Under autocast the logits come out of lm_head in bf16; soft-cap and cross-entropy are fp32
+        if torch.compiler.is_compiling() and x.device.type != "cpu":
+            # on GPUs the compiler fuses the plain formula well. Under autocast the logits come out
+            # of lm_head in bf16; soft-cap and cross-entropy are fp32
             logits = SOFTCAP * torch.tanh(self.lm_head(x2).float() / SOFTCAP)
             return F.cross_entropy(logits, t2, ignore_index=-1, reduction=loss_reduction)
-        if loss_reduction == "mean":
-            return SoftcapCrossEntropyMean.apply(x2, self.lm_head.weight, t2)
-        if loss_reduction == "none":
-            with torch.no_grad():
-                losses, _, _ = softcap_cross_entropy_chunks(x2, self.lm_head.weight, t2, False,
-                                                            dtype=matmul_dtype(x.device.type))
-            return losses.view(B, T)
-        raise ValueError(f"unknown loss_reduction {loss_reduction!r}")
+        loss = fused_softcap_loss(x2, self.lm_head.weight, t2, loss_reduction)
+        return loss if loss_reduction == "mean" else loss.view(B, T)

@@ -31,6 +31,7 @@ from nanochat.precision import DTYPES, autocast_for, resolve_dtype
 from nanochat.train import clip_gradients
 
 PARTS = ("forward", "backward", "optimizer")
+SAME = 0.05  # step times this close are a tie on a shared machine
 
 
 @dataclass
@@ -165,11 +166,14 @@ def main(argv):
         print(f"median of {cfg.steps} alternating steps; {load()}")
         t_eager = report(f"{auto} eager", eager_t, tokens, flops, peaks)
         t_compiled = report(f"{auto} compiled", compiled_t, tokens, flops, peaks)
-        faster = "compiled" if t_compiled < t_eager else "eager"
+        ratio = t_compiled / t_eager
         default = "compiled" if device.type == "cuda" else "eager"
-        verdict = "that is" if faster == default else "that is NOT"
-        print(f"compiled / eager: {t_compiled / t_eager:.2f}: {faster} is faster on {device.type}; "
-              f"--compile=auto runs {default} on {device.type}, {verdict} the faster choice here")
+        if abs(ratio - 1) <= SAME:
+            verdict = f"the same speed within {SAME:.0%}"
+        else:
+            faster = "compiled" if ratio < 1 else "eager"
+            verdict = f"{faster} is faster" + ("" if faster == default else ", NOT the --compile=auto choice")
+        print(f"compiled / eager: {ratio:.2f}: {verdict}; --compile=auto runs {default} on {device.type}")
     print(f"\ndone; {load()}")
 
 

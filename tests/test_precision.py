@@ -221,3 +221,31 @@ def test_compare_dtypes_measures_the_drift_after_the_first_steps(tmp_path):
     assert sorted(result["loss_diffs"]) == list(range(11, 21))
     assert max(result["loss_diffs"].values()) == pytest.approx(0.03) and result["loss_diffs"][11] == 0
     assert result["bpb"] == (2.0, 2.01) and result["bpb_diff"] == pytest.approx(0.005)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_cpu_forward_matches_eager(dtype):
+    """On CPU the compiled forward keeps the fused loss (eager, a graph break): same loss and gradients."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(2, 1024, 64))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0.0, 0.05)
+    idx, tgt = torch.randint(0, 1024, (2, 64)), torch.randint(0, 1024, (2, 64))
+    grads = []
+    for forward in (model, torch.compile(model, dynamic=False)):
+        with precision.autocast_for("cpu", dtype):
+            loss = forward(idx, tgt)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    (l_eager, g_eager), (l_comp, g_comp) = grads
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert abs(l_comp - l_eager) / l_eager < tol
+    for name in g_eager:
+        assert rel(g_comp[name], g_eager[name]) < tol, name
