@@ -165,22 +165,31 @@ class Block(nn.Module):
 _WORKSPACE = {}
 
 
-def _workspace(name, rows, cols, device):
-    """Reused (rows x cols) fp32 buffers: a fresh 100+ MB tensor every step costs page faults on CPU."""
-    key = (name, device)
+def _workspace(name, rows, cols, device, dtype=torch.float32):
+    """Reused (rows x cols) buffers: a fresh 100+ MB tensor every step costs page faults on CPU."""
+    key = (name, device, dtype)
     buf = _WORKSPACE.get(key)
     if buf is None or buf.numel() < rows * cols:
-        buf = _WORKSPACE[key] = torch.empty(rows * cols, dtype=torch.float32, device=device)
+        buf = _WORKSPACE[key] = torch.empty(rows * cols, dtype=dtype, device=device)
     return buf[:rows * cols].view(rows, cols)
 
 
-def softcap_cross_entropy_chunks(x, weight, targets, need_grad, max_elements=2 ** 25):
+def matmul_dtype(device_type):
+    """The fused loss's matmul dtype: bf16 under bf16 autocast on this device, else fp32 (fp16 would
+    overflow: the gradient matrix holds values up to V e^15)."""
+    bf16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def softcap_cross_entropy_chunks(x, weight, targets, need_grad, max_elements=2 ** 25, dtype=torch.float32):
     """Per-token cross-entropy of soft-capped logits z = 15 tanh(x W^T / 15), a chunk of rows at a time.
 
     Gradients are formed in the same pass: with e = exp(z) and s = sum(e),
     dL/d(x W^T) = (e / s - onehot) (1 - tanh^2), and the per-row factors (1/s, 1/count) are applied
     to the small (rows x d) matrices instead of the (rows x vocab) one. The chunk is as many rows as
     fit in `max_elements` logits, so at most two such buffers exist and they are reused across calls.
+    `dtype` (fp32 or bf16) is the dtype of the three matmuls (logits, grad_x, grad_w); the soft-cap,
+    exp, the sums and the gradient factors are fp32 in any case, computed from the (bf16) logits.
     Returns (losses (N,), grad_x, grad_w), the gradients being those of the mean over valid targets.
     """
     N, V = x.shape[0], weight.shape[0]
@@ -190,15 +199,21 @@ def softcap_cross_entropy_chunks(x, weight, targets, need_grad, max_elements=2 *
     losses = torch.empty(N, dtype=torch.float32, device=x.device)
     grad_x = torch.empty_like(x) if need_grad else None
     grad_w = None
-    w = weight.float()
+    low = dtype == torch.bfloat16
+    w = weight.to(dtype) if low else weight.float()
     for s in range(0, N, chunk):
         xs = x[s:s + chunk].float()
         rows = xs.shape[0]
         ts = targets[s:s + chunk].clamp(min=0)[:, None]
         vs = valid[s:s + chunk]
-        t = torch.mm(xs / SOFTCAP, w.T, out=_workspace("t", rows, V, x.device))
+        if low:
+            logits = torch.mm((xs / SOFTCAP).to(dtype), w.T, out=_workspace("t", rows, V, x.device, dtype))
+            t = _workspace("t", rows, V, x.device).copy_(logits)
+        else:
+            t = torch.mm(xs / SOFTCAP, w.T, out=_workspace("t", rows, V, x.device))
         t.tanh_()                                        # t = tanh(logits / 15)
-        # |z| <= 15, so exp(z) <= e^15 and the row sum <= V e^15 fit in fp32: no max-subtraction pass
+        # |z| <= 15 and the exp and the sum are fp32: exp(z) <= e^15 and the row sum <= V e^15 < 3.4e38
+        # for any V < 1e31, so no max-subtraction pass is needed
         e = torch.mul(t, SOFTCAP, out=_workspace("e", rows, V, x.device))
         e.exp_()                                         # e = exp(z)
         sumexp = e.sum(dim=1, keepdim=True)
@@ -207,21 +222,29 @@ def softcap_cross_entropy_chunks(x, weight, targets, need_grad, max_elements=2 *
         if need_grad:
             e.scatter_add_(1, ts, -sumexp)               # e - s * onehot = s (softmax - onehot)
             t.mul_(t)
-            e.addcmul_(e, t, value=-1.0)                 # times (1 - tanh^2)
             row_scale = vs.float()[:, None] / (sumexp * count)
-            grad_x[s:s + chunk] = (torch.mm(e, w) * row_scale).to(x.dtype)
-            gw = torch.mm(e.T, xs * row_scale)
+            if low:
+                # times (1 - tanh^2), computed in fp32 and stored in bf16 in the spent logits' buffer
+                g = torch.addcmul(e, e, t, value=-1.0, out=logits)
+                grad_x[s:s + chunk] = (torch.mm(g, w).float() * row_scale).to(x.dtype)
+                gw = torch.mm(g.T, (xs * row_scale).to(dtype)).float()
+            else:
+                e.addcmul_(e, t, value=-1.0)             # times (1 - tanh^2)
+                grad_x[s:s + chunk] = (torch.mm(e, w) * row_scale).to(x.dtype)
+                gw = torch.mm(e.T, xs * row_scale)
             grad_w = gw if grad_w is None else grad_w.add_(gw)
     return losses, grad_x, grad_w
 
 
 class SoftcapCrossEntropyMean(torch.autograd.Function):
-    """Mean soft-capped cross-entropy over valid targets, gradients formed in the forward pass."""
+    """Mean soft-capped cross-entropy over valid targets, gradients formed in the forward pass.
+    Its matmuls run in autocast's dtype when autocast is on (see softcap_cross_entropy_chunks)."""
 
     @staticmethod
     def forward(ctx, x, weight, targets):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        losses, grad_x, grad_w = softcap_cross_entropy_chunks(x, weight, targets, need_grad)
+        losses, grad_x, grad_w = softcap_cross_entropy_chunks(x, weight, targets, need_grad,
+                                                              dtype=matmul_dtype(x.device.type))
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return losses.sum() / (targets != -1).sum().clamp(min=1)
@@ -235,6 +258,19 @@ class SoftcapCrossEntropyMean(torch.autograd.Function):
             grad_x.mul_(grad_mean)
             grad_w.mul_(grad_mean)
         return grad_x, grad_w.to(ctx.weight_dtype), None
+
+
+@torch.compiler.disable
+def fused_softcap_loss(x, weight, targets, reduction):
+    """The chunked soft-capped cross-entropy: its mean (gradient fused) or per-token losses ('none').
+    Always eager: in a compiled CPU forward it is a graph break, because there the compiled plain
+    formula, which materialises the (tokens x vocab) logits gradient, is slower than this."""
+    if reduction == "mean":
+        return SoftcapCrossEntropyMean.apply(x, weight, targets)
+    if reduction == "none":
+        with torch.no_grad():
+            return softcap_cross_entropy_chunks(x, weight, targets, False, dtype=matmul_dtype(x.device.type))[0]
+    raise ValueError(f"unknown loss_reduction {reduction!r}")
 
 
 class GPT(nn.Module):
@@ -308,14 +344,10 @@ class GPT(nn.Module):
             logits = self.lm_head(x).float()
             return SOFTCAP * torch.tanh(logits / SOFTCAP)
         x2, t2 = x.view(B * T, -1), targets.reshape(-1)
-        if torch.compiler.is_compiling():
-            # the compiler fuses the plain formula well; the chunked function is for eager mode
+        if torch.compiler.is_compiling() and x.device.type != "cpu":
+            # on GPUs the compiler fuses the plain formula well. Under autocast the logits come out
+            # of lm_head in bf16; soft-cap and cross-entropy are fp32
             logits = SOFTCAP * torch.tanh(self.lm_head(x2).float() / SOFTCAP)
             return F.cross_entropy(logits, t2, ignore_index=-1, reduction=loss_reduction)
-        if loss_reduction == "mean":
-            return SoftcapCrossEntropyMean.apply(x2, self.lm_head.weight, t2)
-        if loss_reduction == "none":
-            with torch.no_grad():
-                losses, _, _ = softcap_cross_entropy_chunks(x2, self.lm_head.weight, t2, False)
-            return losses.view(B, T)
-        raise ValueError(f"unknown loss_reduction {loss_reduction!r}")
+        loss = fused_softcap_loss(x2, self.lm_head.weight, t2, loss_reduction)
+        return loss if loss_reduction == "mean" else loss.view(B, T)

@@ -13,14 +13,17 @@ import torch
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def zeropower_via_newtonschulz5(G, steps=5):
+def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
     """Approximately orthogonalise G (or a batch of G) with the quintic Newton-Schulz iteration.
 
     Works on the Frobenius-normalised matrix, wide orientation (rows <= cols) so X X^T is small.
-    bf16 on CUDA like upstream nanochat; fp32 elsewhere, where bf16 matmuls are not faster.
+    `dtype` is the matmul dtype: bf16 wherever bf16 matmuls are native and faster (the iteration
+    tolerates it, as in upstream nanochat); None = bf16 on CUDA, fp32 elsewhere. Returns that dtype.
     """
     a, b, c = NS_COEFFS
-    X = G.bfloat16() if G.is_cuda else G.float()
+    if dtype is None:
+        dtype = torch.bfloat16 if G.is_cuda else torch.float32
+    X = G.to(dtype)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
@@ -43,12 +46,15 @@ class Muon(torch.optim.Optimizer):
     (an AdaptiveSVDLinear, anything with `mode` and `project`): while it is low-rank, the gradient
     is projected before the momentum and the orthogonalised update after Newton-Schulz (which keeps
     row and column spaces in exact arithmetic; the second projection removes bf16 leakage).
+    `ns_dtype` is Newton-Schulz's matmul dtype (see zeropower_via_newtonschulz5); the momentum and
+    the weights stay in the parameters' dtype.
     """
 
-    def __init__(self, named_params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, layers=None):
+    def __init__(self, named_params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, layers=None, ns_dtype=None):
         named_params = list(named_params)
         self.names = {p: n for n, p in named_params}
         self.layers = dict(layers or {})
+        self.ns_dtype = ns_dtype
         super().__init__([p for _, p in named_params],
                          dict(lr=lr, initial_lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
 
@@ -80,7 +86,7 @@ class Muon(torch.optim.Optimizer):
             tall = p.shape[0] > p.shape[1]
             by_shape.setdefault(tuple(sorted(p.shape)), []).append((p, update.mT if tall else update))
         for shape, entries in by_shape.items():
-            ortho = zeropower_via_newtonschulz5(torch.stack([u for _, u in entries]), group["ns_steps"])
+            ortho = zeropower_via_newtonschulz5(torch.stack([u for _, u in entries]), group["ns_steps"], self.ns_dtype)
             for (p, _), o in zip(entries, ortho):
                 scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
                 o = o.mT if p.shape[0] > p.shape[1] else o
@@ -113,9 +119,9 @@ class Muon(torch.optim.Optimizer):
             self.state[p]["momentum_buffer"] = buf.to(device=p.device, dtype=p.dtype).clone()
 
 
-def build_optimizers(model, matrix_lr, embedding_lr, unembedding_lr, weight_decay=0.0):
+def build_optimizers(model, matrix_lr, embedding_lr, unembedding_lr, weight_decay=0.0, ns_dtype=None):
     """Muon for the block matrices, AdamW (betas 0.8/0.95, eps 1e-10) for embedding and lm_head,
-    the AdamW rates scaled by (model_dim/768)^-0.5 as in nanochat."""
+    the AdamW rates scaled by (model_dim/768)^-0.5 as in nanochat. `ns_dtype`: Muon's."""
     model_dim = model.config.n_embd
     scale = (model_dim / 768) ** -0.5
     matrices = [(n, p) for n, p in model.named_parameters() if n.startswith("transformer.h.")]
@@ -129,7 +135,7 @@ def build_optimizers(model, matrix_lr, embedding_lr, unembedding_lr, weight_deca
         group["initial_lr"] = group["lr"]
     # every matrix whose module can be protected (AdaptiveSVDLinear) is known to Muon by its layer
     layers = {m.weight: m for m in model.modules() if hasattr(m, "project") and hasattr(m, "mode")}
-    muon = Muon(matrices, lr=matrix_lr, momentum=0.95, layers=layers)
+    muon = Muon(matrices, lr=matrix_lr, momentum=0.95, layers=layers, ns_dtype=ns_dtype)
     return muon, adamw
 
 

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +35,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizers, muon_momentum
 from nanochat.run_files import RunFolder
 from nanochat.stopping import StopSignals, StopTraining
+from nanochat.precision import DTYPES, autocast_for, resolve_dtype
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 TRAIN_METRICS = "train_metrics.jsonl"
@@ -75,6 +75,8 @@ class TrainConfig:
     overwrite: bool = flag(False, "start a fresh run in a folder that holds a run, deleting its checkpoint and metrics "
                                   "(without it, such a run is refused)")
     compile: str = flag("auto", "torch.compile: auto (on for CUDA only) | true | false")
+    dtype: str = flag("auto", "matmul dtype: auto | float32 | bfloat16. auto = bf16 on CUDA, and on a CPU with native "
+                      "bf16 where a bf16 matmul measures faster than fp32; else fp32. Recorded; --resume reuses it")
     seed: int = flag(42, "random seed of the model init")
 
 
@@ -98,6 +100,7 @@ def validate(cfg):
         (cfg.sample_every == -1 or cfg.sample_every >= 1, "--sample_every must be >= 1 or -1"),
         (cfg.save_every == -1 or cfg.save_every >= 1, "--save_every must be >= 1 or -1"),
         (cfg.compile in ("auto", "true", "false"), "--compile must be auto, true or false"),
+        (cfg.dtype in ("auto", *DTYPES), "--dtype must be auto, float32 or bfloat16"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -248,6 +251,10 @@ def train(cfg, hook=None, default_tag=None):
                f"optimizer state replicated")
     torch.manual_seed(cfg.seed)
     print_banner()
+    saved_cfg = resume_ckpt["metadata"].get("train_config", {}) if resume_ckpt is not None else None
+    dtype, why = resolve_dtype(cfg.dtype, device_type, saved_cfg)
+    print0(f"Matmul dtype: {dtype} ({why})")
+    cfg = dataclasses.replace(cfg, dtype=dtype)  # config.json and the checkpoint record the resolved dtype
 
     vocab_size = tokenizer.get_vocab_size()
     print0(f"Vocab size: {vocab_size:,}")
@@ -282,7 +289,8 @@ def train(cfg, hook=None, default_tag=None):
     print0(f"Tokens : Params ratio: {num_iterations * cfg.total_batch_size / num_params:.2f}")
     print0(f"Total training FLOPs estimate: {flops_per_token * num_iterations * cfg.total_batch_size:e}")
 
-    muon, adamw = build_optimizers(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.weight_decay)
+    muon, adamw = build_optimizers(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.weight_decay,
+                                   ns_dtype=DTYPES[dtype])
     wandb_run = _init_wandb(cfg, master, ckpt_dir)
 
     def log(data, step):
@@ -305,7 +313,7 @@ def train(cfg, hook=None, default_tag=None):
     start_step = step
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
     train_model = torch.compile(model, dynamic=False) if use_compile else model
-    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    autocast = autocast_for(device_type, dtype)
     data_dir = cfg.data_dir or None
     train_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", device,
                               rank=rank, world_size=world_size, data_dir=data_dir, state=loader_state)

@@ -8,7 +8,7 @@ and counts switches. With --compile=true every run is compiled, and the graphs t
 counted (a switch must not add one). Needs the data and tokenizer of `python -m scripts.prepare_data`
 and `python -m scripts.tok_train`.
 
-  python -m scripts.bench_adaptive [--steps=100] [--repeats=2] [--depth=4] [--svd_interval=20] [--compile=true]
+  python -m scripts.bench_adaptive [--steps=100] [--repeats=2] [--depth=4] [--svd_interval=20] [--compile=true] [--dtype=auto]
 """
 
 import contextlib
@@ -32,12 +32,13 @@ class BenchConfig:
     svd_interval: int = flag(20, "analysis interval of the adaptive runs")
     device_type: str = flag("cpu", "cpu | cuda | mps")
     compile: str = flag("false", "torch.compile every run: true | false")
+    dtype: str = flag("auto", "matmul dtype of every run: auto | float32 | bfloat16")
 
 
 def timed_run(cfg, variant, out_dir):
     common = dict(depth=cfg.depth, max_seq_len=512, device_batch_size=1, total_batch_size=512, eval_tokens=512,
                   num_iterations=cfg.steps, eval_every=-1, sample_every=-1, device_type=cfg.device_type,
-                  svd_interval=cfg.svd_interval, output_dir=out_dir, compile=cfg.compile, overwrite=True)
+                  svd_interval=cfg.svd_interval, output_dir=out_dir, compile=cfg.compile, dtype=cfg.dtype, overwrite=True)
     targets = {"phase1 (block0 c_q)": dict(adaptive_svd_target_layer=0, svd_targets="c_q"),
                "all attn + mlp": dict(adaptive_svd_target_layer=-1, svd_targets="all")}
     run_cfg = AdaptiveConfig(**common, **targets.get(variant, {}), adaptive_svd=variant != "baseline")
@@ -68,7 +69,7 @@ def main(argv):
                       + (f", {g} compiled graphs)" if cfg.compile == "true" else ")"), flush=True)
     base = totals["baseline"]
     print(f"\ndepth {cfg.depth}, seq 512, batch 512 tokens, {cfg.steps} steps, svd_interval {cfg.svd_interval}, "
-          f"{cfg.device_type}, compile {cfg.compile}")
+          f"{cfg.device_type}, compile {cfg.compile}, --dtype={cfg.dtype}")
     for v in variants:
         extra = f", {graphs[v]} compiled graphs (baseline {graphs['baseline']})" if cfg.compile == "true" else ""
         print(f"  {v:<20} {totals[v] / cfg.repeats:7.2f} s/run  ratio to baseline {totals[v] / base:.3f}  "

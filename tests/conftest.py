@@ -80,12 +80,16 @@ def prepared_base(tmp_path_factory):
       tokenizer/  BPE with vocab_size=4096 trained on the train shards, plus token_bytes.pt
     Shared by the whole session: treat it as read-only.
     """
+    return build_prepared_base(tmp_path_factory.mktemp("prepared_base"))
+
+
+def build_prepared_base(base):
+    """Write the prepared_base layout into the (existing, empty) directory `base`; returns it."""
     import pyarrow.parquet as pq
 
     from nanochat.dataset import list_shards, offline_documents, write_shards
     from nanochat.tokenizer import Tokenizer
 
-    base = tmp_path_factory.mktemp("prepared_base")
     data_dir = str(base / "base_data")
     write_shards(offline_documents(max_chars_per_domain=750_000), data_dir, docs_per_shard=500, seed=42, source="offline:test")
     texts = (t for path in list_shards(data_dir, "train") for t in pq.read_table(path).column("text").to_pylist())

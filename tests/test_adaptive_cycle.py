@@ -14,7 +14,7 @@ from nanochat import adaptive_svd as asvd
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.common import UserError
 from nanochat.gpt import GPT, AdaptiveSVDLinear, GPTConfig
-from nanochat.optim import Muon, build_optimizers
+from nanochat.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
 from nanochat.train import Run, train
 from scripts.method_checks import planted
 from tests.conftest import ROOT, tiny_model
@@ -75,6 +75,27 @@ def test_protected_triples_stay_exact_over_100_muon_steps_and_updates_have_rank_
     assert float((W - start).norm() / start.norm()) > 0.1  # it trained, in its minor subspace
     assert float((W @ V - U * S).norm() / S.norm()) <= 1e-5
     assert float((U.T @ W - S[:, None] * V.T).norm() / S.norm()) <= 1e-5
+
+
+def test_bf16_newton_schulz_leaks_nothing_into_the_protected_directions():
+    """bf16 matmuls do not keep row and column spaces exactly; the projection after Newton-Schulz does."""
+    _, layer, U, S, V = protected_pair(shape=(96, 64), k=6, seed=2)
+    layer.protect(U, V)
+    opt = Muon([("w", layer.weight)], lr=0.05, layers={layer.weight: layer}, ns_dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(2)
+    worst = 0.0
+    for _ in range(100):
+        before = layer.weight.detach().clone()
+        layer.weight.grad = torch.randn(layer.weight.shape, generator=gen) + U @ torch.randn(6, 64, generator=gen)
+        opt.step()
+        dW = layer.weight.detach() - before
+        worst = max(worst, float((U.T @ dW).norm() / dW.norm()), float((dW @ V).norm() / dW.norm()))
+    assert worst <= 1e-5
+    W = layer.weight.detach()
+    assert float((W @ V - U * S).norm() / S.norm()) <= 1e-5
+    # without the second projection, bf16 Newton-Schulz does leak: the check above can fail
+    o = zeropower_via_newtonschulz5(asvd.project(torch.randn(96, 64, generator=gen), U, V), dtype=torch.bfloat16).float()
+    assert float((U.T @ o).norm() / o.norm()) > 1e-4
 
 
 def test_state_dict_is_dense_and_loads_into_a_plain_linear():

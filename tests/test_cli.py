@@ -157,7 +157,16 @@ CONFIGS = {  # entry point -> its config dataclass (module, name)
     "scripts.monitor_svd": ("scripts.monitor_svd", "MonitorConfig"),
     "scripts.plot_svd": ("scripts.plot_svd", "PlotConfig"),
     "scripts.prepare_data": ("scripts.prepare_data", "PrepareConfig"),
+    "scripts.compare_dtypes": ("scripts.compare_dtypes", "CompareDtypesConfig"),
+    "scripts.gpu_check": ("scripts.gpu_check", "CheckConfig"),
+    "scripts.method_checks": ("scripts.method_checks", "ChecksConfig"),
 }
+
+
+def test_every_entry_point_is_listed_here():
+    scripts = {f"scripts.{os.path.basename(p)[:-3]}" for p in glob.glob(os.path.join(ROOT, "scripts", "*.py"))
+               if "\ndef main(" in open(p).read()}
+    assert scripts == set(CONFIGS)
 
 
 def config_class(module):

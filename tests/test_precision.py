@@ -1,0 +1,251 @@
+"""Matmul precision (--dtype): the fp32 path is exactly today's, auto's decision is recorded and reused
+on resume, and the bf16 paths (model, fused cross-entropy, Newton-Schulz) agree with fp32."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat import precision
+from nanochat.checkpoint_manager import CHECKPOINT_NAME
+from nanochat.common import UserError
+from nanochat.gpt import GPT, SOFTCAP, GPTConfig, SoftcapCrossEntropyMean
+from nanochat.optim import Muon, zeropower_via_newtonschulz5
+from nanochat.train import TrainConfig, TrainHook, train
+from tests.fp32_fingerprint import RUN, fingerprint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Printed by `python -m tests.fp32_fingerprint` at commit e8650a1 (before --dtype existed), torch
+# 2.13.0+cpu, on this project's 2-core AVX512 build machine; identical on 1 and 2 threads and across runs.
+FP32_GOLDEN = {
+    "losses": ["0x1.0a2b220000000p+3", "0x1.0791520000000p+3", "0x1.062f040000000p+3",
+               "0x1.ffabe40000000p+2", "0x1.00986e0000000p+3", "0x1.f4e6800000000p+2"],
+    "weights_sha256": "4d761558516af49ea75b32113161b9a745cd2053c19715deb925a882cafcb9b9",
+    "torch": "2.13.0+cpu",
+    "cpu_capability": "AVX512",
+}
+
+
+@pytest.fixture
+def base(prepared_base, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(prepared_base))
+    return prepared_base
+
+
+def test_fp32_run_is_bit_identical_to_before_the_dtype_flag(base, tmp_path):
+    got = fingerprint(tmp_path, dtype="float32")
+    if (got["torch"], got["cpu_capability"]) == (FP32_GOLDEN["torch"], FP32_GOLDEN["cpu_capability"]):
+        assert got["losses"] == FP32_GOLDEN["losses"]
+        assert got["weights_sha256"] == FP32_GOLDEN["weights_sha256"]
+    else:  # another kernel library: the same computation, rounded differently
+        for a, b in zip(got["losses"], FP32_GOLDEN["losses"], strict=True):
+            assert math.isclose(float.fromhex(a), float.fromhex(b), rel_tol=1e-4)
+
+
+# --- --dtype: how auto decides, what is recorded, what resume reuses
+
+def force_cpu_bf16(monkeypatch, speedup):
+    """Pretend this CPU has native bf16 and that a bf16 matmul measured `speedup` x fp32."""
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: ["avx512_bf16"])
+    monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda device: speedup)
+    monkeypatch.setattr(precision.platform, "system", lambda: "Linux")
+
+
+def test_auto_rules(monkeypatch):
+    force_cpu_bf16(monkeypatch, 3.0)
+    assert precision.resolve_dtype("auto", "cpu")[0] == "bfloat16"
+    force_cpu_bf16(monkeypatch, 0.5)  # avx512_bf16 without AMX: bf16 GEMMs no faster than fp32
+    dtype, why = precision.resolve_dtype("auto", "cpu")
+    assert dtype == "float32" and "0.50x" in why and "avx512_bf16" in why
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: [])
+    monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda device: pytest.fail("no native bf16: nothing to time"))
+    assert precision.resolve_dtype("auto", "cpu")[0] == "float32"
+    assert precision.resolve_dtype("bfloat16", "cpu") == ("bfloat16", "--dtype")
+    assert precision.resolve_dtype("auto", "mps")[0] == "float32"
+    force_cpu_bf16(monkeypatch, 3.0)
+    monkeypatch.setattr(precision.platform, "system", lambda: "Darwin")
+    assert precision.resolve_dtype("auto", "cpu")[0] == "float32"
+
+
+def test_resume_keeps_the_checkpoint_dtype(monkeypatch):
+    force_cpu_bf16(monkeypatch, 3.0)
+    assert precision.resolve_dtype("auto", "cpu", {"dtype": "float32"})[0] == "float32"
+    assert precision.resolve_dtype("float32", "cpu", {"dtype": "float32"})[0] == "float32"
+    # checkpoints from before --dtype: bf16 autocast on CUDA, fp32 elsewhere
+    assert precision.resolve_dtype("auto", "cpu", {})[0] == "float32"
+    assert precision.resolve_dtype("auto", "cuda", {})[0] == "bfloat16"
+    with pytest.raises(UserError, match="--dtype=float32 or auto"):
+        precision.resolve_dtype("bfloat16", "cpu", {"dtype": "float32"})
+
+
+def test_real_cpu_auto_is_one_of_the_two():
+    dtype, why = precision.resolve_dtype("auto", "cpu")
+    assert dtype in ("float32", "bfloat16") and why.startswith("auto: ")
+
+
+class StopAt(TrainHook):
+    """SIGUSR1 to this process during step `at`: the run saves and stops there."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def after_backward(self, step, last_step):
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_auto_dtype_is_recorded_and_resume_reuses_it(base, tmp_path, monkeypatch, capsys):
+    run = dict(RUN, num_iterations=4)
+    force_cpu_bf16(monkeypatch, 3.0)
+    full = train(TrainConfig(**run, output_dir=str(tmp_path / "a")))
+    assert "Matmul dtype: bfloat16 (auto: CPU has avx512_bf16" in capsys.readouterr().out
+    fp32 = train(TrainConfig(**run, dtype="float32", output_dir=str(tmp_path / "c")))
+    assert fp32["losses"][1:] != full["losses"][1:]  # the two dtypes are distinguishable
+    first = train(TrainConfig(**run, output_dir=str(tmp_path / "b")), hook=StopAt(2))
+    config = json.loads((tmp_path / "b/base_checkpoints/d2/config.json").read_text())
+    assert config["train_config"]["dtype"] == "bfloat16"
+    ckpt = torch.load(tmp_path / "b/base_checkpoints/d2" / CHECKPOINT_NAME, map_location="cpu")
+    assert ckpt["metadata"]["train_config"]["dtype"] == "bfloat16"
+    force_cpu_bf16(monkeypatch, 0.5)  # a fresh decision would now be fp32
+    capsys.readouterr()
+    rest = train(TrainConfig(**run, resume=True, output_dir=str(tmp_path / "b")))
+    assert "Matmul dtype: bfloat16 (kept from the checkpoint on --resume)" in capsys.readouterr().out
+    assert first["losses"] + rest["losses"] == full["losses"]
+    with pytest.raises(UserError, match="trained with --dtype=bfloat16, not float32"):
+        train(TrainConfig(**run, resume=True, dtype="float32", output_dir=str(tmp_path / "b")))
+
+
+def test_bad_dtype_flag_is_one_line(base):
+    r = subprocess.run([sys.executable, "-m", "scripts.base_train", "--dtype=fp16", "--device_type=cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "--dtype must be auto, float32 or bfloat16" in r.stderr
+
+
+# --- bf16 numerics against fp32
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_bf16_and_fp32_losses_and_gradients_agree_on_a_fixed_batch():
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(2, 4096, 64))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    with torch.no_grad():  # the zero-initialised projections would make the loss exactly ln(V)
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0.0, 0.05)
+    idx, tgt = torch.randint(0, 4096, (2, 64)), torch.randint(0, 4096, (2, 64))
+    tgt[0, :3] = -1
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        with precision.autocast_for("cpu", dtype):
+            loss = model(idx, tgt)
+            per_token = model(idx, tgt, loss_reduction="none")
+        loss.backward()
+        results[dtype] = loss.detach(), per_token, {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+    (l32, tok32, g32), (l16, tok16, g16) = results["float32"], results["bfloat16"]
+    assert l16 != l32 and abs(l16 - l32) / l32 < 2e-3
+    assert rel(tok16, tok32) < 1e-2
+    for name in g32:
+        assert g16[name].dtype == torch.float32  # master weights and their gradients stay fp32
+        assert rel(g16[name], g32[name]) < 5e-2, name
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0])  # ordinary and saturated soft-cap
+def test_fused_cross_entropy_bf16_gradient_matches_fp32_autograd(scale):
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, requires_grad=True)
+    w = (torch.randn(1000, 32) * scale).requires_grad_(True)
+    t = torch.randint(0, 1000, (64,))
+    t[[3, 10]] = -1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = SoftcapCrossEntropyMean.apply(x, w, t)
+    (2.5 * loss).backward()
+    gx, gw = x.grad, w.grad
+    x.grad = w.grad = None
+    ref = F.cross_entropy(SOFTCAP * torch.tanh(x @ w.T / SOFTCAP), t, ignore_index=-1)
+    (2.5 * ref).backward()
+    assert loss.dtype == gx.dtype == gw.dtype == torch.float32
+    assert loss != ref and abs(loss - ref) / ref < 2e-3
+    assert 0 < rel(gx, x.grad) < 1e-2 and 0 < rel(gw, w.grad) < 1e-2
+
+
+def test_newton_schulz_bf16_matches_fp32():
+    torch.manual_seed(0)
+    for shape in [(64, 64), (32, 128), (128, 32), (3, 64, 256)]:
+        G = torch.randn(*shape)
+        X32 = zeropower_via_newtonschulz5(G, dtype=torch.float32)
+        X16 = zeropower_via_newtonschulz5(G, dtype=torch.bfloat16)
+        assert X16.dtype == torch.bfloat16 and X32.dtype == torch.float32
+        assert 0 < rel(X16, X32) < 3e-2
+
+
+def test_muon_uses_its_newton_schulz_dtype():
+    torch.manual_seed(0)
+    params = {dt: torch.nn.Parameter(torch.ones(32, 16)) for dt in (torch.float32, torch.bfloat16)}
+    grad = torch.randn(32, 16)
+    for dt, p in params.items():
+        p.grad = grad.clone()
+        Muon([("p", p)], lr=0.1, ns_dtype=dt).step()
+        assert p.dtype == torch.float32
+    d32, d16 = params[torch.float32] - 1, params[torch.bfloat16] - 1
+    assert 0 < rel(d16, d32) < 3e-2
+
+
+def write_log(path, losses, bpb):
+    lines = [f"step {s:05d}/{len(losses):05d} (1.00%) | loss: {l:.6f} | grad norm: 1.0 | lrm: 1.00 | dt: 10.00ms | "
+             f"tok/sec: 1 | mfu: n/a | total time: 0.00m" for s, l in enumerate(losses, 1)]
+    lines += [f"Step {len(losses):05d} | Validation bpb: {bpb:.4f}", f"Minimum validation bpb: {bpb:.4f}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_compare_dtypes_measures_the_drift_after_the_first_steps(tmp_path):
+    from scripts.compare_dtypes import compare
+    fp32 = [10.0] * 20
+    bf16 = [12.0] * 10 + [10.0] * 9 + [10.3]  # far off early (ignored), 3% off at step 20
+    write_log(tmp_path / "a.log", fp32, 2.0)
+    write_log(tmp_path / "b.log", bf16, 2.01)
+    result = compare(str(tmp_path / "a.log"), str(tmp_path / "b.log"), after=10)
+    assert sorted(result["loss_diffs"]) == list(range(11, 21))
+    assert max(result["loss_diffs"].values()) == pytest.approx(0.03) and result["loss_diffs"][11] == 0
+    assert result["bpb"] == (2.0, 2.01) and result["bpb_diff"] == pytest.approx(0.005)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_cpu_forward_matches_eager(dtype):
+    """On CPU the compiled forward keeps the fused loss (eager, a graph break): same loss and gradients."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(2, 1024, 64))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0.0, 0.05)
+    idx, tgt = torch.randint(0, 1024, (2, 64)), torch.randint(0, 1024, (2, 64))
+    grads = []
+    for forward in (model, torch.compile(model, dynamic=False)):
+        with precision.autocast_for("cpu", dtype):
+            loss = forward(idx, tgt)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    (l_eager, g_eager), (l_comp, g_comp) = grads
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert abs(l_comp - l_eager) / l_eager < tol
+    for name in g_eager:
+        assert rel(g_comp[name], g_eager[name]) < tol, name
