@@ -136,7 +136,8 @@ def markdown(results, table, command, commands):
                          fmt(None if run["median_step_s"] is None else 1000 * run["median_step_s"], ".1f"),
                          fmt(run["analysis_s"], ".1f"), fmt(run["paused_steps"]), fmt(run["time_estimate_s"], ".1f"),
                          fmt(svd.get("lowrank_share", 0.0 if kind == "baseline" else None), ".3f"),
-                         f"{fmt(svd.get('to_lowrank'))} / {fmt(svd.get('to_full'))}", fmt(svd.get("mean_k"), ".1f")])
+                         f"{fmt(svd.get('to_lowrank', 0 if kind == 'baseline' else None))} / "
+                         f"{fmt(svd.get('to_full', 0 if kind == 'baseline' else None))}", fmt(svd.get("mean_k"), ".1f")])
     lines += markdown_table(header, rows) + ["", "Per seed, adaptive / baseline:", ""]
     rows = [[r["seed"], fmt(r["equal_tokens"]), fmt(r["bpb_ratio"]), fmt(r["median_step_ratio"], ".3f"),
              fmt(r["loop_time_ratio"], ".3f"), fmt(r["time_estimate_ratio"], ".3f")] for r in results]

@@ -176,8 +176,9 @@ def variant_stats(results, variants):
                 seeds, diffs = stats.paired({s: r[key] for s, r in by[v].items()}, {s: r[key] for s, r in by["baseline"].items()})
                 base = stats.mean_std([by["baseline"][s][key] for s in seeds])[0]
                 iv = stats.t_interval(diffs)
+                # relative to baseline's mean; undefined when baseline shows no forgetting to lower
                 entry[f"diff_{key}"] = {**iv, "seeds": seeds, "per_seed": diffs,
-                                        "relative": iv["mean"] / base if base else None}
+                                        "relative": iv["mean"] / base if base is not None and base > 0 else None}
             entry["target"] = target_verdict(entry)
         out[v] = entry
     return out
@@ -220,7 +221,7 @@ def markdown(data):
                   "t-interval (mean ± t(0.975, n-1) sd/sqrt(n)); relative = mean difference / baseline's mean:", ""]
     rows = []
     for v, e in st.items():
-        row = [v, fmt_pm(e["forgetting"]["mean"], e["forgetting"]["sd"]), fmt_pm(e["b_bpb_after"]["mean"], e["b_bpb_after"]["sd"])]
+        row = [v] + [fmt_pm(e[key]["mean"], e[key]["sd"]) for key in ("forgetting", "b_bpb_after", "b_learning")]
         if v == "baseline":
             row += ["-"] * 5
         else:
@@ -228,7 +229,7 @@ def markdown(data):
             row += [f"{f['mean']:+.4f} {fmt_interval(f)}", fmt(f["relative"], "+.1%"), f"{b['mean']:+.4f} {fmt_interval(b)}",
                     fmt(b["relative"], "+.2%"), "**yes**" if e["target"]["met"] else "no"]
         rows.append(row)
-    lines += markdown_table(["variant", "forgetting", "final B bpb", "forgetting - baseline [95% CI]", "relative",
+    lines += markdown_table(["variant", "forgetting", "final B bpb", "B learning", "forgetting - baseline [95% CI]", "relative",
                              "final B bpb - baseline [95% CI]", "relative", "target met"], rows)
     lines += ["", f"Research target: a protected variant lowers forgetting by at least {FORGETTING_DROP_TARGET:.0%} against "
                   f"baseline, with the 95% interval of the paired difference excluding zero, at a final B bpb at most "
@@ -247,6 +248,9 @@ def markdown(data):
     n = min(e["forgetting"]["n"] for e in st.values())
     if n < 2:
         lines.append("(With fewer than two seeds there is no interval, so no variant can meet the target.)")
+    if not st["baseline"]["forgetting"]["mean"] > 0:
+        lines.append("(Baseline's A bpb did not rise during B: there is no forgetting to lower, so no variant can meet "
+                     "the target.)")
     lines += ["", "Detector during B: mean over the B analyses of the gradient and update alignment ratio per layer type "
                   "(mean over blocks and seeds; random = 1, enter threshold "
                   f"{fmt(data['thresholds'].get('svd_ratio_enter'), 'g')}):", ""]

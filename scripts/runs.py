@@ -226,7 +226,8 @@ def run_settings(run_dir):
         from nanochat.adaptive_cycle import AdaptiveConfig
         from nanochat.cli import parse_args
         with open(cmd_path) as f:
-            argv = [a for a in shlex.split(f.read()) if a.startswith("--")]
+            words = shlex.split(f.read())
+        argv = words[words.index(TRAIN_MODULE) + 1:] if TRAIN_MODULE in words else [w for w in words if w.startswith("--")]
         return dataclasses.asdict(parse_args(AdaptiveConfig, argv, prog="", description="")), cmd_path
     return None, None
 
@@ -349,7 +350,7 @@ def run_jobs(jobs, slots, force=False, say=print):
         for need in job.after:
             if need not in by_tag:
                 raise ValueError(f"job {job.tag} needs {need}, which is not in the list")
-    pending, running, done, failed = list(jobs), {}, set(), []
+    pending, running, done, failed, started = list(jobs), {}, set(), [], {}
     stop = {"signal": None}
 
     def forward(signum, frame):  # SIGTERM to the runner: pass it on, let each run save, then stop
@@ -375,13 +376,14 @@ def run_jobs(jobs, slots, force=False, say=print):
                     continue
                 say(f"{'continuing' if job.status == 'resume' else 'running'} {job.tag}: {command_line(job.argv)}")
                 running[job.tag] = job.start(job.status)
+                started[job.tag] = time.time()
             for tag, proc in list(running.items()):
                 if proc.poll() is None:
                     continue
                 del running[tag]
                 progress = True
                 if by_tag[tag].complete(by_tag[tag].run_dir):
-                    say(f"finished {tag}")
+                    say(f"finished {tag} ({time.time() - started[tag]:.0f} s)")
                     done.add(tag)
                 elif not stop["signal"]:
                     failed.append((by_tag[tag], proc.returncode))
