@@ -329,6 +329,9 @@ def main(argv):
             raise UserError(f"{args.forgetting} is not a file; give the forgetting.json that scripts.forgetting wrote")
         with open(args.forgetting) as f:
             data = json.load(f)
+        if "stats" not in data:
+            raise UserError(f"{args.forgetting} was written by an older scripts.forgetting; tabulate its runs again with "
+                            f"the current one (--table_only=true), or rerun the experiment")
         written += forgetting_figures(data, args.out or os.path.dirname(os.path.abspath(args.forgetting)), args.prefix)
     if args.run_dir:
         if not os.path.isdir(args.run_dir):
