@@ -442,3 +442,30 @@ def test_settings_from_command_txt_before_the_first_checkpoint(comparison, tmp_p
     settings, source = run_settings(str(only_cmd))
     assert source.endswith("command.txt") and settings["svd_targets"] == "attn" and settings["seed"] == 42
     assert monitor_svd.thresholds_of(str(only_cmd))[0]["svd_ratio_enter"] == 1.01  # the run's own, not the default
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_runner_reaches_its_runs_which_save_and_continue(base, tmp_path):
+    """SIGTERM to the runner alone (e.g. `kill PID`): it passes the signal on, each running run saves its last
+    step, the runner stops in one line, and the same command continues both runs exactly where they were."""
+    out = tmp_path / "p2"
+    argv = [sys.executable, "-m", "scripts.compare_runs", f"--out={out}", "--seeds=42", "--jobs=2", "--figures=false", "--",
+            *TINY, "--num_iterations=300", "--eval_every=-1", "--svd_targets=attn", "--svd_interval=50"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = [out / "base_checkpoints" / t / "train_metrics.jsonl" for t in ("baseline_s42", "adaptive_s42")]
+    deadline = time.time() + 300
+    while time.time() < deadline and not all(m.exists() and len(m.read_text().splitlines()) >= 20 for m in metrics):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and err == ("error: stopped by signal 15; the runs saved what they had: run the same "
+                                            "command again to continue\n")
+    for m in metrics:
+        saved = json.loads((m.parent / "config.json").read_text())["step"]
+        assert 20 <= saved < 300 and "Stopped by signal 15" in (m.parent / "train.log").read_text()
+    r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "continuing baseline_s42" in r.stdout and "continuing adaptive_s42" in r.stdout
+    for m in metrics:
+        assert [row["step"] for row in jsonl(m) if "dt" in row] == list(range(1, 301))  # every step once
