@@ -430,8 +430,9 @@ def _knob(default, help, valid, rule):
 @dataclass
 class SVDPolicy:
     svd_policy: str = _knob("adaptive", "adaptive: switch layers by the rule table | static: protect every target "
-                            "from the first step of the run on, never leave (OSFT)",
-                            lambda v: v in ("adaptive", "static"), "adaptive or static")
+                            "from the first step of the run on, never leave (OSFT) | observe: analyse and log, never "
+                            "switch (the detector's readings in a run that trains like the baseline)",
+                            lambda v: v in ("adaptive", "static", "observe"), "adaptive, static or observe")
     svd_ratio_enter: float = _knob(2.0, "alignment_ratio (gradient or update) at or above which a full layer is at "
                                    "clobbering risk", lambda v: v > 1, "> 1")
     svd_ratio_exit: float = _knob(1.25, "gradient alignment_ratio at or below which a protected layer's risk has passed",
@@ -522,14 +523,17 @@ def decide(metrics, state, policy, step):
     """(action, reason, streaks) for one layer at one analysis.
 
     static policy: a full layer -> to_lowrank 'static_protection' (from its very first analysis), and
-    never back. adaptive: no baseline yet -> keep 'initial_svd_baseline'; nothing learned before this
-    analysis (k_prev = 0) -> keep 'no_learned_directions'; step < svd_warmup_steps -> keep 'warmup'.
+    never back. observe: always keep 'observe_only' (the metrics are logged, nothing switches).
+    adaptive: no baseline yet -> keep 'initial_svd_baseline'; nothing learned before this analysis
+    (k_prev = 0) -> keep 'no_learned_directions'; step < svd_warmup_steps -> keep 'warmup'.
     Then each enabled rule of the layer's mode updates its streak (+1 when it holds, else 0) and the
     first whose streak reaches svd_patience fires, unless it would protect nothing (k = 0 now: keep
     'no_learned_directions'); otherwise keep 'continue_current_mode'. A missing or None metric never holds.
     """
     if policy.svd_policy == "static":
         return (TO_LOWRANK if state.mode == "full" else KEEP), "static_protection", {}
+    if policy.svd_policy == "observe":
+        return KEEP, "observe_only", {}
     if state.analyses == 0:
         return KEEP, "initial_svd_baseline", {}
     if not metrics.get("k_prev"):

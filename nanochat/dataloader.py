@@ -3,6 +3,11 @@
 The stream of one rank is: for each epoch, for each of its row groups in file order (global row-group
 index % world_size == rank, so ranks never share one), for each document, BOS + the document's tokens.
 Each batch takes the next B*T+1 tokens of that stream: inputs are the first B*T, targets the last B*T.
+
+`ReplayLoader` mixes a second data directory into the training stream (replay of an earlier domain):
+each sequence of a batch comes from the replay data with probability `fraction`, decided by a seeded
+draw per (rank, sequence number), so the choices are the same for the same seed on any run and
+resume exactly from the sequence count in the state.
 """
 
 import bisect
@@ -133,3 +138,58 @@ class DataLoader:
             offset = self.cursor - int(self.doc_starts[doc])
         shard, group = self.row_groups[pos]
         return {"epoch": epoch, "shard": shard, "row_group": group, "doc": doc, "offset": offset}
+
+
+REPLAY_STATE_KEYS = ("main", "replay", "sequences", "replayed")
+
+
+class ReplayLoader:
+    """Iterate forever over (inputs, targets) of shape (B, T), each row a sequence of T+1 tokens taken
+    from the main stream or, with probability `fraction`, from the replay stream.
+
+    Both streams are this rank's own packed streams (DataLoader with one row: each sequence takes the
+    next T+1 tokens of its stream; ranks own disjoint row groups of both directories). Sequence number
+    i of rank r is a replay sequence when a uniform draw seeded by (seed, r, i) is below `fraction`:
+    deterministic, independent of the batch size and of how the sequences are split into micro-batches.
+    state_dict() holds both streams' positions and the sequence count, so a resumed loader continues
+    bit-identically.
+    """
+
+    def __init__(self, tokenizer, B, T, device, data_dir, replay_dir, fraction, seed, rank=0, world_size=1, state=None,
+                 tokenizer_threads=4):
+        if not 0 < fraction < 1:
+            raise UserError(f"replay fraction must lie in (0, 1), got {fraction}")
+        if state is not None and (not isinstance(state, dict) or set(state) != set(REPLAY_STATE_KEYS)):
+            raise UserError(f"replay loader state must be a dict with keys {', '.join(REPLAY_STATE_KEYS)}, got {state!r}; "
+                            f"was the checkpoint written without replay?")
+        state = state or {"main": None, "replay": None, "sequences": 0, "replayed": 0}
+        self.B, self.fraction, self.rank = B, fraction, rank
+        self.seed = seed % 2**64  # the draw's seed must be non-negative; torch seeds may be negative
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda"
+        self.main = DataLoader(tokenizer, 1, T, "train", "cpu", rank, world_size, data_dir, state["main"], tokenizer_threads)
+        self.replay = DataLoader(tokenizer, 1, T, "train", "cpu", rank, world_size, replay_dir, state["replay"], tokenizer_threads)
+        self.sequences, self.replayed = int(state["sequences"]), int(state["replayed"])
+
+    def is_replay(self, i):
+        """Whether sequence number i of this rank comes from the replay stream (a pure function of seed, rank, i)."""
+        return np.random.default_rng([self.seed, self.rank, i]).random() < self.fraction
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rows = []
+        for _ in range(self.B):
+            replay = self.is_replay(self.sequences)
+            rows.append(next(self.replay if replay else self.main))
+            self.sequences += 1
+            self.replayed += replay
+        inputs, targets = (torch.cat([r[j] for r in rows]) for j in (0, 1))
+        if self.pin:
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return inputs.to(self.device, non_blocking=self.pin), targets.to(self.device, non_blocking=self.pin)
+
+    def state_dict(self):
+        return {"main": self.main.state_dict(), "replay": self.replay.state_dict(), "sequences": self.sequences,
+                "replayed": self.replayed}

@@ -10,6 +10,11 @@ The run folder never loses history (nanochat.run_files): a fresh run refuses a f
 unless --overwrite=true; files are touched only once every check has passed; rank 0 appends one row
 per step to train_metrics.jsonl. Stop signals (nanochat.stopping) take effect within a micro-batch,
 an evaluation batch or an analysed layer; the last completed step is saved and resume stays exact.
+
+Continued training: --init_from starts a new run from another run's checkpoint (weights and optimizer
+state; fresh step counter, LR schedule, data position and hook state; the source file is only read),
+--replay_data_dir/--replay_fraction mix an earlier domain's data into the stream, and --extra_val_dir
+measures a second validation set at every evaluation.
 """
 
 import dataclasses
@@ -27,7 +32,7 @@ from nanochat.cli import flag
 from nanochat.common import (UserError, check_device_type, compute_cleanup, compute_init, device_peak_flops,
                              first_sentence, get_dist_info, peak_memory_mib, print0, print_banner)
 from nanochat.core_eval import evaluate_core, load_bundle
-from nanochat.dataloader import DataLoader
+from nanochat.dataloader import DataLoader, ReplayLoader
 from nanochat.dataset import list_shards
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
@@ -71,6 +76,14 @@ class TrainConfig:
     model_tag: str = flag("", "checkpoint folder name under base_checkpoints/; empty = the script's default")
     output_dir: str = flag(".", "directory that holds base_checkpoints/")
     data_dir: str = flag("", "directory of parquet shards; empty = $NANOCHAT_BASE_DIR/base_data")
+    replay_data_dir: str = flag("", "a second data directory mixed into training at --replay_fraction (e.g. replay of an "
+                                    "earlier domain); only its train shards are read")
+    replay_fraction: float = flag(0.0, "share of training sequences drawn from --replay_data_dir, chosen by a draw seeded "
+                                       "with --seed; 0 = no replay")
+    extra_val_dir: str = flag("", "also measure val bpb on this directory's val shard at every evaluation "
+                                  "(train_metrics.jsonl: extra_val_bpb), e.g. the earlier domain during continued training")
+    init_from: str = flag("", "start a new run from another run's checkpoint.pt: its weights and optimizer state, with a "
+                              "fresh step counter, LR schedule, data position and adaptive-SVD state")
     resume: bool = flag(False, "continue the run saved in base_checkpoints/<tag>/checkpoint.pt exactly")
     overwrite: bool = flag(False, "start a fresh run in a folder that holds a run, deleting its checkpoint and metrics "
                                   "(without it, such a run is refused)")
@@ -101,6 +114,10 @@ def validate(cfg):
         (cfg.save_every == -1 or cfg.save_every >= 1, "--save_every must be >= 1 or -1"),
         (cfg.compile in ("auto", "true", "false"), "--compile must be auto, true or false"),
         (cfg.dtype in ("auto", *DTYPES), "--dtype must be auto, float32 or bfloat16"),
+        (0 <= cfg.replay_fraction < 1, "--replay_fraction must lie in [0, 1)"),
+        (bool(cfg.replay_data_dir) == (cfg.replay_fraction > 0),
+         "--replay_data_dir and --replay_fraction go together: give both (e.g. --replay_data_dir=DIR --replay_fraction=0.05) "
+         "or neither"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -233,11 +250,15 @@ def train(cfg, hook=None, default_tag=None):
     cfg = _resolve_depth(cfg, device_type)
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes()
+    _check_data(cfg)
     # the CORE bundle is read now, so a missing one stops the run before any training
     core_tasks = load_bundle(max_per_task=cfg.core_metric_max_per_task) if cfg.core_metric_every > 0 else None
     model_tag = cfg.model_tag or (default_tag or "d{depth}").format(depth=cfg.depth)
     ckpt_dir = checkpoint_dir(cfg.output_dir, model_tag)
     folder = RunFolder(ckpt_dir, get_dist_info()[1])
+    init_ckpt = None
+    if cfg.init_from and not cfg.resume:  # a resumed run's checkpoint already holds what --init_from gave it
+        init_ckpt = _load_init(cfg.init_from, ckpt_dir, GPTConfig.from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.max_seq_len))
     if cfg.resume:
         resume_ckpt = load_checkpoint(os.path.join(ckpt_dir, CHECKPOINT_NAME))
     else:
@@ -309,16 +330,25 @@ def train(cfg, hook=None, default_tag=None):
         step, smooth_loss, total_time, min_val_bpb, loader_state = _restore(
             resume_ckpt, cfg, model, muon, adamw, hook, rank, world_size, num_iterations)
         print0(f"Resumed from {ckpt_dir} at step {step}")
+        init_info = resume_ckpt["metadata"].get("init_from")
+    elif init_ckpt is not None:
+        init_info = _init_from(init_ckpt, cfg.init_from, model, muon, adamw)
+    else:
+        init_info = None
 
     start_step = step
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     autocast = autocast_for(device_type, dtype)
     data_dir = cfg.data_dir or None
-    train_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", device,
-                              rank=rank, world_size=world_size, data_dir=data_dir, state=loader_state)
+    if cfg.replay_fraction > 0:
+        train_loader = ReplayLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, device, data_dir, cfg.replay_data_dir,
+                                    cfg.replay_fraction, cfg.seed, rank=rank, world_size=world_size, state=loader_state)
+        print0(f"Replay: {cfg.replay_fraction:.1%} of the training sequences from {cfg.replay_data_dir}")
+    else:
+        train_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", device,
+                                  rank=rank, world_size=world_size, data_dir=data_dir, state=loader_state)
     train_iter = iter(train_loader)
-    list_shards(data_dir, "val")  # a missing val split must stop the run now, not at its first evaluation
     peak_flops = device_peak_flops(device)
     ema_beta = 0.9
     val_bpb = resume_ckpt["metadata"].get("val_bpb") if resume_ckpt is not None else None
@@ -353,7 +383,7 @@ def train(cfg, hook=None, default_tag=None):
                 "model": model.state_dict(),
                 "metadata": {"model_config": model_config.to_dict(), "step": step, "val_bpb": val_bpb,
                              "train_config": dataclasses.asdict(cfg), "num_iterations": num_iterations,
-                             "run_kind": hook.name, "world_size": world_size, "core": core},
+                             "run_kind": hook.name, "world_size": world_size, "core": core, "init_from": init_info},
                 "optim": {"muon": muon.state_dict(), "adamw": adamw.state_dict()},
                 "loop": {"step": step, "smooth_loss": smooth_loss, "total_time": total_time,
                          "min_val_bpb": min_val_bpb, "dataloader": loader_states, "val_step": val_step,
@@ -364,7 +394,7 @@ def train(cfg, hook=None, default_tag=None):
             config = {"model_config": model_config.to_dict(), "train_config": dataclasses.asdict(cfg), "step": step,
                       "num_iterations": num_iterations, "val_bpb": val_bpb, "min_val_bpb": _finite_or_none(min_val_bpb),
                       "run_kind": hook.name, "adaptive": hook.summary(),
-                      "core_metric": core["core_metric"] if core else None, "core": core}
+                      "core_metric": core["core_metric"] if core else None, "core": core, "init_from": init_info}
             try:
                 save_checkpoint(ckpt_dir, ckpt, config)
             except WriteFailed as e:
@@ -388,13 +418,21 @@ def train(cfg, hook=None, default_tag=None):
                 val_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", device,
                                         rank=rank, world_size=world_size, data_dir=data_dir)
                 with autocast:
-                    val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes, stop=stop)
+                    bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes, stop=stop)
+                measured = {"val_bpb": bpb}
+                if cfg.extra_val_dir:  # the same weights and token budget on the other directory's val shard
+                    extra_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", device,
+                                              rank=rank, world_size=world_size, data_dir=cfg.extra_val_dir)
+                    with autocast:
+                        measured["extra_val_bpb"] = evaluate_bpb(model, extra_loader, eval_steps, token_bytes, stop=stop)
                 model.train()
-                val_step = step
+                val_bpb, val_step = bpb, step
                 min_val_bpb = min(min_val_bpb, val_bpb)
                 print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
-                log({"val/bpb": val_bpb}, step)
-                pending_row = {**(pending_row or {"step": step}), "val_bpb": val_bpb}
+                if cfg.extra_val_dir:
+                    print0(f"Step {step:05d} | Extra validation bpb: {measured['extra_val_bpb']:.4f} ({cfg.extra_val_dir})")
+                log({"val/bpb": val_bpb, **({"val/extra_bpb": measured["extra_val_bpb"]} if cfg.extra_val_dir else {})}, step)
+                pending_row = {**(pending_row or {"step": step}), **measured}
             if (core_tasks is not None and step > 0 and (last_step or step % cfg.core_metric_every == 0)
                     and not (core and core["step"] == step)):  # a resumed run does not redo its last result
                 core = _core_metric(model, tokenizer, device, core_tasks, autocast, step, log, stop)
@@ -472,6 +510,9 @@ def train(cfg, hook=None, default_tag=None):
         stop.restore()
         folder.close()
 
+    if cfg.replay_fraction > 0:
+        print0(f"Replay: {train_loader.replayed:,} of {train_loader.sequences:,} training sequences on rank {rank} came from "
+               f"{cfg.replay_data_dir}")
     print0(f"Peak memory usage: {peak_memory_mib(device_type):.2f} MiB")
     print0(f"Total training time: {total_time / 60:.2f}m")
     print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
@@ -536,7 +577,54 @@ def _all_reduce_grads(model, world_size):
     torch._foreach_div_(grads, world_size)
 
 
-RESUME_MUST_MATCH = ("depth", "max_seq_len", "device_batch_size", "total_batch_size", "seed")
+RESUME_MUST_MATCH = ("depth", "max_seq_len", "device_batch_size", "total_batch_size", "seed", "replay_data_dir",
+                     "replay_fraction", "init_from")
+
+
+def _check_data(cfg):
+    """Every data directory the run reads, before anything slow: a missing split stops the run now."""
+    list_shards(cfg.data_dir or None, "train")
+    list_shards(cfg.data_dir or None, "val")
+    if cfg.replay_data_dir:
+        list_shards(cfg.replay_data_dir, "train")
+    if cfg.extra_val_dir:
+        list_shards(cfg.extra_val_dir, "val")
+
+
+SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size")
+
+
+def _load_init(path, ckpt_dir, model_config):
+    """The checkpoint --init_from names, read (never written) and checked against this run's model shape."""
+    if os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(ckpt_dir):
+        raise UserError(f"--init_from={path} is in this run's own folder, where this run saves its checkpoint; give the new "
+                        f"run another --model_tag or --output_dir")
+    ckpt = load_checkpoint(path)
+    theirs, mine = ckpt["metadata"]["model_config"], model_config.to_dict()
+    if any(theirs.get(k) != mine[k] for k in SHAPE_KEYS):
+        shape = lambda c: ", ".join(f"{k}={c.get(k)}" for k in SHAPE_KEYS)
+        raise UserError(f"--init_from={path} holds another model shape ({shape(theirs)}) than this run builds ({shape(mine)}); "
+                        f"use the same --depth and tokenizer, or another checkpoint")
+    return ckpt
+
+
+def _init_from(ckpt, path, model, muon, adamw):
+    """Weights and optimizer state (Muon momentum, AdamW moments) from another run's checkpoint. The
+    optimizers keep this run's settings (learning rates, betas): only their state is carried over."""
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+        for opt, state in ((muon, ckpt["optim"]["muon"]), (adamw, ckpt["optim"]["adamw"])):
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+            opt.load_state_dict(state)
+            for group, own in zip(opt.param_groups, settings):
+                group.update(own)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UserError(f"--init_from={path} does not match this model ({first_sentence(e)})") from None
+    meta = ckpt["metadata"]
+    print0(f"Initialised from {path} (step {meta['step']} of a {meta.get('run_kind', '?')} run): weights and optimizer "
+           f"state; fresh step counter, LR schedule, data position and adaptive-SVD state")
+    return {"path": os.path.abspath(path), "step": meta["step"], "run_kind": meta.get("run_kind"), "val_bpb": meta.get("val_bpb"),
+            "data_dir": meta.get("train_config", {}).get("data_dir")}
 
 
 def _restore(ckpt, cfg, model, muon, adamw, hook, rank, world_size, num_iterations):

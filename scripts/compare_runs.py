@@ -1,46 +1,50 @@
-"""Baseline vs adaptive SVD: run both with the same seed, data order, tokens and hyperparameters, then tabulate.
+"""Phase 2: baseline vs adaptive SVD over seeds, with the same data order, tokens and hyperparameters.
 
-    python -m scripts.compare_runs --out=/tmp/p2 [--seeds=42,43] -- --depth=4 --max_seq_len=256 \\
+    python -m scripts.compare_runs --out=/tmp/p2 --seeds=42,43,44 --jobs=2 -- --depth=4 --max_seq_len=256 \\
         --device_batch_size=1 --total_batch_size=256 --num_iterations=2000 --device_type=cpu \\
         --adaptive_svd_target_layer=-1 --svd_targets=attn --svd_interval=50
 
-Both runs are `python -m scripts.base_train_adaptive_svd <flags> --seed=S` in their own process (so wall
-time and peak memory are each run's own), one after the other; the baseline adds --adaptive_svd=false,
-which runs the identical loop without the hook. Runs go to <out>/base_checkpoints/{baseline,adaptive}_s<S>/
-with their console log (train.log) and command (command.txt). A run that already finished there is
-reused, not repeated (--force repeats it, replacing its files). `--table_only` only tabulates what exists.
+Per seed two runs of `python -m scripts.base_train_adaptive_svd <flags> --seed=S`, each in its own process
+with one thread: the baseline adds --adaptive_svd=false (the identical loop without the hook). They go to
+<out>/base_checkpoints/{baseline,adaptive}_s<S>/ with their console (train.log) and command (command.txt).
+--jobs=2 runs a seed's baseline and adaptive run at the same time (both see the same contention; the
+next seed starts when both are done). A run whose files show it finished with the same command is
+reused, one that was stopped continues with --resume (so an interrupted comparison continues);
+--force=true repeats them. --table_only=true only tabulates what exists.
 
-Writes <out>/comparison.json and <out>/comparison.md. Columns: final and minimum val bpb (from the
-log), tokens (config.json), loop training time (the log's "Total training time", evaluation excluded)
-and process wall time, peak memory, and from svd_metrics.jsonl: share of layer-analyses in low-rank
-mode, switches each way, mean r in low-rank mode, trainable parameters and Muon optimizer-state bytes
-of the analysed layers (for the baseline: the same layers at full size). On a shared machine the loop
-time picks up pauses; "time estimate" = steps x median step + the logged SVD analysis time is robust to them.
+Everything is read from the runs' files (train_metrics.jsonl, svd_metrics.jsonl, config.json). Writes
+<out>/comparison.json and <out>/comparison.md: per run, per seed and as mean ± std over seeds, the final
+val bpb, the bpb ratio adaptive/baseline with a 95% t-interval over seeds, the time ratios (median step,
+summed step time, and steps x median + analysis time, which is robust to pauses of a shared machine),
+switch counts, the share of layer-analyses in protected mode and the mean number of learned
+directions k; and whether the research target (bpb ratio <= 1.005 with its interval including 1) is met.
+With --figures=true (default) the figures of scripts.plot_svd for every seed go to <out>/figures/.
 """
 
 import dataclasses
 import json
 import os
-import statistics
-import subprocess
-import sys
-import time
 
 from nanochat.checkpoint_manager import checkpoint_dir
 from nanochat.cli import flag, parse_args, passthrough, required
 from nanochat.common import UserError, run_cli
-from scripts.run_logs import find_log, full_sizes, parse_log, read_config, read_jsonl, svd_summary
+from scripts import stats
+from scripts.runs import (Job, check_reserved, command_line, finished, fmt, fmt_interval, fmt_pm, markdown_table, run_jobs,
+                          summarize, training_argv)
 
 KINDS = ("baseline", "adaptive")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESERVED = ("adaptive_svd", "model_tag", "output_dir", "seed", "overwrite", "resume")
+BPB_RATIO_TARGET = 1.005
 
 
 @dataclasses.dataclass
 class CompareConfig:
-    out: str = required("output dir: runs, comparison.json, comparison.md")
-    seeds: str = flag("42", "comma list of seeds; one baseline + one adaptive run each")
-    force: bool = flag(False, "repeat runs that already finished")
+    out: str = required("output dir: runs, comparison.json, comparison.md, figures/")
+    seeds: str = flag("42,43,44", "comma list of seeds; one baseline + one adaptive run each")
+    jobs: int = flag(1, "runs at a time, each with one thread: 2 runs a seed's baseline and adaptive run together", choices=(1, 2))
+    force: bool = flag(False, "repeat runs that already finished (replacing their files)")
     table_only: bool = flag(False, "run nothing; tabulate the runs in --out")
+    figures: bool = flag(True, "also write scripts.plot_svd's figures of every seed to <out>/figures")
     train_flags: list[str] = passthrough("flags of scripts.base_train_adaptive_svd, shared by every run")
 
 
@@ -48,168 +52,149 @@ def run_tag(kind, seed):
     return f"{kind}_s{seed}"
 
 
-def run_command(kind, seed, out, train_argv):
-    return [sys.executable, "-m", "scripts.base_train_adaptive_svd", f"--adaptive_svd={'true' if kind == 'adaptive' else 'false'}",
-            f"--model_tag={run_tag(kind, seed)}", f"--output_dir={out}", *train_argv, f"--seed={seed}", "--overwrite=true"]
+def run_argv(kind, seed, out, train_argv):
+    own = {"adaptive_svd": "true" if kind == "adaptive" else "false", "model_tag": run_tag(kind, seed), "output_dir": out}
+    return training_argv(own, train_argv) + [f"--seed={seed}"]
 
 
-def finished(run_dir):
-    cfg = read_config(run_dir)
-    log = parse_log(find_log(run_dir))
-    return cfg is not None and cfg.get("step") == cfg.get("num_iterations") and log["min_val_bpb"] is not None
+def parse_seeds(text):
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be a comma list of integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds must name at least one seed, each once; got {text!r}")
+    return seeds
 
 
-def launch(kind, seed, out, train_argv):
-    run_dir = checkpoint_dir(out, run_tag(kind, seed))
-    os.makedirs(run_dir, exist_ok=True)
-    cmd = run_command(kind, seed, out, train_argv)
-    with open(os.path.join(run_dir, "command.txt"), "w") as f:
-        f.write(" ".join(["python"] + cmd[1:]) + "\n")
-    print(f"running {run_tag(kind, seed)}: {' '.join(['python'] + cmd[1:])}", flush=True)
-    t0 = time.time()
-    with open(os.path.join(run_dir, "train.log"), "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    wall = time.time() - t0
-    with open(os.path.join(run_dir, "wall_time.json"), "w") as f:
-        json.dump({"wall_s": wall, "rc": rc}, f)
-    if rc != 0:
-        raise UserError(f"{run_tag(kind, seed)} failed with exit status {rc}; see {os.path.join(run_dir, 'train.log')}")
-    return wall
+def jobs_for(seeds, out, train_argv, slots):
+    """A baseline and an adaptive job per seed; with two slots each seed's pair waits for the previous pair,
+    so the two runs of a seed always run side by side."""
+    jobs, previous = [], ()
+    for seed in seeds:
+        pair = [Job(run_tag(kind, seed), checkpoint_dir(out, run_tag(kind, seed)), run_argv(kind, seed, out, train_argv),
+                    finished, after=previous if slots > 1 else ()) for kind in KINDS]
+        jobs += pair
+        previous = tuple(job.tag for job in pair)
+    return jobs
 
 
-def summarize(run_dir, kind, seed, reference_records=None):
-    """One table row from a run folder's files."""
-    cfg = read_config(run_dir) or {}
-    tc = cfg.get("train_config", {})
-    log = parse_log(find_log(run_dir))
-    wall_path = os.path.join(run_dir, "wall_time.json")
-    wall = json.load(open(wall_path))["wall_s"] if os.path.exists(wall_path) else None
-    records = read_jsonl(os.path.join(run_dir, "svd_metrics.jsonl"))
-    row = {"run": run_tag(kind, seed), "kind": kind, "seed": seed, "run_dir": run_dir,
-           "steps": cfg.get("step"), "tokens": (cfg.get("step") or 0) * tc.get("total_batch_size", 0) or None,
-           "final_val_bpb": log["val_bpb"][-1] if log["val_bpb"] else None, "min_val_bpb": log["min_val_bpb"],
-           "train_time_s": None if log["train_time_min"] is None else 60 * log["train_time_min"],
-           "mean_step_ms": sum(log["dt_ms"]) / len(log["dt_ms"]) if log["dt_ms"] else None,
-           "median_step_ms": statistics.median(log["dt_ms"]) if log["dt_ms"] else None,
-           "svd_analysis_s": sum(log["svd_analysis_ms"]) / 1000 if kind == "adaptive" else 0.0,
-           "paused_steps": paused_steps(log["dt_ms"]),
-           "time_estimate_s": time_estimate(log, kind),
-           "wall_s": wall, "peak_memory_mib": log["peak_memory_mib"]}
-    summary = svd_summary(records) if kind == "adaptive" else None
-    if summary:
-        row.update(summary)
-    elif reference_records:
-        full = sum(full_sizes(reference_records).values())
-        row.update(layers=len(full_sizes(reference_records)), lowrank_share=0.0, to_lowrank=0, to_full=0, mean_r=None,
-                   mean_k=None, full_params=full)
-    return row
+def seed_result(out, seed):
+    """Both runs of a seed and their ratios adaptive / baseline (None where a run is missing)."""
+    runs = {kind: summarize(checkpoint_dir(out, run_tag(kind, seed))) for kind in KINDS}
+    b, a = runs["baseline"], runs["adaptive"]
+
+    def ratio(key):
+        return a[key] / b[key] if a[key] is not None and b[key] else None
+
+    svd = a["svd"] or {}
+    return {"seed": seed, "runs": runs, "equal_tokens": a["tokens"] == b["tokens"],
+            "bpb_ratio": ratio("final_val_bpb"), "median_step_ratio": ratio("median_step_s"), "loop_time_ratio": ratio("loop_s"),
+            "time_estimate_ratio": ratio("time_estimate_s"), "analysis_s": a["analysis_s"],
+            "to_lowrank": svd.get("to_lowrank"), "to_full": svd.get("to_full"), "lowrank_share": svd.get("lowrank_share"),
+            "mean_k": svd.get("mean_k")}
 
 
-def paused_steps(dt_ms):
-    """Steps that took over 5x the median: the process was paused or starved (a shared machine)."""
-    if not dt_ms:
-        return None
-    med = statistics.median(dt_ms)
-    return sum(d > 5 * med for d in dt_ms)
+SUMMARY = [("baseline final val bpb", lambda r: r["runs"]["baseline"]["final_val_bpb"], ".4f"),
+           ("adaptive final val bpb", lambda r: r["runs"]["adaptive"]["final_val_bpb"], ".4f"),
+           ("bpb ratio adaptive/baseline", lambda r: r["bpb_ratio"], ".4f"),
+           ("median step ratio", lambda r: r["median_step_ratio"], ".3f"),
+           ("summed step time ratio", lambda r: r["loop_time_ratio"], ".3f"),
+           ("time estimate ratio (steps x median + analysis)", lambda r: r["time_estimate_ratio"], ".3f"),
+           ("analysis time (s)", lambda r: r["analysis_s"], ".1f"),
+           ("switches to protected", lambda r: r["to_lowrank"], ".1f"),
+           ("switches to full", lambda r: r["to_full"], ".1f"),
+           ("protected share of layer-analyses", lambda r: r["lowrank_share"], ".3f"),
+           ("mean learned directions k", lambda r: r["mean_k"], ".1f")]
 
 
-def time_estimate(log, kind):
-    """Contention-robust training time: steps x median step + the logged SVD analysis time (adaptive).
-
-    The median leaves out steps stretched by other processes (and the adaptive run's analysis steps,
-    whose own cost is added back from the "=== SVD Analysis complete === (N ms)" lines)."""
-    if not log["dt_ms"]:
-        return None
-    svd = sum(log["svd_analysis_ms"]) / 1000 if kind == "adaptive" else 0.0
-    return len(log["dt_ms"]) * statistics.median(log["dt_ms"]) / 1000 + svd
-
-
-COLUMNS = [("run", "run", None), ("tokens", "tokens", "{:,}"), ("final_val_bpb", "final val bpb", "{:.4f}"),
-           ("min_val_bpb", "min val bpb", "{:.4f}"), ("train_time_s", "train time (s)", "{:.1f}"),
-           ("mean_step_ms", "mean step (ms)", "{:.1f}"), ("median_step_ms", "median step (ms)", "{:.1f}"),
-           ("svd_analysis_s", "SVD analysis time (s)", "{:.1f}"), ("paused_steps", "steps > 5x median", "{}"),
-           ("time_estimate_s", "time estimate: steps x median + SVD (s)", "{:.1f}"), ("wall_s", "process wall (s)", "{:.1f}"),
-           ("peak_memory_mib", "peak memory (MiB)", "{:.1f}"), ("lowrank_share", "low-rank share of layer-analyses", "{:.3f}"),
-           ("to_lowrank", "switches to low-rank", "{}"), ("to_full", "switches to full", "{}"), ("mean_r", "mean r (low-rank)", "{:.1f}"),
-           ("mean_k", "mean learned directions k", "{:.1f}")]
-
-
-def cell(row, key, fmt):
-    v = row.get(key)
-    if v is None:
-        return "n/a"
-    return fmt.format(v) if fmt else str(v)
-
-
-def ratios(rows):
-    """adaptive / baseline per seed: train time, wall time, final and minimum val bpb (at equal tokens)."""
-    out = []
-    for seed in sorted({r["seed"] for r in rows}):
-        pair = {r["kind"]: r for r in rows if r["seed"] == seed}
-        if set(pair) != set(KINDS):
-            continue
-        b, a = pair["baseline"], pair["adaptive"]
-        ratio = {"seed": seed, "equal_tokens": a["tokens"] == b["tokens"]}
-        for key in ("train_time_s", "time_estimate_s", "median_step_ms", "wall_s", "final_val_bpb", "min_val_bpb", "peak_memory_mib"):
-            ratio[key] = a[key] / b[key] if a.get(key) and b.get(key) else None
-        out.append(ratio)
+def summary(results):
+    """Per SUMMARY line: mean, sd and the 95% t-interval of the mean over the seeds that have the value."""
+    out = {}
+    for label, get, _ in SUMMARY:
+        values = [get(r) for r in results if get(r) is not None]
+        out[label] = stats.t_interval(values) if values else None
+    ratio = out["bpb ratio adaptive/baseline"]
+    out["target"] = None if ratio is None or ratio["lo"] is None else {
+        "mean_at_most": ratio["mean"] <= BPB_RATIO_TARGET, "interval_includes_1": ratio["lo"] <= 1 <= ratio["hi"],
+        "met": ratio["mean"] <= BPB_RATIO_TARGET and ratio["lo"] <= 1 <= ratio["hi"]}
     return out
 
 
-def markdown(rows, rat, command):
-    lines = [f"Command: `{command}`", "", "| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
-    lines += ["", "| seed | equal tokens | train time ratio | time estimate ratio | median step ratio | wall ratio | final bpb ratio | min bpb ratio | peak memory ratio |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for r in rat:
-        lines.append(f"| {r['seed']} | {r['equal_tokens']} | " + " | ".join(
-            "n/a" if r[k] is None else f"{r[k]:.4f}" for k in ("train_time_s", "time_estimate_s", "median_step_ms", "wall_s", "final_val_bpb", "min_val_bpb", "peak_memory_mib")) + " |")
+def markdown(results, table, command, commands):
+    lines = [f"Command: `{command}`", "", "Runs (each in its own process, one thread):", ""]
+    lines += [f"- `{c}`" for c in commands] + [""]
+    header = ["run", "steps", "tokens", "final val bpb", "min val bpb", "summed step time (s)", "median step (ms)",
+              "analysis (s)", "steps > 5x median", "steps x median + analysis (s)", "protected share", "to protected / to full",
+              "mean k"]
+    rows = []
+    for r in results:
+        for kind in KINDS:
+            run, svd = r["runs"][kind], r["runs"][kind]["svd"] or {}
+            rows.append([run_tag(kind, r["seed"]), fmt(run["steps"]), fmt(run["tokens"]), fmt(run["final_val_bpb"]),
+                         fmt(run["min_val_bpb"]), fmt(run["loop_s"], ".1f"),
+                         fmt(None if run["median_step_s"] is None else 1000 * run["median_step_s"], ".1f"),
+                         fmt(run["analysis_s"], ".1f"), fmt(run["paused_steps"]), fmt(run["time_estimate_s"], ".1f"),
+                         fmt(svd.get("lowrank_share", 0.0 if kind == "baseline" else None), ".3f"),
+                         f"{fmt(svd.get('to_lowrank', 0 if kind == 'baseline' else None))} / "
+                         f"{fmt(svd.get('to_full', 0 if kind == 'baseline' else None))}", fmt(svd.get("mean_k"), ".1f")])
+    lines += markdown_table(header, rows) + ["", "Per seed, adaptive / baseline:", ""]
+    rows = [[r["seed"], fmt(r["equal_tokens"]), fmt(r["bpb_ratio"]), fmt(r["median_step_ratio"], ".3f"),
+             fmt(r["loop_time_ratio"], ".3f"), fmt(r["time_estimate_ratio"], ".3f")] for r in results]
+    lines += markdown_table(["seed", "equal tokens", "bpb ratio", "median step ratio", "summed step time ratio",
+                             "time estimate ratio"], rows)
+    lines += ["", f"Over {len(results)} seed(s): mean ± std (sample) and the 95% t-interval of the mean:", ""]
+    rows = [[label, fmt_pm(iv["mean"], iv["sd"], spec), fmt_interval(iv, spec)] if iv else [label, "n/a", "n/a"]
+            for (label, _, spec), iv in ((s, table[s[0]]) for s in SUMMARY)]
+    lines += markdown_table(["quantity", "mean ± std", "95% interval"], rows) + [""]
+    target = table["target"]
+    ratio = table["bpb ratio adaptive/baseline"]
+    if target is None:
+        lines.append(f"Research target (bpb ratio <= {BPB_RATIO_TARGET} with the 95% interval including 1): cannot be "
+                     f"judged (needs the bpb ratio of at least two seeds).")
+    else:
+        verdict = "**met**" if target["met"] else "**not met**"
+        lines.append(f"Research target (bpb ratio <= {BPB_RATIO_TARGET} with the 95% interval including 1): {verdict}. "
+                     f"Mean bpb ratio {fmt(ratio['mean'])} ({'<=' if target['mean_at_most'] else '>'} {BPB_RATIO_TARGET}); "
+                     f"95% interval {fmt_interval(ratio)} ({'includes' if target['interval_includes_1'] else 'excludes'} 1).")
     return "\n".join(lines) + "\n"
 
 
-def parse(argv):
-    args = parse_args(CompareConfig, argv, prog="python -m scripts.compare_runs", description=__doc__)
-    train_argv = args.train_flags
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from None
-    if not seeds:
-        raise UserError("--seeds is empty")
-    for key in ("seed", "model_tag", "output_dir", "adaptive_svd", "resume", "overwrite"):
-        if any(a.lstrip("-").replace("-", "_").split("=")[0] == key for a in train_argv):
-            raise UserError(f"--{key} is set by the comparison runner itself; leave it out of the training flags")
-    return args, seeds, train_argv
-
-
 def main(argv):
-    args, seeds, train_argv = parse(argv)
+    args = parse_args(CompareConfig, argv, prog="python -m scripts.compare_runs", description=__doc__)
+    seeds = parse_seeds(args.seeds)
+    train_argv = args.train_flags
+    check_reserved(train_argv, RESERVED, "the comparison runner")
+    from nanochat.adaptive_cycle import AdaptiveConfig, validate_adaptive
+    from nanochat.train import validate
+    cfg = parse_args(AdaptiveConfig, train_argv, prog="python -m scripts.compare_runs -- [training flags]", description="")
+    validate(cfg)
+    validate_adaptive(cfg)  # a bad flag fails here, not in the middle of the runs
     out = os.path.abspath(args.out)
-    command = "python -m scripts.compare_runs " + " ".join(argv)
+    os.makedirs(out, exist_ok=True)
+    jobs = jobs_for(seeds, out, train_argv, args.jobs)
     if not args.table_only:
-        for seed in seeds:
-            for kind in KINDS:
-                run_dir = checkpoint_dir(out, run_tag(kind, seed))
-                if finished(run_dir) and not args.force:
-                    print(f"{run_tag(kind, seed)}: finished run found in {run_dir}, reused", flush=True)
-                    continue
-                launch(kind, seed, out, train_argv)
-    rows = []
-    for seed in seeds:
-        ref = read_jsonl(os.path.join(checkpoint_dir(out, run_tag("adaptive", seed)), "svd_metrics.jsonl"))
-        for kind in KINDS:
-            run_dir = checkpoint_dir(out, run_tag(kind, seed))
-            if os.path.isdir(run_dir):
-                rows.append(summarize(run_dir, kind, seed, ref))
-    if not rows:
-        raise UserError(f"no runs in {out}/base_checkpoints; run without --table_only first")
-    rat = ratios(rows)
+        run_jobs(jobs, args.jobs, force=args.force)
+    missing = [job.tag for job in jobs if not finished(job.run_dir)]
+    if missing:
+        raise UserError(f"no finished run for {', '.join(missing)} in {out}; run without --table_only first")
+    results = [seed_result(out, seed) for seed in seeds]
+    table = summary(results)
+    command = "python -m scripts.compare_runs " + " ".join(argv)
+    commands = [command_line(job.argv) for job in jobs]
     with open(os.path.join(out, "comparison.json"), "w") as f:
-        json.dump({"command": command, "train_argv": train_argv, "rows": rows, "ratios": rat}, f, indent=1)
-    table = markdown(rows, rat, command)
+        json.dump({"command": command, "train_argv": train_argv, "run_commands": commands, "seeds": seeds,
+                   "results": results, "summary": table}, f, indent=1)
+    text = markdown(results, table, command, commands)
     with open(os.path.join(out, "comparison.md"), "w") as f:
-        f.write(table)
-    print(table)
+        f.write(text)
+    print(text)
+    if args.figures:
+        from scripts.plot_svd import make_figures
+        for seed in seeds:
+            written = make_figures(checkpoint_dir(out, run_tag("adaptive", seed)), os.path.join(out, "figures"),
+                                   baseline=checkpoint_dir(out, run_tag("baseline", seed)), prefix=f"s{seed}_")
+            print("\n".join(written))
 
 
 if __name__ == "__main__":

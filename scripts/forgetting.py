@@ -1,276 +1,331 @@
-"""Forgetting experiment: train on domain A, continue on domain B, measure what A loses.
+"""Forgetting experiment: train on domain A, continue on domain B, measure what A loses, over seeds.
 
-For each variant (baseline, adaptive = default policy, static = every target protected from the
-first step on, --svd_policy=static):
-  phase A: a fresh run on --data_a for --steps_a steps          -> <out>/base_checkpoints/<variant>_A/
-  phase B: that checkpoint continued (--resume) on --data_b for --steps_b more steps, starting at the
-           beginning of B's data, with the optimizer and adaptive-SVD state carried over
-                                                                 -> <out>/base_checkpoints/<variant>_B/
-During phase B, A's and B's validation bpb are measured on their own val shards every --measure_every
-B-steps (the first point is before any B update, the last after the final one). Everything else is one
-set of training flags shared by all variants (given after the script's own flags).
+    python -m scripts.forgetting --data_a=DIR_A --data_b=DIR_B --steps_a=1500 --steps_b=500 --out=/tmp/forget \\
+        --jobs=2 -- --depth=4 --max_seq_len=256 --device_batch_size=1 --total_batch_size=256 \\
+        --eval_tokens=32768 --device_type=cpu --svd_interval=25
 
-    python -m scripts.forgetting --data_a=DIR_A --data_b=DIR_B --steps_a=800 --steps_b=400 \\
-        --out=/tmp/forget -- --depth=4 --max_seq_len=256 --device_batch_size=1 --total_batch_size=256 \\
-        --eval_tokens=32768 --device_type=cpu --adaptive_svd_target_layer=-1 --svd_targets=attn --svd_interval=50
+Per seed (--seeds, default 42,43,44):
+  phase A  plain training on A (--adaptive_svd=false), shared by every variant  -> <out>/base_checkpoints/A_s<S>/
+  phase B  a new run on B from A's final checkpoint (--init_from: weights and optimizer state carried over;
+           fresh step counter, so the LR is re-warmed; fresh data position and adaptive-SVD state), one per
+           variant                                                              -> <out>/base_checkpoints/B_<variant>_s<S>/
+Variants of phase B (every attention and MLP matrix of every block is analysed: --adaptive_svd_target_layer=-1
+--svd_targets=all unless the training flags say otherwise):
+  baseline       plain training; the analysis only observes (--svd_policy=observe: it trains exactly like
+                 --adaptive_svd=false and logs what the detector reads)
+  adaptive       the v2 default policy (--svd_policy=adaptive)
+  static         every matrix protected from the first B step, k from A's final spectrum (--svd_policy=static, OSFT)
+  replay         baseline + --replay_fraction (default 5%) of the sequences from A's train data
+  static_replay  static protection + replay
+Phase B evaluates B's val bpb (its own val shard) and A's (--extra_val_dir: A's val shard) every --measure_every
+B-steps: the first point is before any B update (it equals phase A's final evaluation of A; the report
+checks), the last after the final step.
 
-Writes <out>/forgetting.json (every measurement, per variant) and <out>/forgetting.md (the table).
-A variant whose files are complete is not run again (so an interrupted experiment continues).
+Each run is `python -m scripts.base_train_adaptive_svd` in its own process with one thread; --jobs=2 runs
+two at a time (phase B runs of a seed start once its phase A is done). A run whose files show it finished
+with the same command is reused and one that was stopped continues with --resume, so an interrupted
+experiment continues where it was; --force=true repeats them. --table_only=true only tabulates.
+
+Writes <out>/forgetting.json (every measurement per variant and seed, the statistics, the exact commands),
+<out>/forgetting.md (tables: mean ± std per variant, the paired difference to baseline with a 95%
+t-interval, and whether the research target is met), and with --figures=true (default) forgetting.png,
+pareto.png and detector.png (see scripts.plot_svd).
 """
 
 import dataclasses
 import json
 import os
-import time
 
-from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
-from nanochat.checkpoint_manager import CHECKPOINT_NAME, CONFIG_NAME, checkpoint_dir, load_checkpoint, write_checkpoint
+from nanochat.checkpoint_manager import CHECKPOINT_NAME, checkpoint_dir, load_checkpoint
 from nanochat.cli import flag, parse_args, passthrough, required
 from nanochat.common import UserError, run_cli
-from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_shards
-from nanochat.loss_eval import evaluate_bpb
-from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.train import TrainHook, train
-from scripts.run_logs import read_jsonl
+from scripts import stats
+from scripts.compare_runs import parse_seeds
+from scripts.runs import (LAYER_TYPES, TRAIN_METRICS, Job, check_reserved, command_line, evaluations, finished, fmt, fmt_interval, fmt_pm,
+                          markdown_table, layer_type, read_config, read_jsonl, run_jobs, summarize, svd_records, training_argv,
+                          with_defaults)
 
-VARIANTS = {"baseline": {"adaptive_svd": False}, "adaptive": {"adaptive_svd": True, "svd_policy": "adaptive"},
-            "static": {"adaptive_svd": True, "svd_policy": "static"}}
-OWN_FLAGS = ("data_a", "data_b", "steps_a", "steps_b", "out", "variants", "measure_every")
+VARIANTS = {  # phase B: the analysis policy, and whether A's data is replayed
+    "baseline": ("observe", False),
+    "adaptive": ("adaptive", False),
+    "static": ("static", False),
+    "replay": ("observe", True),
+    "static_replay": ("static", True),
+}
+PROTECTED = ("adaptive", "static", "static_replay")
+RESERVED = ("data_dir", "num_iterations", "model_tag", "output_dir", "seed", "resume", "overwrite", "adaptive_svd",
+            "svd_policy", "init_from", "replay_data_dir", "replay_fraction", "extra_val_dir", "eval_every")
+DEFAULTS = {"adaptive_svd_target_layer": -1, "svd_targets": "all"}
+FORGETTING_DROP_TARGET = 0.30  # a protected variant lowers forgetting by at least this share of baseline's ...
+B_BPB_RISE_LIMIT = 0.01        # ... at no more than this relative rise of the final B bpb
 
 
 @dataclasses.dataclass
 class ForgettingConfig:
     data_a: str = required("domain A's data dir (train + val shards)")
     data_b: str = required("domain B's data dir")
-    steps_a: int = required("optimizer steps on A")
-    steps_b: int = required("further optimizer steps on B")
-    out: str = required("output dir (checkpoints, forgetting.json, forgetting.md)")
-    variants: str = flag(",".join(VARIANTS), f"comma list of {', '.join(VARIANTS)}")
-    measure_every: int = flag(100, "measure A and B val bpb every N steps of phase B")
-    train_flags: list[str] = passthrough("flags of scripts.base_train_adaptive_svd, shared by every variant")
+    steps_a: int = required("optimizer steps of phase A")
+    steps_b: int = required("optimizer steps of phase B")
+    out: str = required("output dir (runs, forgetting.json, forgetting.md, figures)")
+    seeds: str = flag("42,43,44", "comma list of seeds; one phase A and one phase B run per variant each")
+    variants: str = flag(",".join(VARIANTS), f"comma list of {', '.join(VARIANTS)} (baseline is always run)")
+    measure_every: int = flag(50, "measure A's and B's val bpb every N steps of phase B (and before and after it)")
+    replay_fraction: float = flag(0.05, "share of phase-B sequences from A's train data in the replay variants")
+    eval_every_a: int = flag(250, "phase A evaluates A's val bpb every N steps (and at the end); -1 = only at the end")
+    jobs: int = flag(1, "runs at a time, each with one thread (at most two: the machine rule)", choices=(1, 2))
+    force: bool = flag(False, "repeat runs that already finished (replacing their files)")
+    table_only: bool = flag(False, "run nothing; tabulate the runs in --out")
+    figures: bool = flag(True, "also write forgetting.png, pareto.png and detector.png to --out")
+    train_flags: list[str] = passthrough("flags of scripts.base_train_adaptive_svd, shared by every run")
 
 
-class MeasureHook(TrainHook):
-    """Wraps a run's hook; evaluates bpb on extra validation sets at chosen steps of the run.
-
-    `points` are optimizer-step counts: the measurement for point s sees the weights after s updates.
-    A point inside the loop is taken when update s+1 starts (after_backward of step s+1, before its
-    optimizer step; only no-grad forward passes, so the gradients are untouched); the run's last step is
-    measured by `measure_now` after train() returns.
-    """
-
-    def __init__(self, inner, val_sets, points, eval_tokens):
-        self.inner = inner
-        self.name = inner.name
-        self.val_sets = val_sets  # label -> data dir
-        self.points = set(points)
-        self.eval_tokens = eval_tokens
-        self.records = []
-
-    def prepare_model(self, model):
-        self.inner.prepare_model(model)
-
-    def attach(self, run):
-        self.run = run
-        self.inner.attach(run)
-
-    def after_backward(self, step, last_step):
-        if step - 1 in self.points:
-            self.measure_now(step - 1)
-        self.inner.after_backward(step, last_step)
-
-    def measure_now(self, step):
-        run, cfg = self.run, self.run.cfg
-        tokenizer, token_bytes = get_tokenizer(), get_token_bytes()
-        steps = max(1, self.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len))
-        record = {"step": step}
-        was_training = run.model.training
-        run.model.eval()
-        for label, data_dir in self.val_sets.items():
-            loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", run.device, data_dir=data_dir)
-            record[f"{label}_val_bpb"] = evaluate_bpb(run.model, loader, steps, token_bytes)
-            record[f"{label}_val_shard"] = loader.paths[0]
-        run.model.train(was_training)
-        self.records.append(record)
-        print(f"[forgetting] step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if k.endswith("bpb")), flush=True)
-        return record
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state):
-        self.inner.load_state_dict(state)
-
-    def summary(self):
-        return self.inner.summary()
+def a_tag(seed):
+    return f"A_s{seed}"
 
 
-def measure_points(steps_a, steps_b, every):
-    """Step counts (absolute) at which phase B measures: before B, every `every` B-steps, after B."""
-    return sorted({steps_a + s for s in range(0, steps_b, every)} | {steps_a + steps_b})
+def b_tag(variant, seed):
+    return f"B_{variant}_s{seed}"
 
 
-def start_phase_b(dir_a, dir_b):
-    """Copy phase A's checkpoint into phase B's folder with the data position cleared: B starts at its beginning."""
-    ckpt = load_checkpoint(os.path.join(dir_a, CHECKPOINT_NAME))
-    ckpt["loop"]["dataloader"] = [None] * len(ckpt["loop"]["dataloader"])
-    ckpt["loop"].update(val_step=None, pending_row=None)  # B validates on its own data from its first step
-    ckpt.pop("config", None)  # A's config.json; B writes its own at its first save
-    os.makedirs(dir_b, exist_ok=True)
-    write_checkpoint(os.path.join(dir_b, CHECKPOINT_NAME), ckpt)
-    for name in (CONFIG_NAME, "svd_metrics.jsonl", "train_metrics.jsonl"):  # B's metrics go to files of their own
-        path = os.path.join(dir_b, name)
-        if os.path.exists(path):
-            os.remove(path)
+def b_finished(run_dir):
+    return finished(run_dir, needs=("val_bpb", "extra_val_bpb"))
 
 
-def make_config(train_argv, overrides):
-    cfg = parse_args(AdaptiveConfig, train_argv, prog="python -m scripts.forgetting -- [training flags]", description=__doc__)
-    return dataclasses.replace(cfg, **overrides)
+def plan(args, seeds, variants, train_argv):
+    """Every run: phase A per seed, then phase B per seed and variant (each after its seed's phase A)."""
+    out = args.out
+    shared = with_defaults(train_argv, DEFAULTS)
+    jobs = []
+    for seed in seeds:
+        own = {"adaptive_svd": "false", "data_dir": args.data_a, "num_iterations": args.steps_a,
+               "eval_every": args.eval_every_a, "model_tag": a_tag(seed), "output_dir": out, "seed": seed}
+        jobs.append(Job(a_tag(seed), checkpoint_dir(out, a_tag(seed)), training_argv(own, shared), finished))
+    for seed in seeds:
+        source = os.path.join(checkpoint_dir(out, a_tag(seed)), CHECKPOINT_NAME)
+        for variant in variants:
+            policy, replay = VARIANTS[variant]
+            own = {"adaptive_svd": "true", "svd_policy": policy, "init_from": source, "data_dir": args.data_b,
+                   "extra_val_dir": args.data_a, "num_iterations": args.steps_b, "eval_every": args.measure_every,
+                   "model_tag": b_tag(variant, seed), "output_dir": out, "seed": seed}
+            if replay:
+                own.update(replay_data_dir=args.data_a, replay_fraction=args.replay_fraction)
+            jobs.append(Job(b_tag(variant, seed), checkpoint_dir(out, b_tag(variant, seed)), training_argv(own, shared),
+                            b_finished, after=(a_tag(seed),)))
+    return jobs
 
 
-def write_command(cfg):
-    """command.txt in the run folder: the equivalent single-run command (read by scripts.monitor_svd)."""
-    run_dir = checkpoint_dir(cfg.output_dir, cfg.model_tag)
-    os.makedirs(run_dir, exist_ok=True)
-    flags = " ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v != "")
-    with open(os.path.join(run_dir, "command.txt"), "w") as f:
-        f.write(f"python -m scripts.base_train_adaptive_svd {flags}\n")
+def detector_series(records):
+    """{layer type: [{step, alignment_ratio, update_alignment_ratio}]}: each analysis step's mean over the
+    blocks (values that are None, e.g. before the first basis or with k = 0, are left out of the mean)."""
+    by_type = {}
+    for r in records:
+        if "mode_after" not in r:
+            continue
+        point = by_type.setdefault(layer_type(r["layer"]), {}).setdefault(r["step"], {"alignment_ratio": [], "update_alignment_ratio": []})
+        for key in point:
+            if isinstance(r.get(key), (int, float)):
+                point[key].append(r[key])
+    return {t: [{"step": step, **{k: (sum(v) / len(v) if v else None) for k, v in point.items()}}
+                for step, point in sorted(steps.items())] for t, steps in by_type.items()}
 
 
-def _check_finished(res, phase):
-    if res["stopped_by_signal"] is not None or res["step"] != res["num_iterations"]:
-        raise UserError(f"phase {phase} stopped by signal {res['stopped_by_signal']} at step {res['step']}; "
-                        f"run the same command again to repeat this variant")
+def phase_a_result(out, seed):
+    run_dir = checkpoint_dir(out, a_tag(seed))
+    summary = summarize(run_dir)
+    return {"seed": seed, "run_dir": run_dir, "final_val_bpb": summary["final_val_bpb"],
+            "curve": evaluations(read_jsonl(os.path.join(run_dir, TRAIN_METRICS))), "steps": summary["steps"],
+            "loop_s": summary["loop_s"], "median_step_s": summary["median_step_s"]}
 
 
-def run_variant(name, args, train_argv):
-    tags = {p: f"{name}_{p}" for p in "AB"}
-    val_sets = {"A": args.data_a, "B": args.data_b}
-    t0 = time.time()
-    # phase A
-    cfg_a = make_config(train_argv, dict(VARIANTS[name], data_dir=args.data_a, num_iterations=args.steps_a,
-                                         output_dir=args.out, model_tag=tags["A"], resume=False, overwrite=True))
-    write_command(cfg_a)
-    res_a = train(cfg_a, hook=AdaptiveSVDHook(cfg_a) if cfg_a.adaptive_svd else None, default_tag=tags["A"])
-    time_a = time.time() - t0
-    _check_finished(res_a, "A")
-    # phase B
-    dir_a, dir_b = checkpoint_dir(args.out, tags["A"]), checkpoint_dir(args.out, tags["B"])
-    start_phase_b(dir_a, dir_b)
-    cfg_b = make_config(train_argv, dict(VARIANTS[name], data_dir=args.data_b, num_iterations=args.steps_a + args.steps_b,
-                                         output_dir=args.out, model_tag=tags["B"], resume=True))
-    write_command(cfg_b)
-    inner = AdaptiveSVDHook(cfg_b) if cfg_b.adaptive_svd else TrainHook()
-    points = measure_points(args.steps_a, args.steps_b, args.measure_every)
-    hook = MeasureHook(inner, val_sets, points, cfg_b.eval_tokens)
-    res_b = train(cfg_b, hook=hook, default_tag=tags["B"])
-    _check_finished(res_b, "B")
-    hook.measure_now(res_b["step"])
-    first, last = hook.records[0], hook.records[-1]
+def phase_b_result(out, variant, seed, a_final):
+    """One phase B run from its files: the curves of A and B, forgetting, B learning, the detector's readings."""
+    run_dir = checkpoint_dir(out, b_tag(variant, seed))
+    rows = read_jsonl(os.path.join(run_dir, TRAIN_METRICS))
+    curve = [{"step": r["step"], "A_val_bpb": r["extra_val_bpb"], "B_val_bpb": r["val_bpb"]} for r in rows if "extra_val_bpb" in r]
+    first, last = curve[0], curve[-1]
+    records = svd_records(run_dir)
+    summary = summarize(run_dir)
+    loader = load_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME))["loop"]["dataloader"][0]
+    svd = summary["svd"] or {}
     return {
-        "variant": name, "flags": VARIANTS[name], "dir_a": dir_a, "dir_b": dir_b,
-        "phase_a_final_val_bpb": res_a["val_bpb"], "phase_a_time_s": time_a,
-        "phase_b_time_s": time.time() - t0 - time_a, "phase_a_losses": res_a["losses"], "phase_b_losses": res_b["losses"],
-        "curve": hook.records,
-        "a_bpb_before": first["A_val_bpb"], "a_bpb_after": last["A_val_bpb"],
-        "forgetting": last["A_val_bpb"] - first["A_val_bpb"],
-        "b_bpb_before": first["B_val_bpb"], "b_bpb_after": last["B_val_bpb"],
-        "b_learning": first["B_val_bpb"] - last["B_val_bpb"],
-        "phase_a_svd": svd_phase_summary(os.path.join(dir_a, "svd_metrics.jsonl")),
-        "phase_b_svd": svd_phase_summary(os.path.join(dir_b, "svd_metrics.jsonl")),
+        "variant": variant, "seed": seed, "run_dir": run_dir, "curve": curve,
+        "a_final_of_phase_a": a_final, "first_point_vs_phase_a": first["A_val_bpb"] - a_final,
+        "a_bpb_before": first["A_val_bpb"], "a_bpb_after": last["A_val_bpb"], "forgetting": last["A_val_bpb"] - first["A_val_bpb"],
+        "b_bpb_before": first["B_val_bpb"], "b_bpb_after": last["B_val_bpb"], "b_learning": first["B_val_bpb"] - last["B_val_bpb"],
+        "replayed_share": loader["replayed"] / loader["sequences"] if "replayed" in loader else None,
+        "lowrank_share": svd.get("lowrank_share"), "to_lowrank": svd.get("to_lowrank"), "to_full": svd.get("to_full"),
+        "mean_k": svd.get("mean_k"), "reasons": sorted({r["reason"] for r in records if r.get("action") in ("to_lowrank", "to_full")}),
+        "loop_s": summary["loop_s"], "median_step_s": summary["median_step_s"], "analysis_s": summary["analysis_s"],
+        "detector": detector_series(records),
     }
 
 
-def svd_phase_summary(jsonl_path):
-    """What the analyses of a phase did: counts, switches, mean metrics (None for the baseline)."""
-    if not os.path.exists(jsonl_path):
-        return None
-    recs = [r for r in read_jsonl(jsonl_path) if "mode_after" in r]
-    if not recs:
-        return None
+def variant_stats(results, variants):
+    """Per variant: mean ± std over seeds of forgetting, final B bpb and B learning; for the others, the paired
+    per-seed differences to baseline with their 95% t-interval, the relative changes and the target verdict."""
+    by = {v: {r["seed"]: r for r in results if r["variant"] == v} for v in variants}
+    out = {}
+    for v in variants:
+        entry = {}
+        for key in ("forgetting", "b_bpb_after", "b_learning"):
+            mean, sd = stats.mean_std([r[key] for r in by[v].values()])
+            entry[key] = {"mean": mean, "sd": sd, "n": len(by[v])}
+        if v != "baseline":
+            for key in ("forgetting", "b_bpb_after"):
+                seeds, diffs = stats.paired({s: r[key] for s, r in by[v].items()}, {s: r[key] for s, r in by["baseline"].items()})
+                base = stats.mean_std([by["baseline"][s][key] for s in seeds])[0]
+                iv = stats.t_interval(diffs)
+                # relative to baseline's mean; undefined when baseline shows no forgetting to lower
+                entry[f"diff_{key}"] = {**iv, "seeds": seeds, "per_seed": diffs,
+                                        "relative": iv["mean"] / base if base is not None and base > 0 else None}
+            entry["target"] = target_verdict(entry)
+        out[v] = entry
+    return out
 
-    def mean(key):
-        vals = [r[key] for r in recs if isinstance(r.get(key), (int, float))]
-        return sum(vals) / len(vals) if vals else None
 
-    return {"analyses": len(recs), "lowrank_share": sum(r["mode_after"] == "lowrank" for r in recs) / len(recs),
-            "to_lowrank": sum(r["action"] == "to_lowrank" for r in recs), "to_full": sum(r["action"] == "to_full" for r in recs),
-            "reasons": sorted({r["reason"] for r in recs if r["action"] != "keep"}),
-            **{f"mean_{k}": mean(k) for k in ("alignment_ratio", "update_alignment_ratio", "subspace_overlap",
-                                              "subspace_angle", "reconstruction_error", "blocked_fraction", "r_after")}}
-
-
-def fmt(x, digits=4):
-    return "n/a" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+def target_verdict(entry):
+    """The research target for one variant: forgetting lowered by >= 30% of baseline's, with the 95% interval of the
+    paired difference entirely below zero, at a final B bpb at most 1% above baseline's."""
+    f, b = entry["diff_forgetting"], entry["diff_b_bpb_after"]
+    checks = {
+        "forgetting_lowered_30pct": f["relative"] is not None and f["relative"] <= -FORGETTING_DROP_TARGET,
+        "interval_excludes_zero": f["hi"] is not None and f["hi"] < 0,
+        "b_bpb_within_1pct": b["relative"] is not None and b["relative"] <= B_BPB_RISE_LIMIT,
+    }
+    return {**checks, "met": all(checks.values())}
 
 
-def markdown(results, command):
-    lines = [f"Command: `{command}`", "",
-             "| variant | A bpb after A | A bpb before B | A bpb after B | forgetting (A increase) | B bpb before B | "
-             "B bpb after B | B learning (B decrease) | phase B low-rank share | phase B switches to low / to full |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        s = r["phase_b_svd"] or {}
-        lines.append(f"| {r['variant']} | {fmt(r['phase_a_final_val_bpb'])} | {fmt(r['a_bpb_before'])} | {fmt(r['a_bpb_after'])} | "
-                     f"{r['forgetting']:+.4f} | {fmt(r['b_bpb_before'])} | {fmt(r['b_bpb_after'])} | {r['b_learning']:+.4f} | "
-                     f"{fmt(s.get('lowrank_share'), 2)} | {s.get('to_lowrank', 'n/a')} / {s.get('to_full', 'n/a')} |")
-    lines += ["", "SVD analyses per phase (means over all layer-analyses of the phase):", "",
-              "| variant | phase | analyses | low-rank share | to low / to full | reasons | alignment ratio (grad) | "
-              "alignment ratio (update) | subspace overlap | subspace angle | blocked fraction | mean r |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        for phase in ("a", "b"):
-            s = r.get(f"phase_{phase}_svd")
-            if not s:
-                continue
-            lines.append(f"| {r['variant']} | {phase.upper()} | {s['analyses']} | {fmt(s['lowrank_share'], 2)} | {s['to_lowrank']} / {s['to_full']} | "
-                         f"{', '.join(s['reasons']) or '-'} | {fmt(s['mean_alignment_ratio'], 3)} | {fmt(s['mean_update_alignment_ratio'], 3)} | "
-                         f"{fmt(s['mean_subspace_overlap'], 3)} | {fmt(s['mean_subspace_angle'], 3)} | {fmt(s['mean_blocked_fraction'], 3)} | "
-                         f"{fmt(s['mean_r_after'], 1)} |")
+def markdown(data):
+    s, res, st = data["settings"], data["results"], data["stats"]
+    lines = [f"Command: `{data['command']}`", "",
+             f"Phase A: {s['steps_a']} steps on {s['data_a']}; phase B: {s['steps_b']} steps on {s['data_b']} from A's final "
+             f"checkpoint (LR re-warmed); A's and B's val bpb every {s['measure_every']} B-steps; seeds {s['seeds']}; "
+             f"replay fraction {s['replay_fraction']}.", "", "Runs (each in its own process, one thread; a fresh start adds "
+             "--overwrite=true, a continued one --resume=true):", ""]
+    lines += [f"- `{c}`" for c in data["run_commands"]] + ["", "Phase A (A's val bpb at its end):", ""]
+    lines += markdown_table(["seed", "steps", "final A val bpb", "summed step time (s)"],
+                            [[a["seed"], fmt(a["steps"]), fmt(a["final_val_bpb"]), fmt(a["loop_s"], ".1f")] for a in data["phase_a"]])
+    worst = max(abs(r["first_point_vs_phase_a"]) for r in res)
+    lines += ["", f"First phase-B measurement of A (before any B update) vs phase A's final evaluation of A: largest "
+                  f"difference {worst:.2e} over {len(res)} runs (same weights, same val shard and token budget).", "",
+              "Every phase B run (forgetting = A's bpb after B minus before B; B learning = B's bpb before minus after):", ""]
+    rows = [[r["variant"], r["seed"], fmt(r["a_bpb_before"]), fmt(r["a_bpb_after"]), f"{r['forgetting']:+.4f}",
+             fmt(r["b_bpb_before"]), fmt(r["b_bpb_after"]), f"{r['b_learning']:+.4f}", fmt(r["replayed_share"], ".3f"),
+             fmt(r["lowrank_share"], ".3f"), f"{fmt(r['to_lowrank'])} / {fmt(r['to_full'])}", fmt(r["mean_k"], ".1f"),
+             fmt(r["analysis_s"], ".1f")] for r in res]
+    lines += markdown_table(["variant", "seed", "A bpb before B", "A bpb after B", "forgetting", "B bpb before B",
+                             "B bpb after B", "B learning", "replayed share", "protected share", "to protected / to full",
+                             "mean k", "analysis (s)"], rows)
+    lines += ["", "Per variant, mean ± std over seeds (sample std); paired per-seed difference to baseline with its 95% "
+                  "t-interval (mean ± t(0.975, n-1) sd/sqrt(n)); relative = mean difference / baseline's mean:", ""]
+    rows = []
+    for v, e in st.items():
+        row = [v] + [fmt_pm(e[key]["mean"], e[key]["sd"]) for key in ("forgetting", "b_bpb_after", "b_learning")]
+        if v == "baseline":
+            row += ["-"] * 5
+        else:
+            f, b = e["diff_forgetting"], e["diff_b_bpb_after"]
+            row += [f"{f['mean']:+.4f} {fmt_interval(f)}", fmt(f["relative"], "+.1%"), f"{b['mean']:+.4f} {fmt_interval(b)}",
+                    fmt(b["relative"], "+.2%"), "**yes**" if e["target"]["met"] else "no"]
+        rows.append(row)
+    lines += markdown_table(["variant", "forgetting", "final B bpb", "B learning", "forgetting - baseline [95% CI]", "relative",
+                             "final B bpb - baseline [95% CI]", "relative", "target met"], rows)
+    lines += ["", f"Research target: a protected variant lowers forgetting by at least {FORGETTING_DROP_TARGET:.0%} against "
+                  f"baseline, with the 95% interval of the paired difference excluding zero, at a final B bpb at most "
+                  f"{B_BPB_RISE_LIMIT:.0%} above baseline's.", ""]
+    for v in (v for v in st if v != "baseline"):
+        e, t = st[v], st[v]["target"]
+        f, b = e["diff_forgetting"], e["diff_b_bpb_after"]
+        kind = "protected" if v in PROTECTED else "not protected, a reference point"
+        lines.append(f"- {v} ({kind}): forgetting {fmt(f['relative'], '+.1%')} vs baseline "
+                     f"({'meets' if t['forgetting_lowered_30pct'] else 'misses'} -{FORGETTING_DROP_TARGET:.0%}); interval "
+                     f"{fmt_interval(f)} {'excludes' if t['interval_excludes_zero'] else 'does not exclude'} zero; final B bpb "
+                     f"{fmt(b['relative'], '+.2%')} ({'within' if t['b_bpb_within_1pct'] else 'beyond'} "
+                     f"+{B_BPB_RISE_LIMIT:.0%}): target {'**met**' if t['met'] else '**not met**'}.")
+    met = [v for v in PROTECTED if v in st and st[v]["target"]["met"]]
+    lines += ["", f"Verdict: {'met by ' + ', '.join(met) if met else 'no protected variant meets the target'}."]
+    n = min(e["forgetting"]["n"] for e in st.values())
+    if n < 2:
+        lines.append("(With fewer than two seeds there is no interval, so no variant can meet the target.)")
+    if not st["baseline"]["forgetting"]["mean"] > 0:
+        lines.append("(Baseline's A bpb did not rise during B: there is no forgetting to lower, so no variant can meet "
+                     "the target.)")
+    lines += ["", "Detector during B: mean over the B analyses of the gradient and update alignment ratio per layer type "
+                  "(mean over blocks and seeds; random = 1, enter threshold "
+                  f"{fmt(data['thresholds'].get('svd_ratio_enter'), 'g')}):", ""]
+    types = list(LAYER_TYPES)
+    rows = []
+    for v in st:
+        cells = []
+        for t in types:
+            pts = [p for r in res if r["variant"] == v for p in r["detector"].get(t, [])]
+            g = [p["alignment_ratio"] for p in pts if p["alignment_ratio"] is not None]
+            u = [p["update_alignment_ratio"] for p in pts if p["update_alignment_ratio"] is not None]
+            cells.append(f"{fmt(sum(g) / len(g) if g else None, '.2f')} / {fmt(sum(u) / len(u) if u else None, '.2f')}")
+        rows.append([v] + cells)
+    lines += markdown_table(["variant"] + [f"{LAYER_TYPES[t]} grad / update" for t in types], rows)
     return "\n".join(lines) + "\n"
 
 
 def parse_own(argv):
     args = parse_args(ForgettingConfig, argv, prog="python -m scripts.forgetting", description=__doc__)
-    train_argv = args.train_flags
+    seeds = parse_seeds(args.seeds)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
-    if bad or not variants:
-        raise UserError(f"--variants: unknown {bad}; use {', '.join(VARIANTS)}")
+    if bad or len(set(variants)) != len(variants):
+        raise UserError(f"--variants: {'unknown ' + ', '.join(bad) if bad else 'a variant is named twice'}; use {', '.join(VARIANTS)}")
+    variants = ["baseline"] + [v for v in variants if v != "baseline"]  # every comparison is against it
     if args.steps_a < 1 or args.steps_b < 1 or args.measure_every < 1:
         raise UserError("--steps_a, --steps_b and --measure_every must be >= 1")
-    for key in ("data_dir", "num_iterations", "model_tag", "output_dir", "resume", "overwrite", "adaptive_svd", "svd_policy"):
-        if any(a.lstrip("-").replace("-", "_").split("=")[0] == key for a in train_argv):
-            raise UserError(f"--{key} is set by the forgetting experiment itself; leave it out of the training flags")
+    if not 0 < args.replay_fraction < 1:
+        raise UserError("--replay_fraction must lie in (0, 1)")
+    if not (args.eval_every_a == -1 or args.eval_every_a >= 1):
+        raise UserError("--eval_every_a must be >= 1 or -1")
+    check_reserved(args.train_flags, RESERVED, "the forgetting experiment")
     for d in (args.data_a, args.data_b):
         list_shards(d, "train"), list_shards(d, "val")
-    make_config(train_argv, {})  # fail early on a bad training flag
-    return args, variants, train_argv
+    if os.path.realpath(args.data_a) == os.path.realpath(args.data_b):
+        raise UserError("--data_a and --data_b are the same directory; give two domains")
+    from nanochat.adaptive_cycle import AdaptiveConfig, validate_adaptive
+    from nanochat.train import validate
+    train_argv = with_defaults(args.train_flags, DEFAULTS)
+    cfg = parse_args(AdaptiveConfig, train_argv, prog="python -m scripts.forgetting -- [training flags]", description="")
+    validate(cfg)
+    validate_adaptive(cfg)  # a bad training flag fails now, not after phase A
+    args.out = os.path.abspath(args.out)
+    args.data_a, args.data_b = os.path.abspath(args.data_a), os.path.abspath(args.data_b)
+    return args, seeds, variants, cfg
 
 
 def main(argv):
-    args, variants, train_argv = parse_own(argv)
-    command = "python -m scripts.forgetting " + " ".join(argv)
+    args, seeds, variants, cfg = parse_own(argv)
     os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, "forgetting.json")
-    done = {}
-    if os.path.exists(json_path):
-        prev = json.load(open(json_path))
-        if prev.get("train_argv") == train_argv and all(prev.get(k) == getattr(args, k) for k in ("data_a", "data_b", "steps_a", "steps_b", "measure_every")):
-            done = {r["variant"]: r for r in prev["results"]}
-    results = []
-    for name in variants:
-        result = done.get(name) or run_variant(name, args, train_argv)
-        results.append(result)
-        with open(json_path, "w") as f:
-            json.dump({"command": command, "train_argv": train_argv, **{k: getattr(args, k) for k in OWN_FLAGS},
-                       "results": results + [done[v] for v in done if v not in [r["variant"] for r in results]]}, f, indent=1)
-    table = markdown(results, command)
+    jobs = plan(args, seeds, variants, args.train_flags)
+    if not args.table_only:
+        run_jobs(jobs, args.jobs, force=args.force)
+    missing = [job.tag for job in jobs if not job.complete(job.run_dir)]
+    if missing:
+        raise UserError(f"no finished run for {', '.join(missing)} in {args.out}; run without --table_only first")
+    phase_a = [phase_a_result(args.out, seed) for seed in seeds]
+    a_final = {a["seed"]: a["final_val_bpb"] for a in phase_a}
+    results = [phase_b_result(args.out, v, seed, a_final[seed]) for v in variants for seed in seeds]
+    b_config = read_config(checkpoint_dir(args.out, b_tag(variants[0], seeds[0])))["train_config"]
+    data = {"command": "python -m scripts.forgetting " + " ".join(argv),
+            "settings": {k: getattr(args, k) for k in ("data_a", "data_b", "steps_a", "steps_b", "measure_every",
+                                                      "replay_fraction", "eval_every_a")} | {"seeds": seeds, "variants": variants},
+            "train_argv": args.train_flags, "run_commands": [command_line(job.argv) for job in jobs],
+            "thresholds": {k: b_config.get(k) for k in ("svd_ratio_enter", "svd_ratio_exit", "svd_interval")},
+            "phase_a": phase_a, "results": results, "stats": variant_stats(results, variants)}
+    with open(os.path.join(args.out, "forgetting.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    text = markdown(data)
     with open(os.path.join(args.out, "forgetting.md"), "w") as f:
-        f.write(table)
-    print(table)
+        f.write(text)
+    print(text)
+    if args.figures:
+        from scripts.plot_svd import forgetting_figures
+        print("\n".join(forgetting_figures(data, args.out)))
 
 
 if __name__ == "__main__":

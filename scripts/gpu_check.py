@@ -41,7 +41,7 @@ from nanochat.tokenizer import get_tokenizer
 from nanochat.train import TRAIN_METRICS, train
 from scripts.bench_svd import bench_shape
 from scripts.method_checks import planted
-from scripts.run_logs import read_jsonl
+from scripts.runs import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNIPPET = os.path.join(ROOT, "experiments", "guide_snippet.py")

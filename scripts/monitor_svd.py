@@ -1,4 +1,5 @@
-"""Follow a run's svd_metrics.jsonl and print switches, r changes and threshold crossings as they happen.
+"""Follow a run's svd_metrics.jsonl and train_metrics.jsonl: print switches, r changes, threshold crossings
+and evaluations as they happen.
 
     python -m scripts.monitor_svd RUN_DIR            # print what is there, then keep following (Ctrl-C stops)
     python -m scripts.monitor_svd RUN_DIR --once     # print what is there and exit
@@ -12,6 +13,8 @@ other side of the rule's threshold between two analyses of a layer in the rule's
 layer's first analysis in that mode if it starts on the side the rule acts on). With the defaults:
   full mode:    alignment_ratio, update_alignment_ratio >= svd_ratio_enter   (gradient_clobbering_risk)
   low-rank mode: alignment_ratio <= svd_ratio_exit                            (clobbering_risk_passed)
+Every evaluation row of train_metrics.jsonl is printed as it arrives (val bpb, and extra_val_bpb when the
+run measures a second validation set, e.g. domain A during a forgetting experiment's phase B).
 """
 
 import dataclasses
@@ -24,7 +27,7 @@ from types import SimpleNamespace
 from nanochat.adaptive_svd import RULES
 from nanochat.cli import flag, parse_args, positional
 from nanochat.common import UserError, run_cli
-from scripts.run_logs import run_settings
+from scripts.runs import SVD_METRICS, TRAIN_METRICS, run_settings
 
 
 @dataclasses.dataclass
@@ -111,6 +114,14 @@ class Follower:
         return out
 
 
+def evaluation_line(row):
+    """The line for a train_metrics.jsonl row that carries an evaluation, else None."""
+    if not isinstance(row.get("val_bpb"), (int, float)):
+        return None
+    extra = f" | extra val bpb {row['extra_val_bpb']:.4f}" if isinstance(row.get("extra_val_bpb"), (int, float)) else ""
+    return f"step {row.get('step'):>6} evaluation: val bpb {row['val_bpb']:.4f}{extra}"
+
+
 def thresholds_of(run_dir):
     settings, source = run_settings(run_dir)
     if settings is None:
@@ -124,10 +135,14 @@ def main(argv):
     thresholds, source = thresholds_of(args.run_dir)
     print(f"thresholds from {source}: " + ", ".join(f"{k}={thresholds[k]}" for k in sorted(thresholds)
                                                     if k in {r.threshold for r in RULES}), flush=True)
-    monitor, follower = Monitor(thresholds), Follower(os.path.join(args.run_dir, "svd_metrics.jsonl"))
+    monitor, follower = Monitor(thresholds), Follower(os.path.join(args.run_dir, SVD_METRICS))
+    steps = Follower(os.path.join(args.run_dir, TRAIN_METRICS))
     last_new, last_step = time.time(), None
     try:
         while True:
+            rows = steps.new_records()
+            for line in filter(None, map(evaluation_line, rows)):
+                print(line, flush=True)
             recs = follower.new_records()
             for rec in recs:
                 if not args.quiet_analyses and rec.get("step") != last_step:
@@ -135,7 +150,7 @@ def main(argv):
                     print(f"--- analysis at step {last_step}", flush=True)
                 for line in monitor.feed(rec):
                     print(line, flush=True)
-            if recs:
+            if recs or rows:
                 last_new = time.time()
             if args.once or (args.idle_exit and time.time() - last_new > args.idle_exit):
                 break

@@ -3,9 +3,10 @@
     python -m scripts.plot_svd RUN_DIR [--baseline BASELINE_RUN_DIR] [--out DIR] [--log FILE] [--spectra]
     python -m scripts.plot_svd --forgetting OUT/forgetting.json --out DIR
 
-RUN_DIR is an adaptive run's checkpoint folder (svd_metrics.jsonl, config.json or command.txt, train.log;
---log names another console log, e.g. a SLURM .out file). Writes PNGs to --out (default RUN_DIR/figures):
-  loss_bpb.png            training loss (console EMA) and val bpb over steps, adaptive vs baseline
+RUN_DIR is an adaptive run's checkpoint folder (train_metrics.jsonl, svd_metrics.jsonl, config.json or
+command.txt). A folder without train_metrics.jsonl is read from its console log instead (train.log, or
+--log, e.g. a SLURM .out file). Writes PNGs to --out (default RUN_DIR/figures):
+  loss_bpb.png            training loss (debiased EMA) and val bpb over steps, adaptive vs baseline
   mode_rank.png           per layer: r after each analysis, low-rank periods shaded, switches marked
   alignment_ratio.png     per layer: gradient and update alignment_ratio, random baseline (1) and the
                           run's own svd_ratio_enter and svd_ratio_exit thresholds drawn
@@ -13,7 +14,12 @@ RUN_DIR is an adaptive run's checkpoint folder (svd_metrics.jsonl, config.json o
   subspace.png            per layer: subspace overlap (and above chance), reconstruction error
   spectra.png             (--spectra) singular values per layer at step 0 (re-created from the seed) and at
                           the checkpoint's step, for the run and the baseline (reads checkpoint.pt)
-  forgetting.png          (--forgetting) A's and B's val bpb during phase B, per variant
+  --forgetting (scripts.forgetting's forgetting.json; its runner writes these itself):
+  forgetting.png          A's and B's val bpb during phase B, per variant: mean over seeds, each seed thin
+  pareto.png              forgetting (rise of A's bpb during B) vs final B bpb, one point per variant and
+                          seed, the variant means marked with +-1 std bars
+  detector.png            per variant: A's bpb during B next to the clobbering ratios (gradient and update
+                          alignment_ratio) per layer type, mean over blocks and seeds
 """
 
 import dataclasses
@@ -28,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from nanochat.cli import flag, parse_args, positional  # noqa: E402
 from nanochat.common import UserError, run_cli  # noqa: E402
-from scripts.run_logs import find_log, layer_records, parse_log, read_jsonl, run_settings  # noqa: E402
+from scripts.runs import LAYER_TYPES, evaluations, layer_records, read_jsonl, run_settings, step_rows  # noqa: E402
 
 DPI = 90
 
@@ -41,7 +47,7 @@ class PlotConfig:
     out: str = flag("", "where the PNGs go; empty = RUN_DIR/figures (for --forgetting: next to its file)")
     prefix: str = flag("", "prefix of every file name")
     spectra: bool = flag(False, "also plot singular-value spectra from checkpoint.pt")
-    forgetting: str = flag("", "forgetting.json of scripts.forgetting: plot its curves")
+    forgetting: str = flag("", "forgetting.json of scripts.forgetting: its curves, Pareto and detector figures")
 
 
 def _grid(n, title, sharey=False):
@@ -71,21 +77,24 @@ def _series(recs, key):
 
 
 def plot_loss(runs, path):
-    """runs: [(label, parsed log)]."""
+    """runs: [(label, per-step rows)]."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for label, log in runs:
-        if log["steps"]:
-            a1.plot(log["steps"], log["loss"], label=label, lw=1)
-        if log["val_steps"]:
-            a2.plot(log["val_steps"], log["val_bpb"], marker="o", ms=3, label=label)
+    losses = []
+    for label, rows in runs:
+        steps, loss = _series(rows, "loss")
+        losses += loss
+        if steps:
+            a1.plot(steps, loss, label=label, lw=1)
+        vals = evaluations(rows)
+        if vals:
+            a2.plot([s for s, _ in vals], [v for _, v in vals], marker="o", ms=3, label=label)
     a1.set(xlabel="step", ylabel="training loss (EMA, nats)", title="training loss")
     a2.set(xlabel="step", ylabel="val bits per byte", title="validation bpb")
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
         ax.legend()
-    if any(log["loss"] for _, log in runs):
-        lo = min(min(log["loss"]) for _, log in runs if log["loss"])
-        a1.set_ylim(lo - 0.2, lo + 3.0)
+    if losses:
+        a1.set_ylim(min(losses) - 0.2, min(losses) + 3.0)
     return _save(fig, path)
 
 
@@ -200,31 +209,105 @@ def plot_spectra(run_dir, baseline_dir, layer_names, path):
     return _save(fig, path)
 
 
-def plot_forgetting(path_json, path):
-    data = json.load(open(path_json))
+def _variant_colors(data):
+    return {v: f"C{i}" for i, v in enumerate(data["settings"]["variants"])}
+
+
+def _mean_curve(curves):
+    """Pointwise mean of [(xs, ys)] over the x values every curve has."""
+    common = sorted(set.intersection(*(set(xs) for xs, _ in curves)))
+    by = [dict(zip(xs, ys)) for xs, ys in curves]
+    return common, [sum(d[x] for d in by) / len(by) for x in common]
+
+
+def plot_forgetting_curves(data, path):
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    steps_a = data["steps_a"]
-    for i, r in enumerate(data["results"]):
-        xs = [c["step"] - steps_a for c in r["curve"]]
-        a1.plot(xs, [c["A_val_bpb"] for c in r["curve"]], marker="o", ms=3, color=f"C{i}", label=r["variant"])
-        a2.plot(xs, [c["B_val_bpb"] for c in r["curve"]], marker="o", ms=3, color=f"C{i}", label=r["variant"])
-    a1.set(xlabel="steps on domain B", ylabel="val bpb on A", title="domain A (forgetting: up is worse)")
-    a2.set(xlabel="steps on domain B", ylabel="val bpb on B", title="domain B (learning: down is better)")
+    colors = _variant_colors(data)
+    for v, color in colors.items():
+        runs = [r for r in data["results"] if r["variant"] == v]
+        for ax, key in ((a1, "A_val_bpb"), (a2, "B_val_bpb")):
+            curves = [([c["step"] for c in r["curve"]], [c[key] for c in r["curve"]]) for r in runs]
+            for xs, ys in curves:
+                ax.plot(xs, ys, color=color, lw=0.6, alpha=0.35)
+            ax.plot(*_mean_curve(curves), color=color, lw=1.8, marker="o", ms=3, label=f"{v} (mean of {len(runs)})")
+    a1.set(xlabel="steps on domain B", ylabel="val bpb on A", title="domain A during B (forgetting: up is worse)")
+    a2.set(xlabel="steps on domain B", ylabel="val bpb on B", title="domain B during B (learning: down is better)")
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_pareto(data, path):
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    colors = _variant_colors(data)
+    for v, color in colors.items():
+        runs = [r for r in data["results"] if r["variant"] == v]
+        ax.scatter([r["b_bpb_after"] for r in runs], [r["forgetting"] for r in runs], color=color, s=18, alpha=0.6)
+        st = data["stats"][v]
+        f, b = st["forgetting"], st["b_bpb_after"]
+        ax.errorbar(b["mean"], f["mean"], xerr=b["sd"] or 0, yerr=f["sd"] or 0, color=color, marker="D", ms=8,
+                    mec="k", capsize=3, label=f"{v} (mean ± std, {f['n']} seeds)")
+    ax.set(xlabel="final val bpb on B (lower is better)", ylabel="forgetting: rise of A's val bpb during B (lower is better)",
+           title="forgetting vs learning B: one point per variant and seed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_detector(data, path):
+    """Per variant (row): A's bpb during B, then the gradient and the update alignment ratio per layer type."""
+    variants = data["settings"]["variants"]
+    enter, exit_ = data["thresholds"].get("svd_ratio_enter"), data["thresholds"].get("svd_ratio_exit")
+    fig, axes = plt.subplots(len(variants), 3, figsize=(14, 2.6 * len(variants) + 0.6), squeeze=False, sharex=True)
+    fig.suptitle("where the detector stands during B: A's bpb next to the clobbering ratios per layer type "
+                 "(mean over blocks and seeds; random = 1)")
+    for row, v in zip(axes, variants):
+        runs = [r for r in data["results"] if r["variant"] == v]
+        curves = [([c["step"] for c in r["curve"]], [c["A_val_bpb"] for c in r["curve"]]) for r in runs]
+        row[0].plot(*_mean_curve(curves), color="k", marker="o", ms=3)
+        row[0].set(ylabel=f"{v}\nA's val bpb")
+        for ax, key, title in ((row[1], "alignment_ratio", "gradient alignment ratio"),
+                               (row[2], "update_alignment_ratio", "update alignment ratio")):
+            for i, (t, label) in enumerate(LAYER_TYPES.items()):
+                series = []
+                for r in runs:
+                    pts = [(p["step"], p[key]) for p in r["detector"].get(t, []) if p[key] is not None]
+                    if pts:
+                        series.append(([p[0] for p in pts], [p[1] for p in pts]))
+                if series:
+                    ax.plot(*_mean_curve(series), color=f"C{i}", lw=1.2, label=label)
+            ax.axhline(1.0, color="gray", ls="--", lw=1)
+            if enter is not None:
+                ax.axhline(enter, color="C3", ls=":", lw=1.2)
+            if exit_ is not None and key == "alignment_ratio":
+                ax.axhline(exit_, color="C2", ls=":", lw=1.2)
+            ax.set_title(title, fontsize=9)
+        for ax in row:
+            ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=7, ncol=2)
+    for ax in axes[-1]:
+        ax.set_xlabel("steps on domain B")
+    return _save(fig, path)
+
+
+def forgetting_figures(data, out, prefix=""):
+    """The forgetting experiment's figures from its forgetting.json data; returns the paths written."""
+    os.makedirs(out, exist_ok=True)
+    return [plot_forgetting_curves(data, os.path.join(out, prefix + "forgetting.png")),
+            plot_pareto(data, os.path.join(out, prefix + "pareto.png")),
+            plot_detector(data, os.path.join(out, prefix + "detector.png"))]
 
 
 def make_figures(run_dir, out, baseline=None, log=None, spectra=False, prefix=""):
     """All figures of one run; returns the paths written. Works while the run is still writing."""
     os.makedirs(out, exist_ok=True)
     written = []
-    logs = [("adaptive" if baseline else os.path.basename(os.path.normpath(run_dir)), parse_log(find_log(run_dir, log)))]
+    runs = [("adaptive" if baseline else os.path.basename(os.path.normpath(run_dir)), step_rows(run_dir, log)[0])]
     if baseline:
-        logs.insert(0, ("baseline", parse_log(find_log(baseline))))
-    if any(lg["steps"] for _, lg in logs):
-        written.append(plot_loss(logs, os.path.join(out, prefix + "loss_bpb.png")))
+        runs.insert(0, ("baseline", step_rows(baseline)[0]))
+    if any(rows for _, rows in runs):
+        written.append(plot_loss(runs, os.path.join(out, prefix + "loss_bpb.png")))
     layers = layer_records(read_jsonl(os.path.join(run_dir, "svd_metrics.jsonl")))
     if layers:
         settings, _ = run_settings(run_dir)
@@ -242,9 +325,14 @@ def main(argv):
     args = parse_args(PlotConfig, argv, prog="python -m scripts.plot_svd", description=__doc__)
     written = []
     if args.forgetting:
-        out = args.out or os.path.dirname(os.path.abspath(args.forgetting))
-        os.makedirs(out, exist_ok=True)
-        written.append(plot_forgetting(args.forgetting, os.path.join(out, args.prefix + "forgetting.png")))
+        if not os.path.isfile(args.forgetting):
+            raise UserError(f"{args.forgetting} is not a file; give the forgetting.json that scripts.forgetting wrote")
+        with open(args.forgetting) as f:
+            data = json.load(f)
+        if "stats" not in data:
+            raise UserError(f"{args.forgetting} was written by an older scripts.forgetting; tabulate its runs again with "
+                            f"the current one (--table_only=true), or rerun the experiment")
+        written += forgetting_figures(data, args.out or os.path.dirname(os.path.abspath(args.forgetting)), args.prefix)
     if args.run_dir:
         if not os.path.isdir(args.run_dir):
             raise UserError(f"{args.run_dir} is not a folder; give a run's checkpoint folder")
@@ -253,7 +341,7 @@ def main(argv):
     if not args.run_dir and not args.forgetting:
         raise UserError("give a run folder and/or --forgetting FILE")
     if not written:
-        raise UserError(f"nothing to plot yet in {args.run_dir} (no step lines in the log, no svd_metrics.jsonl)")
+        raise UserError(f"nothing to plot yet in {args.run_dir} (no train_metrics.jsonl rows or step lines, no svd_metrics.jsonl)")
     for path in written:
         print(path)
 

@@ -341,3 +341,95 @@ def test_loader_default_data_dir(prepared_base, monkeypatch):
 
     x, y = next(DataLoader(get_tokenizer(), 2, 16, "train", "cpu"))
     assert x.shape == (2, 16) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+# ---------------------------------------------------------------- ReplayLoader (a second data directory mixed in)
+
+@pytest.fixture(scope="module")
+def replay_dirs(prepared_base, tmp_path_factory):
+    """Main data (both domains) and a replay directory of Shakespeare only, with the session's tokenizer."""
+    replay = str(tmp_path_factory.mktemp("replay"))
+    write_shards(offline_documents(["shakespeare"], max_chars_per_domain=200_000), replay, docs_per_shard=40, seed=5)
+    return str(prepared_base / "base_data"), replay, Tokenizer.from_directory(str(prepared_base / "tokenizer"))
+
+
+def replay_loader(dirs, B=2, T=16, fraction=0.3, seed=7, **kw):
+    from nanochat.dataloader import ReplayLoader
+    main, replay, tok = dirs
+    return ReplayLoader(tok, B, T, "cpu", main, replay, fraction, seed, **kw)
+
+
+def test_replay_rows_come_from_their_streams_in_order(replay_dirs):
+    main, replay, tok = replay_dirs
+    B, T = 3, 16
+    loader = replay_loader(replay_dirs, B=B, T=T)
+    streams = {False: rank_stream(tok, main, "train")[0], True: rank_stream(tok, replay, "train")[0]}
+    used = {False: 0, True: 0}
+    for _ in range(40):
+        x, y = next(loader)
+        assert x.shape == y.shape == (B, T)
+        for row in range(B):
+            i = loader.sequences - B + row
+            src = loader.is_replay(i)
+            window = streams[src][used[src] * (T + 1):(used[src] + 1) * (T + 1)]  # each sequence: the next T+1 tokens
+            assert torch.equal(x[row], torch.from_numpy(window[:-1])) and torch.equal(y[row], torch.from_numpy(window[1:]))
+            used[src] += 1
+    assert used[True] == loader.replayed and used[True] + used[False] == loader.sequences == 120
+    assert 0 < used[True] < used[False]
+
+
+def test_replay_choices_are_seeded_and_independent_of_the_batch_shape(replay_dirs):
+    batched, one_by_one, other_seed = (replay_loader(replay_dirs, B=b, seed=s) for b, s in ((4, 7), (1, 7), (4, 8)))
+    rows = [next(one_by_one) for _ in range(8)]
+    first, second = next(batched), next(batched)
+    # gradient accumulation (B=1 micro-batches) sees exactly the rows of the B=4 batches, in order: the choice of
+    # sequence i depends on the seed, the rank and i only
+    assert torch.equal(first[0], torch.cat([r[0] for r in rows[:4]])) and torch.equal(second[1], torch.cat([r[1] for r in rows[4:]]))
+    choices = [[loader.is_replay(i) for i in range(200)] for loader in (batched, one_by_one, other_seed)]
+    assert choices[0] == choices[1] != choices[2]
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.3])
+def test_replay_fraction_is_realised(replay_dirs, fraction):
+    loader = replay_loader(replay_dirs, B=8, T=4, fraction=fraction)
+    for _ in range(250):  # 2,000 sequences through the loader
+        next(loader)
+    n = loader.sequences
+    tolerance = 4 * (fraction * (1 - fraction) / n) ** 0.5  # four binomial standard deviations
+    assert abs(loader.replayed / n - fraction) < tolerance
+    draws = sum(loader.is_replay(i) for i in range(20_000))
+    assert abs(draws / 20_000 - fraction) < 4 * (fraction * (1 - fraction) / 20_000) ** 0.5
+
+
+def test_replay_state_resumes_bit_identically(replay_dirs):
+    loader = replay_loader(replay_dirs, B=2, T=32)
+    states, batches = [], []
+    for _ in range(60):
+        states.append(loader.state_dict())
+        batches.append(torch.cat(next(loader)))
+    assert states[-1]["replay"] != states[0]["replay"] and states[-1]["main"] != states[0]["main"]
+    for i in (0, 1, 17, 30, 58):
+        resumed = replay_loader(replay_dirs, B=2, T=32, state=torch.load(_roundtrip(states[i]), weights_only=True))
+        assert resumed.state_dict() == states[i]
+        assert torch.equal(torch.cat(next(resumed)), batches[i]) and torch.equal(torch.cat(next(resumed)), batches[i + 1])
+
+
+def test_replay_ranks_read_disjoint_row_groups(replay_dirs):
+    loaders = [replay_loader(replay_dirs, rank=r, world_size=2) for r in range(2)]
+    for stream in ("main", "replay"):
+        owned = [set(getattr(loader, stream).row_groups) for loader in loaders]
+        assert owned[0] and owned[1] and not owned[0] & owned[1]
+    # each rank draws its own choices
+    assert [loaders[0].is_replay(i) for i in range(100)] != [loaders[1].is_replay(i) for i in range(100)]
+
+
+def test_replay_errors(replay_dirs, tmp_path):
+    for fraction in (0.0, 1.0, -0.1):
+        with pytest.raises(UserError, match=r"replay fraction must lie in \(0, 1\)"):
+            replay_loader(replay_dirs, fraction=fraction)
+    plain = {"epoch": 0, "shard": 0, "row_group": 0, "doc": 0, "offset": 0}
+    with pytest.raises(UserError, match="written without replay"):
+        replay_loader(replay_dirs, state=plain)
+    main, _, tok = replay_dirs
+    with pytest.raises(UserError, match=r"no train shards in .*prepare_data"):
+        replay_loader((main, str(tmp_path), tok))

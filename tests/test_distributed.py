@@ -161,3 +161,29 @@ def test_owners_balance_by_size_first_then_by_measured_time():
     by_time = assign_owners(layers, 2)
     load = [sum(seconds[d] for d, r in by_time.items() if r == rank) for rank in (0, 1)]
     assert max(load) == pytest.approx(2.7) and by_time == assign_owners(dict(layers), 2)
+
+
+@pytest.mark.slow
+def test_replay_on_two_gloo_ranks_follows_each_ranks_own_streams(env, tmp_path):
+    """Each rank mixes its own disjoint row groups of both directories with its own draws; the checkpoint holds
+    every rank's replay state, which is where a fresh loader of that rank is after the same batches."""
+    from nanochat.dataloader import ReplayLoader
+    from nanochat.dataset import offline_documents, write_shards
+    from nanochat.tokenizer import Tokenizer
+
+    replay = str(tmp_path / "replay")
+    write_shards(offline_documents(["shakespeare"], max_chars_per_domain=100_000), replay, docs_per_shard=40, seed=5)
+    data = os.path.join(env["NANOCHAT_BASE_DIR"], "base_data")
+    flags = ["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=6",
+             "--eval_every=-1", "--eval_tokens=512", "--sample_every=-1", "--device_type=cpu", f"--replay_data_dir={replay}",
+             "--replay_fraction=0.3", f"--output_dir={tmp_path}"]
+    r = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "scripts.base_train", *flags], env, ROOT)
+    assert "Replay: 30.0% of the training sequences from" in r.stdout
+    states = torch.load(tmp_path / "base_checkpoints/d2_baseline/checkpoint.pt")["loop"]["dataloader"]
+    tok = Tokenizer.from_directory(os.path.join(env["NANOCHAT_BASE_DIR"], "tokenizer"))
+    for rank, state in enumerate(states):
+        fresh = ReplayLoader(tok, 2, 64, "cpu", data, replay, 0.3, 42, rank=rank, world_size=2)
+        for _ in range(6):
+            next(fresh)
+        assert state == fresh.state_dict() and state["sequences"] == 12
+    assert states[0] != states[1]

@@ -1,100 +1,220 @@
-"""Evidence tooling: comparison runner, plots, monitor, forgetting bookkeeping (tiny d2 runs, seq 64)."""
+"""Evidence tooling: the Phase 2 and forgetting runners on tiny real runs (d2, seq 64), their tables checked
+against an independent reading of the runs' JSONL files; the statistics on known numbers (t quantiles against
+scipy); figures, the console-log fallback, the monitor, and reusing and continuing runs."""
 
 import json
+import math
 import os
 import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
 
 import pytest
+import scipy.stats
 
-from nanochat.checkpoint_manager import load_checkpoint
+from nanochat.checkpoint_manager import load_checkpoint, write_checkpoint
+from nanochat.common import UserError
 from nanochat.dataset import offline_documents, write_shards
-from scripts import compare_runs, forgetting, monitor_svd, plot_svd
-from scripts.run_logs import parse_log, read_jsonl, run_settings
+from scripts import compare_runs, forgetting, monitor_svd, plot_svd, stats
+from scripts.runs import Job, finished, read_jsonl, run_settings, step_rows, summarize
+from tests.conftest import ROOT
 
 TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=1", "--total_batch_size=64", "--eval_tokens=640",
-        "--sample_every=-1", "--device_type=cpu", "--adaptive_svd_target_layer=-1", "--svd_targets=attn", "--svd_interval=3"]
+        "--sample_every=-1", "--device_type=cpu"]
+PNG = b"\x89PNG\r\n\x1a\n"
 
+
+def jsonl(path):
+    """An independent reading of a metrics file: every line, parsed."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def scipy_interval(values):
+    n = len(values)
+    mean, sd = statistics.mean(values), statistics.stdev(values)
+    return mean, sd, scipy.stats.t.interval(0.95, n - 1, loc=mean, scale=sd / math.sqrt(n))
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+def test_t_quantiles_match_scipy():
+    for df in [*range(1, 41), 60, 120, 500]:
+        for p in (0.5, 0.6, 0.9, 0.95, 0.975, 0.99, 0.999):
+            assert stats.t_quantile(p, df) == pytest.approx(scipy.stats.t.ppf(p, df), rel=1e-9, abs=1e-12), (p, df)
+    for bad in ((0.4, 3), (1.0, 3)):
+        with pytest.raises(ValueError):
+            stats.t_quantile(*bad)
+    with pytest.raises(ValueError):
+        stats.t_two_sided(1.0, 0)
+
+
+def test_interval_arithmetic_on_known_numbers():
+    # 1, 2, 3, 4: mean 2.5, sample sd sqrt(5/3); t(0.975, 3) = 3.1824 (any t table)
+    iv = stats.t_interval([1.0, 2.0, 3.0, 4.0])
+    half = 3.1824463 * math.sqrt(5 / 3) / 2
+    assert iv["n"] == 4 and iv["mean"] == 2.5 and iv["sd"] == pytest.approx(math.sqrt(5 / 3))
+    assert iv["t"] == pytest.approx(3.1824463, rel=1e-7)
+    assert (iv["lo"], iv["hi"]) == pytest.approx((2.5 - half, 2.5 + half), rel=1e-7)
+    # three seeds, as in the experiments: t(0.975, 2) = 4.3027; paired differences -0.2, -0.25, -0.23
+    seeds, diffs = stats.paired({42: 0.3, 43: 0.35, 44: 0.32, 45: 9.0}, {42: 0.5, 43: 0.6, 44: 0.55})
+    assert seeds == [42, 43, 44] and diffs == pytest.approx([-0.2, -0.25, -0.23])
+    iv = stats.t_interval(diffs)
+    mean, sd, (lo, hi) = scipy_interval(diffs)
+    assert (iv["mean"], iv["sd"], iv["lo"], iv["hi"]) == pytest.approx((mean, sd, lo, hi), rel=1e-9)
+    assert iv["hi"] == pytest.approx(-0.22667 + 4.3026527 * 0.0251661 / math.sqrt(3), abs=1e-4)
+    assert stats.excludes(iv, 0.0) is True and stats.excludes(stats.t_interval([-1.0, 1.0]), 0.0) is False
+    # one value: a mean, no spread, no interval; never a NaN
+    assert stats.t_interval([5.0]) == {"n": 1, "mean": 5.0, "sd": None, "lo": None, "hi": None, "t": None}
+    assert stats.excludes(stats.t_interval([5.0]), 0.0) is None and stats.mean_std([]) == (None, None)
+    with pytest.raises(ValueError, match="non-finite"):
+        stats.mean_std([1.0, float("nan")])
+
+
+# ------------------------------------------------------------------------------------------------ Phase 2 runner
 
 @pytest.fixture(scope="module")
 def comparison(prepared_base, tmp_path_factory):
-    """One baseline + adaptive pair through the runner's CLI, shared by the checks below."""
+    """Two seeds of baseline + adaptive through the runner's CLI, two runs at a time, shared by the checks below."""
     mp = pytest.MonkeyPatch()
     mp.setenv("NANOCHAT_BASE_DIR", str(prepared_base))
-    mp.setenv("OMP_NUM_THREADS", "1")
     mp.setenv("WANDB_MODE", "disabled")
     out = tmp_path_factory.mktemp("cmp")
-    compare_runs.main([f"--out={out}", "--", *TINY, "--num_iterations=12", "--eval_every=6"])
-    yield out
+    argv = [f"--out={out}", "--seeds=42,43", "--jobs=2", "--figures=false", "--", *TINY, "--adaptive_svd_target_layer=-1",
+            "--svd_targets=attn", "--svd_interval=3", "--num_iterations=9", "--eval_every=3",
+            "--svd_ratio_enter=1.01", "--svd_ratio_exit=0.5", "--svd_patience=1"]  # low thresholds: layers switch
+    compare_runs.main(argv)
+    yield out, argv
     mp.undo()
 
 
-def _independent_summary(records):
-    recs = [r for r in records if "mode_after" in r]
-    low = [r for r in recs if r["mode_after"] == "lowrank"]
-    return {"lowrank_share": len(low) / len(recs), "to_lowrank": sum(r["action"] == "to_lowrank" for r in recs),
-            "to_full": sum(r["action"] == "to_full" for r in recs),
-            "mean_r": sum(r["r_after"] for r in low) / len(low) if low else None,
-            "mean_k": sum(r["k"] for r in recs) / len(recs)}
+def independent_run(run_dir):
+    rows = jsonl(os.path.join(run_dir, "train_metrics.jsonl"))
+    dts = [r["dt"] for r in rows if "dt" in r]
+    vals = [r["val_bpb"] for r in rows if "val_bpb" in r]
+    svd_path = os.path.join(run_dir, "svd_metrics.jsonl")
+    recs = [r for r in jsonl(svd_path) if "mode_after" in r] if os.path.exists(svd_path) else []
+    analysis = sum({r["step"]: r["analysis_seconds"] for r in recs}.values())
+    out = {"final_val_bpb": vals[-1], "min_val_bpb": min(vals), "loop_s": sum(dts), "median_step_s": statistics.median(dts),
+           "analysis_s": analysis, "time_estimate_s": len(dts) * statistics.median(dts) + analysis}
+    if recs:
+        out.update(lowrank_share=sum(r["mode_after"] == "lowrank" for r in recs) / len(recs),
+                   to_lowrank=sum(r["action"] == "to_lowrank" for r in recs), to_full=sum(r["action"] == "to_full" for r in recs),
+                   mean_k=sum(r["k"] for r in recs) / len(recs))
+    return out
 
 
-def test_runner_files_table_and_values(comparison):
-    runs = comparison / "base_checkpoints"
-    for tag in ("baseline_s42", "adaptive_s42"):
-        for name in ("train.log", "command.txt", "config.json", "checkpoint.pt", "wall_time.json"):
+def test_comparison_tables_match_an_independent_reading(comparison):
+    out, argv = comparison
+    runs = out / "base_checkpoints"
+    for tag in ("baseline_s42", "adaptive_s42", "baseline_s43", "adaptive_s43"):
+        for name in ("train.log", "command.txt", "config.json", "checkpoint.pt", "train_metrics.jsonl"):
             assert (runs / tag / name).exists(), (tag, name)
     assert not (runs / "baseline_s42" / "svd_metrics.jsonl").exists()
     cmd = {t: (runs / t / "command.txt").read_text().split() for t in ("baseline_s42", "adaptive_s42")}
     strip = lambda c: [a for a in c if not a.startswith(("--adaptive_svd=", "--model_tag="))]
     assert strip(cmd["baseline_s42"]) == strip(cmd["adaptive_s42"])  # same seed, data, tokens, hyperparameters
+    data = json.loads((out / "comparison.json").read_text())
+    assert data["run_commands"] == [(runs / t / "command.txt").read_text().strip()
+                                    for t in ("baseline_s42", "adaptive_s42", "baseline_s43", "adaptive_s43")]
+    for result in data["results"]:
+        for kind in ("baseline", "adaptive"):
+            run_dir = str(runs / f"{kind}_s{result['seed']}")
+            expect, got = independent_run(run_dir), result["runs"][kind]
+            for key, value in expect.items():
+                if key in got:
+                    assert got[key] == pytest.approx(value, rel=1e-12), (kind, key)
+                else:
+                    assert got["svd"][key] == pytest.approx(value, rel=1e-12), (kind, key)
+            assert got["final_val_bpb"] == json.loads(open(os.path.join(run_dir, "config.json")).read())["val_bpb"]
+            assert got["steps"] == 9 and got["tokens"] == 9 * 64
+        b, a = (independent_run(str(runs / f"{k}_s{result['seed']}")) for k in ("baseline", "adaptive"))
+        assert result["bpb_ratio"] == pytest.approx(a["final_val_bpb"] / b["final_val_bpb"])
+        assert result["median_step_ratio"] == pytest.approx(a["median_step_s"] / b["median_step_s"])
+        assert result["time_estimate_ratio"] == pytest.approx(a["time_estimate_s"] / b["time_estimate_s"])
+        assert result["to_lowrank"] == a["to_lowrank"] > 0 and result["equal_tokens"] is True
+    ratios = [r["bpb_ratio"] for r in data["results"]]
+    mean, sd, (lo, hi) = scipy_interval(ratios)
+    iv = data["summary"]["bpb ratio adaptive/baseline"]
+    assert (iv["mean"], iv["sd"], iv["lo"], iv["hi"]) == pytest.approx((mean, sd, lo, hi), rel=1e-9)
+    met = bool(mean <= 1.005 and lo <= 1 <= hi)
+    assert data["summary"]["target"]["met"] is met
+    md = (out / "comparison.md").read_text()
+    assert f"Research target (bpb ratio <= 1.005 with the 95% interval including 1): {'**met**' if met else '**not met**'}" in md
+    assert f"| bpb ratio adaptive/baseline | {mean:.4f} ± {sd:.4f} | [{lo:.4f}, {hi:.4f}] |" in md
+    b42 = data["results"][0]["runs"]["baseline"]
+    assert f"| baseline_s42 | 9 | 576 | {b42['final_val_bpb']:.4f} |" in md
 
-    data = json.loads((comparison / "comparison.json").read_text())
-    md = (comparison / "comparison.md").read_text()
-    header = next(line for line in md.splitlines() if line.startswith("| run |"))
-    assert [c.strip() for c in header.strip("|").split("|")] == [c[1] for c in compare_runs.COLUMNS]
-    rows = {r["run"]: r for r in data["rows"]}
-    records = read_jsonl(str(runs / "adaptive_s42" / "svd_metrics.jsonl"))
-    expect = _independent_summary(records)
-    a, b = rows["adaptive_s42"], rows["baseline_s42"]
-    for key, value in expect.items():
-        assert a[key] == pytest.approx(value), key
-    full = sum(r["shape"][0] * r["shape"][1] for r in records if r["step"] == records[0]["step"])
-    assert b["full_params"] == full and b["lowrank_share"] == 0 and b["to_lowrank"] == 0
-    for tag, row in rows.items():
-        cfg = json.loads((runs / tag / "config.json").read_text())
-        assert row["tokens"] == 12 * 64 and row["steps"] == 12
-        assert row["final_val_bpb"] == pytest.approx(cfg["val_bpb"], abs=1e-4)
-        assert row["min_val_bpb"] == pytest.approx(cfg["min_val_bpb"], abs=1e-4)
-        assert row["peak_memory_mib"] > 0 and row["train_time_s"] is not None
-    assert data["ratios"][0]["equal_tokens"] is True
-    assert f"| adaptive_s42 | 768 | {a['final_val_bpb']:.4f} |" in md
-    # a second call reuses the finished runs
+
+def test_comparison_reuses_finished_runs_and_refuses_another_command(comparison, tmp_path, capsys):
+    out, argv = comparison
+    runs = out / "base_checkpoints"
     mtime = os.path.getmtime(runs / "adaptive_s42" / "train.log")
-    compare_runs.main([f"--out={comparison}", "--", *TINY, "--num_iterations=12", "--eval_every=6"])
+    compare_runs.main(argv)
     assert os.path.getmtime(runs / "adaptive_s42" / "train.log") == mtime
+    assert capsys.readouterr().out.count("reusing ") == 4
+    # a run folder's state from its files: finished, stopped part-way (checkpoint, not at the end), another command
+    copy = tmp_path / "adaptive_s42"
+    shutil.copytree(runs / "adaptive_s42", copy)
+    argv_run = compare_runs.run_argv("adaptive", 42, str(out), argv[argv.index("--") + 1:])
+    job = Job("adaptive_s42", str(copy), argv_run, finished)
+    assert job.state(force=False) == "done" and job.state(force=True) == "fresh"
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "step": 6}))
+    assert job.state(force=False) == "resume"
+    (copy / "checkpoint.pt").unlink()
+    assert job.state(force=False) == "fresh"
+    (copy / "command.txt").write_text("python -m scripts.base_train_adaptive_svd --depth=3\n")
+    with pytest.raises(UserError, match="holds a run of another command"):
+        job.state(force=False)
+    with pytest.raises(UserError, match="no finished run for baseline_s42"):
+        compare_runs.main([f"--out={tmp_path / 'empty'}", "--table_only=true", "--seeds=42", "--", *TINY])
+    with pytest.raises(UserError, match="--seed is set by the comparison runner itself"):
+        compare_runs.main([f"--out={tmp_path}", "--", *TINY, "--seed=1"])
 
 
-def test_plots_finished_and_running(comparison, tmp_path):
-    runs = comparison / "base_checkpoints"
-    written = plot_svd.make_figures(str(runs / "adaptive_s42"), str(tmp_path / "f"), baseline=str(runs / "baseline_s42"),
-                                    spectra=True)
+def test_figures_from_the_per_step_file_a_running_run_and_a_console_log(comparison, tmp_path):
+    out, _ = comparison
+    runs = out / "base_checkpoints"
+    adaptive = runs / "adaptive_s42"
+    written = plot_svd.make_figures(str(adaptive), str(tmp_path / "f"), baseline=str(runs / "baseline_s42"))
     names = {os.path.basename(p) for p in written}
-    assert names == {"loss_bpb.png", "mode_rank.png", "alignment_ratio.png", "principal_alignment.png", "subspace.png", "spectra.png"}
+    assert names == {"loss_bpb.png", "mode_rank.png", "alignment_ratio.png", "principal_alignment.png", "subspace.png"}
     for p in written:
-        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and 5_000 < os.path.getsize(p) < 2_000_000
-    # a run still in progress: no config.json / checkpoint yet, a torn last JSONL line, a log cut mid-run
+        assert open(p, "rb").read(8) == PNG and 5_000 < os.path.getsize(p) < 2_000_000
+    # a run still in progress: no config.json or checkpoint yet, torn last lines in both metrics files
     live = tmp_path / "live"
     live.mkdir()
-    shutil.copy(runs / "adaptive_s42" / "command.txt", live)
-    lines = (runs / "adaptive_s42" / "svd_metrics.jsonl").read_text().splitlines(True)
-    (live / "svd_metrics.jsonl").write_text("".join(lines[:9]) + lines[9][:40])
-    log = (runs / "adaptive_s42" / "train.log").read_text().splitlines(True)
-    (live / "train.log").write_text("".join(log[: len(log) // 2]))
-    written = plot_svd.make_figures(str(live), str(tmp_path / "g"))
-    assert {os.path.basename(p) for p in written} == names - {"spectra.png"}
-    assert len(read_jsonl(str(live / "svd_metrics.jsonl"))) == 9
+    shutil.copy(adaptive / "command.txt", live)
+    for name, keep in (("svd_metrics.jsonl", 9), ("train_metrics.jsonl", 5)):
+        lines = (adaptive / name).read_text().splitlines(True)
+        (live / name).write_text("".join(lines[:keep]) + lines[keep][:30])
+    assert len(read_jsonl(str(live / "svd_metrics.jsonl"))) == 9 and len(step_rows(str(live))[0]) == 5
+    assert {os.path.basename(p) for p in plot_svd.make_figures(str(live), str(tmp_path / "g"))} == names
+    # a SLURM job's folder without train_metrics.jsonl: the rows come from its console log (.out file)
+    slurm = tmp_path / "slurm"
+    slurm.mkdir()
+    for name in ("svd_metrics.jsonl", "config.json"):
+        shutil.copy(adaptive / name, slurm)
+    shutil.copy(adaptive / "train.log", tmp_path / "job.out")
+    rows, source = step_rows(str(slurm), str(tmp_path / "job.out"))
+    truth = jsonl(adaptive / "train_metrics.jsonl")
+    assert source == str(tmp_path / "job.out") and [r["step"] for r in rows] == [r["step"] for r in truth]
+    for got, want in zip(rows, truth):
+        assert set(got) <= set(want)
+        for key in got:  # the console prints loss to 6 decimals, dt in ms to 2, bpb to 4
+            assert got[key] == pytest.approx(want[key], abs={"loss": 1e-6, "dt": 1e-5, "lrm": 5e-3}.get(key, 1e-4)), key
+    summary = summarize(str(slurm), str(tmp_path / "job.out"))
+    assert summary["final_val_bpb"] == pytest.approx(independent_run(str(adaptive))["final_val_bpb"], abs=1e-4)
+    assert summary["svd"]["to_lowrank"] == independent_run(str(adaptive))["to_lowrank"]
 
 
-def test_monitor_follows_growing_file(tmp_path, capsys):
+# ------------------------------------------------------------------------------------------------ monitor
+
+def test_monitor_follows_growing_files(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     # thresholds come from the run's config, here deliberately not the defaults
@@ -133,58 +253,219 @@ def test_monitor_follows_growing_file(tmp_path, capsys):
     assert any("alignment_ratio=1.2 crossed svd_ratio_exit=1.5 -> clobbering_risk_passed" in e for e in events)
     path.write_text(rec(5))  # a new run replaced the file
     assert [r["step"] for r in follower.new_records()] == [5]
+    (run / "train_metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 3.0}) + "\n" +
+                                             json.dumps({"step": 5, "loss": 2.9, "val_bpb": 1.25, "extra_val_bpb": 1.5}) + "\n")
     monitor_svd.main([str(run), "--once"])
     out = capsys.readouterr().out
     assert "svd_ratio_enter=3.0" in out and "--- analysis at step 5" in out
+    assert "step      5 evaluation: val bpb 1.2500 | extra val bpb 1.5000" in out and "step      4 evaluation" not in out
 
 
-def test_forgetting_bookkeeping(base, tmp_path):
+# ------------------------------------------------------------------------------------------------ forgetting runner
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    root = tmp_path_factory.mktemp("domains")
     dirs = {}
     for domain in ("wiki", "shakespeare"):
-        dirs[domain] = str(tmp_path / domain)
-        write_shards(offline_documents([domain], max_chars_per_domain=150_000), dirs[domain], docs_per_shard=200, seed=1,
-                     source=f"offline:{domain}")
-    out = tmp_path / "fg"
-    forgetting.main([f"--data_a={dirs['wiki']}", f"--data_b={dirs['shakespeare']}", "--steps_a=6", "--steps_b=6",
-                     "--measure_every=3", f"--out={out}", "--variants=baseline,adaptive", "--", *TINY, "--eval_every=-1"])
-    data = json.loads((out / "forgetting.json").read_text())
-    assert [r["variant"] for r in data["results"]] == ["baseline", "adaptive"]
+        dirs[domain] = str(root / domain)
+        write_shards(offline_documents([domain], max_chars_per_domain=150_000), dirs[domain], docs_per_shard=200, seed=1)
+    return dirs
+
+
+def forgetting_argv(domains, out, seeds="42", variants="static_replay", steps_b=6, extra=()):
+    return [f"--data_a={domains['wiki']}", f"--data_b={domains['shakespeare']}", "--steps_a=6", f"--steps_b={steps_b}",
+            "--measure_every=3", f"--out={out}", f"--seeds={seeds}", f"--variants={variants}", "--replay_fraction=0.4",
+            "--eval_every_a=3", "--jobs=2", "--figures=false", *extra, "--", *TINY, "--svd_interval=2"]
+
+
+def check_forgetting_against_the_files(out, domains, data):
+    """Every number of forgetting.json against an independent reading of the runs' files."""
+    runs = os.path.join(out, "base_checkpoints")
+    steps_b, every = data["settings"]["steps_b"], data["settings"]["measure_every"]
+    for a in data["phase_a"]:
+        rows = jsonl(os.path.join(runs, f"A_s{a['seed']}", "train_metrics.jsonl"))
+        assert a["final_val_bpb"] == [r for r in rows if "val_bpb" in r][-1]["val_bpb"]
+        assert all("extra_val_bpb" not in r for r in rows)
     for r in data["results"]:
-        # A and B measured on their own val shards, before B (after 6 updates), every 3 B-steps, after B
-        assert [c["step"] for c in r["curve"]] == [6, 9, 12]
-        for c in r["curve"]:
-            assert c["A_val_shard"] == os.path.join(dirs["wiki"], "val_00000.parquet")
-            assert c["B_val_shard"] == os.path.join(dirs["shakespeare"], "val_00000.parquet")
-        # "before B" is exactly phase A's final evaluation (same weights, A's val shard)
-        assert r["a_bpb_before"] == pytest.approx(r["phase_a_final_val_bpb"], abs=1e-6)
-        assert r["forgetting"] == pytest.approx(r["a_bpb_after"] - r["a_bpb_before"])
-        cfg_b = json.loads(open(os.path.join(r["dir_b"], "config.json")).read())
-        assert cfg_b["step"] == 12 and cfg_b["train_config"]["data_dir"] == dirs["shakespeare"]
-        assert r["b_bpb_after"] == pytest.approx(cfg_b["val_bpb"], abs=1e-6)  # the loop's own last eval on B
-        assert len(r["phase_b_losses"]) == 6 and len(r["phase_a_losses"]) == 6
-        # "after B" re-measured independently from the saved weights (a plain GPT, dense state dict)
-        ckpt = load_checkpoint(os.path.join(r["dir_b"], "checkpoint.pt"))
-        from nanochat.dataloader import DataLoader
-        from nanochat.gpt import GPT, GPTConfig
-        from nanochat.loss_eval import evaluate_bpb
-        from nanochat.tokenizer import get_token_bytes, get_tokenizer
-        model = GPT(GPTConfig(**ckpt["metadata"]["model_config"]))
-        model.load_state_dict(ckpt["model"], strict=True)
-        model.eval()
-        loader = DataLoader(get_tokenizer(), 1, 64, "val", "cpu", data_dir=dirs["wiki"])
-        assert evaluate_bpb(model, loader, 10, get_token_bytes()) == pytest.approx(r["a_bpb_after"], abs=1e-5)
-    adaptive = data["results"][1]
-    b_records = read_jsonl(os.path.join(adaptive["dir_b"], "svd_metrics.jsonl"))
-    assert b_records and min(r["step"] for r in b_records) > 6  # phase B's analyses only, in B's own file
-    assert adaptive["phase_b_svd"]["analyses"] == len([r for r in b_records if "mode_after" in r])
-    assert data["results"][0]["phase_b_svd"] is None
-    # each phase folder names its thresholds for the monitor before any checkpoint exists
+        run_dir = os.path.join(runs, f"B_{r['variant']}_s{r['seed']}")
+        rows = jsonl(os.path.join(run_dir, "train_metrics.jsonl"))
+        evals = [x for x in rows if "val_bpb" in x]
+        # A (extra val: A's val shard) and B (its own) before any B update, every `every` B-steps and after the last
+        assert [x["step"] for x in evals] == sorted(set(range(0, steps_b, every)) | {steps_b})
+        assert r["curve"] == [{"step": x["step"], "A_val_bpb": x["extra_val_bpb"], "B_val_bpb": x["val_bpb"]} for x in evals]
+        a_final = next(a["final_val_bpb"] for a in data["phase_a"] if a["seed"] == r["seed"])
+        assert evals[0]["extra_val_bpb"] == a_final and r["first_point_vs_phase_a"] == 0.0
+        assert r["forgetting"] == evals[-1]["extra_val_bpb"] - evals[0]["extra_val_bpb"]
+        assert r["b_bpb_after"] == evals[-1]["val_bpb"] and r["b_learning"] == evals[0]["val_bpb"] - evals[-1]["val_bpb"]
+        tc = json.loads(open(os.path.join(run_dir, "config.json")).read())["train_config"]
+        assert tc["init_from"] == os.path.join(runs, f"A_s{r['seed']}", "checkpoint.pt") and tc["num_iterations"] == steps_b
+        assert (tc["data_dir"], tc["extra_val_dir"]) == (domains["shakespeare"], domains["wiki"])
+        assert (tc["replay_data_dir"], tc["replay_fraction"]) == ((domains["wiki"], 0.4) if "replay" in r["variant"] else ("", 0.0))
+        assert (tc["adaptive_svd_target_layer"], tc["svd_targets"]) == (-1, "all")
+        loader = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["loop"]["dataloader"][0]
+        assert r["replayed_share"] == (loader["replayed"] / loader["sequences"] if "replay" in r["variant"] else None)
+        recs = [x for x in jsonl(os.path.join(run_dir, "svd_metrics.jsonl")) if "mode_after" in x]
+        assert r["lowrank_share"] == sum(x["mode_after"] == "lowrank" for x in recs) / len(recs)
+        policy = {"baseline": "observe_only", "replay": "observe_only", "static": "static_protection",
+                  "static_replay": "static_protection"}.get(r["variant"])
+        if policy:
+            assert {x["reason"] for x in recs} == {policy}
+        for layer_type, series in r["detector"].items():
+            for point in series:
+                vals = [x["alignment_ratio"] for x in recs if x["step"] == point["step"] and x["layer"].endswith(layer_type)
+                        and x["alignment_ratio"] is not None]
+                assert point["alignment_ratio"] == (pytest.approx(sum(vals) / len(vals)) if vals else None)
+
+
+def test_forgetting_end_to_end(base, domains, tmp_path, capsys):
+    out = tmp_path / "fg"
+    forgetting.main(forgetting_argv(domains, out))
+    data = json.loads((out / "forgetting.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in data["results"]] == [("baseline", 42), ("static_replay", 42)]
+    check_forgetting_against_the_files(str(out), domains, data)
+    static = data["results"][1]
+    recs = jsonl(out / "base_checkpoints" / "B_static_replay_s42" / "svd_metrics.jsonl")
+    assert static["lowrank_share"] == 1.0 and {x["action"] for x in recs if x["step"] == 1} == {"to_lowrank"}
+    assert data["run_commands"] == [(out / "base_checkpoints" / t / "command.txt").read_text().strip()
+                                    for t in ("A_s42", "B_baseline_s42", "B_static_replay_s42")]
+    md = (out / "forgetting.md").read_text()
+    assert f"| static_replay | 42 | {static['a_bpb_before']:.4f} | {static['a_bpb_after']:.4f} | {static['forgetting']:+.4f} |" in md
+    assert "(With fewer than two seeds there is no interval, so no variant can meet the target.)" in md
+    assert "largest difference 0.00e+00 over 2 runs" in md
+    # an interrupted experiment continues: here nothing is left to do, every run is reused
+    capsys.readouterr()
+    forgetting.main(forgetting_argv(domains, out))
+    assert capsys.readouterr().out.count("reusing ") == 3
+    with pytest.raises(UserError, match="--init_from is set by the forgetting experiment itself"):
+        forgetting.main(forgetting_argv(domains, out) + ["--init_from=x"])
+
+
+def fake_run(run_dir, rows, steps, records=(), loader=None):
+    """A finished run's files with chosen numbers (config.json, a checkpoint holding the loader state, metrics)."""
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"step": steps, "num_iterations": steps, "train_config": {"total_batch_size": 64, "svd_ratio_enter": 2.0,
+                                                                           "svd_ratio_exit": 1.25, "svd_interval": 2}}, f)
+    write_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {"model": {}, "metadata": {"model_config": {}},
+                                                               "loop": {"dataloader": [loader or {"epoch": 0}]}})
+    for name, recs in (("train_metrics.jsonl", rows), ("svd_metrics.jsonl", records)):
+        with open(os.path.join(run_dir, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+
+
+def test_forgetting_statistics_and_verdicts_on_known_numbers(domains, tmp_path):
+    out = tmp_path / "known"
+    runs = out / "base_checkpoints"
+    forgetting_by = {"baseline": [0.50, 0.60, 0.55], "static": [0.30, 0.35, 0.32], "adaptive": [0.45, 0.62, 0.50]}
+    final_b = {"baseline": [2.00, 2.02, 2.01], "static": [2.01, 2.03, 2.02], "adaptive": [2.00, 2.02, 2.01]}
+    for i, seed in enumerate((42, 43, 44)):
+        fake_run(str(runs / f"A_s{seed}"), [{"step": 6, "dt": 0.1, "val_bpb": 1.0}], 6)
+        for v in forgetting_by:
+            rows = [{"step": 0, "val_bpb": 3.0, "extra_val_bpb": 1.0}, {"step": 1, "dt": 0.1},
+                    {"step": 2, "dt": 0.1, "val_bpb": final_b[v][i], "extra_val_bpb": 1.0 + forgetting_by[v][i]}]
+            records = [{"step": 2, "layer": f"block{b}.attn.c_q", "mode_after": "full", "action": "keep", "reason": "x", "k": 1,
+                        "r_after": 8, "alignment_ratio": 1.0 + b + i, "update_alignment_ratio": None, "analysis_seconds": 0.5}
+                       for b in range(2)]
+            fake_run(str(runs / f"B_{v}_s{seed}"), rows, 2, records)
+    argv = [f"--data_a={domains['wiki']}", f"--data_b={domains['shakespeare']}", "--steps_a=6", "--steps_b=2",
+            "--measure_every=2", f"--out={out}", "--variants=baseline,adaptive,static", "--table_only=true", "--", *TINY]
+    forgetting.main(argv)
+    data = json.loads((out / "forgetting.json").read_text())
+    st = data["stats"]
+    for v in forgetting_by:
+        mean, sd = statistics.mean(forgetting_by[v]), statistics.stdev(forgetting_by[v])
+        assert (st[v]["forgetting"]["mean"], st[v]["forgetting"]["sd"]) == pytest.approx((mean, sd))
+    diffs = [s - b for s, b in zip(forgetting_by["static"], forgetting_by["baseline"])]
+    mean, sd, (lo, hi) = scipy_interval(diffs)
+    f = st["static"]["diff_forgetting"]
+    assert (f["mean"], f["sd"], f["lo"], f["hi"]) == pytest.approx((mean, sd, lo, hi)) and f["per_seed"] == pytest.approx(diffs)
+    assert f["relative"] == pytest.approx(mean / 0.55)  # -41%
+    b_rel = st["static"]["diff_b_bpb_after"]["relative"]
+    assert b_rel == pytest.approx(0.01 / 2.01)  # +0.5%
+    assert st["static"]["target"] == {"forgetting_lowered_30pct": True, "interval_excludes_zero": True,
+                                      "b_bpb_within_1pct": True, "met": True}
+    assert st["adaptive"]["target"]["met"] is False and st["adaptive"]["target"]["interval_excludes_zero"] is False
+    md = (out / "forgetting.md").read_text()
+    assert "Verdict: met by static." in md
+    assert f"| static | {0.3233333:.4f} ± {statistics.stdev(forgetting_by['static']):.4f} |" in md
+    assert "- adaptive (protected): forgetting" in md and "target **not met**." in md
+    assert data["results"][0]["detector"]["attn.c_q"] == [{"step": 2, "alignment_ratio": 1.5, "update_alignment_ratio": None}]
+    written = plot_svd.forgetting_figures(data, str(tmp_path / "figs"))
+    assert [os.path.basename(p) for p in written] == ["forgetting.png", "pareto.png", "detector.png"]
+    assert all(open(p, "rb").read(8) == PNG for p in written)
+
+
+@pytest.mark.slow
+def test_forgetting_all_variants_two_seeds_interrupted_and_continued(base, domains, tmp_path):
+    """Every variant, two seeds, through the command line; Ctrl-C in the middle of phase B, then the same command
+    continues the stopped runs with --resume and reuses the finished ones; the numbers equal an uninterrupted
+    experiment's and match the files."""
+    variants = "baseline,adaptive,static,replay,static_replay"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "scripts.forgetting"]
+    whole = tmp_path / "whole"
+    r = subprocess.run(cmd + forgetting_argv(domains, whole, "42,43", variants, steps_b=60), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(cmd + forgetting_argv(domains, cut, "42", variants, steps_b=60), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = cut / "base_checkpoints" / "B_baseline_s42" / "train_metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 10):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: every process of the group gets it
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "stopped by signal" in err and err.count("\n") == 1
+    r = subprocess.run(cmd + forgetting_argv(domains, cut, "42", variants, steps_b=60), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "reusing A_s42" in r.stdout and "continuing B_baseline_s42" in r.stdout
+    data = json.loads((cut / "forgetting.json").read_text())
+    check_forgetting_against_the_files(str(cut), domains, data)
+    reference = {(x["variant"], x["seed"]): x for x in json.loads((whole / "forgetting.json").read_text())["results"]}
+    for x in data["results"]:
+        assert x["curve"] == reference[(x["variant"], 42)]["curve"]  # continued runs are exact
+    two = json.loads((whole / "forgetting.json").read_text())
+    check_forgetting_against_the_files(str(whole), domains, two)
+    assert set(two["stats"]) == set(variants.split(",")) and two["stats"]["static"]["diff_forgetting"]["lo"] is not None
+    written = plot_svd.forgetting_figures(two, str(tmp_path / "figs"))
+    assert all(open(p, "rb").read(8) == PNG for p in written)
+
+
+def test_settings_from_command_txt_before_the_first_checkpoint(comparison, tmp_path):
+    out, _ = comparison
     only_cmd = tmp_path / "only_cmd"
     only_cmd.mkdir()
-    shutil.copy(os.path.join(adaptive["dir_b"], "command.txt"), only_cmd)
+    shutil.copy(out / "base_checkpoints" / "adaptive_s42" / "command.txt", only_cmd)
     settings, source = run_settings(str(only_cmd))
-    assert source.endswith("command.txt") and settings["data_dir"] == dirs["shakespeare"] and settings["resume"] is True
-    assert monitor_svd.thresholds_of(str(only_cmd))[0]["svd_ratio_enter"] == 2.0
-    log = parse_log(None)
-    assert log["steps"] == []
-    assert "| baseline |" in (out / "forgetting.md").read_text()
+    assert source.endswith("command.txt") and settings["svd_targets"] == "attn" and settings["seed"] == 42
+    assert monitor_svd.thresholds_of(str(only_cmd))[0]["svd_ratio_enter"] == 1.01  # the run's own, not the default
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_runner_reaches_its_runs_which_save_and_continue(base, tmp_path):
+    """SIGTERM to the runner alone (e.g. `kill PID`): it passes the signal on, each running run saves its last
+    step, the runner stops in one line, and the same command continues both runs exactly where they were."""
+    out = tmp_path / "p2"
+    argv = [sys.executable, "-m", "scripts.compare_runs", f"--out={out}", "--seeds=42", "--jobs=2", "--figures=false", "--",
+            *TINY, "--num_iterations=300", "--eval_every=-1", "--svd_targets=attn", "--svd_interval=50"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = [out / "base_checkpoints" / t / "train_metrics.jsonl" for t in ("baseline_s42", "adaptive_s42")]
+    deadline = time.time() + 300
+    while time.time() < deadline and not all(m.exists() and len(m.read_text().splitlines()) >= 20 for m in metrics):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and err == ("error: stopped by signal 15; the runs saved what they had: run the same "
+                                            "command again to continue\n")
+    for m in metrics:
+        saved = json.loads((m.parent / "config.json").read_text())["step"]
+        assert 20 <= saved < 300 and "Stopped by signal 15" in (m.parent / "train.log").read_text()
+    r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "continuing baseline_s42" in r.stdout and "continuing adaptive_s42" in r.stdout
+    for m in metrics:
+        assert [row["step"] for row in jsonl(m) if "dt" in row] == list(range(1, 301))  # every step once

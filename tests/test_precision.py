@@ -204,20 +204,18 @@ def test_muon_uses_its_newton_schulz_dtype():
     assert 0 < rel(d16, d32) < 3e-2
 
 
-def write_log(path, losses, bpb):
-    lines = [f"step {s:05d}/{len(losses):05d} (1.00%) | loss: {l:.6f} | grad norm: 1.0 | lrm: 1.00 | dt: 10.00ms | "
-             f"tok/sec: 1 | mfu: n/a | total time: 0.00m" for s, l in enumerate(losses, 1)]
-    lines += [f"Step {len(losses):05d} | Validation bpb: {bpb:.4f}", f"Minimum validation bpb: {bpb:.4f}"]
-    path.write_text("\n".join(lines) + "\n")
+def rows(losses, bpb):
+    """train_metrics.jsonl rows of a run: a loss per step, the val bpb at the last."""
+    out = [{"step": s, "loss": loss} for s, loss in enumerate(losses, 1)]
+    out[-1]["val_bpb"] = bpb
+    return out
 
 
-def test_compare_dtypes_measures_the_drift_after_the_first_steps(tmp_path):
+def test_compare_dtypes_measures_the_drift_after_the_first_steps():
     from scripts.compare_dtypes import compare
     fp32 = [10.0] * 20
     bf16 = [12.0] * 10 + [10.0] * 9 + [10.3]  # far off early (ignored), 3% off at step 20
-    write_log(tmp_path / "a.log", fp32, 2.0)
-    write_log(tmp_path / "b.log", bf16, 2.01)
-    result = compare(str(tmp_path / "a.log"), str(tmp_path / "b.log"), after=10)
+    result = compare(rows(fp32, 2.0), rows(bf16, 2.01), after=10)
     assert sorted(result["loss_diffs"]) == list(range(11, 21))
     assert max(result["loss_diffs"].values()) == pytest.approx(0.03) and result["loss_diffs"][11] == 0
     assert result["bpb"] == (2.0, 2.01) and result["bpb_diff"] == pytest.approx(0.005)

@@ -30,7 +30,7 @@ from nanochat.core_eval import evaluate_core
 from nanochat.run_files import TEMP_RE, JsonlLog
 from nanochat.stopping import StopSignals, StopTraining
 from nanochat.train import TrainConfig, TrainHook, train
-from scripts.run_logs import read_jsonl, svd_summary
+from scripts.runs import read_jsonl, svd_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "tests", "dist_run.py")

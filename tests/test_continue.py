@@ -1,0 +1,185 @@
+"""Continued training on the one loop: --init_from, --replay_data_dir/--replay_fraction, --extra_val_dir, and the
+observe policy (the detector's readings in a run that trains like the baseline). Tiny d2 runs on two real domains."""
+
+import copy
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
+from nanochat.checkpoint_manager import CHECKPOINT_NAME, load_checkpoint
+from nanochat.common import UserError
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import offline_documents, write_shards
+from nanochat.tokenizer import get_tokenizer
+from nanochat.train import TrainConfig, TrainHook, train
+from scripts.runs import read_jsonl
+from tests.conftest import ROOT
+
+TINY = dict(depth=2, max_seq_len=64, device_batch_size=1, total_batch_size=64, eval_tokens=640, sample_every=-1,
+            device_type="cpu")
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    root = tmp_path_factory.mktemp("domains")
+    dirs = {}
+    for domain in ("wiki", "shakespeare"):
+        dirs[domain] = str(root / domain)
+        write_shards(offline_documents([domain], max_chars_per_domain=150_000), dirs[domain], docs_per_shard=200, seed=1)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def phase_a(prepared_base, domains, tmp_path_factory):
+    """A 6-step baseline run on wiki: the checkpoint the continued runs start from."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NANOCHAT_BASE_DIR", str(prepared_base))
+    out = tmp_path_factory.mktemp("a")
+    result = train(TrainConfig(**TINY, num_iterations=6, eval_every=-1, warmdown_ratio=0.5, data_dir=domains["wiki"],
+                               output_dir=str(out), model_tag="A"))
+    mp.undo()
+    return os.path.join(result["ckpt_dir"], CHECKPOINT_NAME), result
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+class Capture(AdaptiveSVDHook):
+    """The static-policy hook, plus a copy of the weights and optimizer state as update 1 starts."""
+
+    def after_backward(self, step, last_step):
+        if step == 1:
+            self.at_start = {"model": {k: v.clone() for k, v in self.run.model.state_dict().items()},
+                             "muon": copy.deepcopy(self.run.muon.state_dict()),
+                             "adamw": copy.deepcopy(self.run.adamw.state_dict()),
+                             "muon_lr": self.run.muon.param_groups[0]["initial_lr"]}
+        super().after_backward(step, last_step)
+
+
+def test_init_from_carries_weights_and_optimizer_state_with_a_fresh_schedule(base, domains, phase_a, tmp_path):
+    source, a = phase_a
+    before = (sha256(source), os.path.getmtime(source))
+    ckpt_a = load_checkpoint(source)
+    cfg = AdaptiveConfig(**TINY, num_iterations=4, eval_every=2, warmup_ratio=0.5, matrix_lr=0.01, data_dir=domains["shakespeare"],
+                         extra_val_dir=domains["wiki"], init_from=source, output_dir=str(tmp_path), model_tag="B",
+                         svd_policy="static", adaptive_svd_target_layer=-1, svd_targets="all")
+    hook = Capture(cfg)
+    b = train(cfg, hook=hook)
+    # the source checkpoint is read, never written
+    assert (sha256(source), os.path.getmtime(source)) == before
+    # weights, Muon momentum and AdamW moments are A's final ones when B's first update starts
+    start = hook.at_start
+    assert all(torch.equal(start["model"][k], ckpt_a["model"][k]) for k in ckpt_a["model"])
+    assert start["muon"]["momentum"].keys() == ckpt_a["optim"]["muon"]["momentum"].keys()
+    assert all(torch.equal(v, ckpt_a["optim"]["muon"]["momentum"][k]) for k, v in start["muon"]["momentum"].items())
+    for i, st in ckpt_a["optim"]["adamw"]["state"].items():
+        assert all(torch.equal(st[k], start["adamw"]["state"][i][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    assert start["muon_lr"] == 0.01 and ckpt_a["optim"]["muon"]["group"]["initial_lr"] == 0.02  # B's own settings
+    # a fresh step counter and LR schedule: warmup from the start (A ended in its warmdown at lrm 1/3)
+    rows = read_jsonl(os.path.join(b["ckpt_dir"], "train_metrics.jsonl"))
+    a_rows = read_jsonl(os.path.join(a["ckpt_dir"], "train_metrics.jsonl"))
+    assert a_rows[-1]["lrm"] == pytest.approx(1 / 3)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and [r["lrm"] for r in rows[1:]] == [0.5, 1.0, 1.0, 1.0]
+    # the first measurement of A's val shard is A's own final evaluation (same weights, shard and tokens)
+    assert rows[0]["extra_val_bpb"] == a_rows[-1]["val_bpb"] == a["val_bpb"]
+    assert [r["step"] for r in rows if "val_bpb" in r] == [0, 2, 4] == [r["step"] for r in rows if "extra_val_bpb" in r]
+    # a fresh data position on B's data: the loader state is where a fresh loader is after 4 batches
+    fresh = DataLoader(get_tokenizer(), 1, 64, "train", "cpu", data_dir=domains["shakespeare"])
+    for _ in range(4):
+        next(fresh)
+    ckpt_b = load_checkpoint(os.path.join(b["ckpt_dir"], CHECKPOINT_NAME))
+    assert ckpt_b["loop"]["dataloader"] == [fresh.state_dict()] and ckpt_b["loop"]["step"] == 4
+    # fresh adaptive-SVD state: the static policy protects at B's step 1, with k from A's final spectrum
+    records = read_jsonl(os.path.join(b["ckpt_dir"], "svd_metrics.jsonl"))
+    first = [r for r in records if r["step"] == 1]
+    assert len(first) == 12 and all(r["action"] == "to_lowrank" and r["reason"] == "static_protection" for r in first)
+    config = json.loads(open(os.path.join(b["ckpt_dir"], "config.json")).read())
+    assert config["init_from"] == {"path": os.path.abspath(source), "step": 6, "run_kind": "baseline",
+                                   "val_bpb": a["val_bpb"], "data_dir": domains["wiki"]}
+    assert config["train_config"]["init_from"] == source and ckpt_b["metadata"]["init_from"]["step"] == 6
+
+
+class StopAt(TrainHook):
+    def __init__(self, at):
+        self.at = at
+
+    def after_backward(self, step, last_step):
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_continued_run_with_replay_resumes_exactly(base, domains, phase_a, tmp_path):
+    source, _ = phase_a
+    cfg = dict(TINY, num_iterations=8, eval_every=4, data_dir=domains["shakespeare"], extra_val_dir=domains["wiki"],
+               replay_data_dir=domains["wiki"], replay_fraction=0.4, init_from=source, model_tag="B")
+    full = train(TrainConfig(**cfg, output_dir=str(tmp_path / "full")))
+    first = train(TrainConfig(**cfg, output_dir=str(tmp_path / "cut")), hook=StopAt(3))
+    assert first["stopped_by_signal"] == signal.SIGUSR1 and first["losses"] == full["losses"][:3]
+    rest = train(TrainConfig(**cfg, output_dir=str(tmp_path / "cut"), resume=True))
+    assert rest["losses"] == full["losses"][3:]
+    ckpts = [load_checkpoint(str(tmp_path / d / "base_checkpoints/B" / CHECKPOINT_NAME)) for d in ("full", "cut")]
+    assert all(torch.equal(ckpts[0]["model"][k], ckpts[1]["model"][k]) for k in ckpts[0]["model"])
+    state = ckpts[0]["loop"]["dataloader"][0]
+    assert state["sequences"] == 8 and 0 < state["replayed"] < 8 and state == ckpts[1]["loop"]["dataloader"][0]
+    rows = [read_jsonl(str(tmp_path / d / "base_checkpoints/B/train_metrics.jsonl")) for d in ("full", "cut")]
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("dt", "tok_per_sec", "total_time")} for r in rs]
+    assert strip(rows[0]) == strip(rows[1])  # the same rows, evaluations of both val shards included
+    # the replayed sequences changed training: without replay the same run ends elsewhere
+    plain = train(TrainConfig(**{k: v for k, v in cfg.items() if not k.startswith("replay")}, output_dir=str(tmp_path / "plain")))
+    assert plain["losses"] != full["losses"]
+
+
+def test_observe_policy_trains_exactly_like_the_baseline(base, tmp_path):
+    cfg = dict(TINY, num_iterations=6, eval_every=-1)
+    plain = train(TrainConfig(**cfg, output_dir=str(tmp_path / "plain")))
+    observed_cfg = AdaptiveConfig(**cfg, output_dir=str(tmp_path / "observe"), svd_policy="observe", svd_interval=2,
+                                  adaptive_svd_target_layer=-1, svd_targets="all")
+    observed = train(observed_cfg, hook=AdaptiveSVDHook(observed_cfg))
+    assert observed["losses"] == plain["losses"]
+    a, b = (load_checkpoint(os.path.join(r["ckpt_dir"], CHECKPOINT_NAME))["model"] for r in (plain, observed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = read_jsonl(os.path.join(observed["ckpt_dir"], "svd_metrics.jsonl"))
+    assert len(records) == 3 * 12 and {r["mode_after"] for r in records} == {"full"}
+    assert {r["reason"] for r in records} == {"observe_only"}
+    assert any(isinstance(r["alignment_ratio"], float) for r in records)  # the detector's readings are there
+
+
+def test_init_from_and_replay_refusals(base, domains, phase_a, tmp_path):
+    source, _ = phase_a
+    own = tmp_path / "base_checkpoints" / "B"
+    cases = [
+        (dict(depth=3, init_from=source), "holds another model shape"),
+        (dict(init_from=str(tmp_path / "missing.pt")), "no checkpoint at"),
+        (dict(init_from=str(own / CHECKPOINT_NAME)), "in this run's own folder"),
+        (dict(replay_fraction=0.1), "--replay_data_dir and --replay_fraction go together"),
+        (dict(replay_data_dir=domains["wiki"]), "--replay_data_dir and --replay_fraction go together"),
+        (dict(replay_data_dir=domains["wiki"], replay_fraction=1.0), r"--replay_fraction must lie in \[0, 1\)"),
+        (dict(replay_data_dir=str(tmp_path / "nowhere"), replay_fraction=0.1), "no train shards"),
+        (dict(extra_val_dir=str(tmp_path / "nowhere")), "no val shards"),
+    ]
+    for flags, message in cases:
+        cfg = TrainConfig(**{**TINY, "num_iterations": 2, "output_dir": str(tmp_path), "model_tag": "B",
+                             "data_dir": domains["shakespeare"], **flags})
+        with pytest.raises(UserError, match=message):
+            train(cfg)
+        assert not own.exists()  # nothing written
+    # a resumed run keeps the --init_from it started with
+    train(TrainConfig(**TINY, num_iterations=2, output_dir=str(tmp_path), model_tag="B", data_dir=domains["shakespeare"],
+                      init_from=source))
+    with pytest.raises(UserError, match="--resume: the checkpoint was trained with --init_from="):
+        train(TrainConfig(**TINY, num_iterations=2, output_dir=str(tmp_path), model_tag="B", data_dir=domains["shakespeare"],
+                          resume=True))
+    # the command line says it in one line
+    r = subprocess.run([sys.executable, "-m", "scripts.base_train", *[f"--{k}={v}" for k, v in TINY.items() if k != "depth"], "--depth=3",
+                        f"--init_from={source}", f"--output_dir={tmp_path / 'cli'}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "another model shape" in r.stderr
