@@ -1,7 +1,7 @@
 """Shared test setup: every test gets its own NANOCHAT_BASE_DIR, so nothing touches ~/.cache/nanochat.
 
-Fixtures: `isolated_base_dir` (automatic), `prepared_base` (real data + tokenizer, once per session)
-and `base` (a test runs on `prepared_base`). Helpers for test modules (`from tests.conftest import ...`):
+Fixtures: `isolated_base_dir` (automatic), `prepared_base` (real data + tokenizer, once per session),
+`base` (a test runs on `prepared_base`) and `cli` (an entry point's command line in this process). Helpers for test modules (`from tests.conftest import ...`):
 `ROOT`, `free_port()`, `tiny_model(...)`, `perturb_zero_inits(model)`.
 
 Markers: `slow` and `slurm` tests are deselected by default (pyproject.toml). No test carries both and
@@ -10,6 +10,7 @@ so the default run, `-m slow` and `-m slurm` together run every test exactly onc
 installs packages or starts daemons.
 """
 
+import importlib
 import os
 import socket
 import sys
@@ -59,6 +60,25 @@ def pytest_collection_modifyitems(items):
             raise pytest.UsageError(f"{item.nodeid} uses the slurm fixture: mark it @pytest.mark.slurm")
         if {"slow", "slurm"} <= marks:
             raise pytest.UsageError(f"{item.nodeid} is marked slow and slurm: -m slow would start SLURM; keep only slurm")
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """cli(module, *args, cwd=None) -> (exit status, stdout, stderr): an entry point's command line run in this
+    process, through the same run_cli wrapper (one-line errors, exit status 2), without a Python start-up.
+    A few tests still start real processes to show the same from outside."""
+    from nanochat.common import run_cli
+
+    def run(module, *args, cwd=None):
+        monkeypatch.chdir(cwd or ROOT)
+        code = 0
+        try:
+            run_cli(importlib.import_module(module).main, list(args))
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    return run
 
 
 @pytest.fixture(autouse=True)

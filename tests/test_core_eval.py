@@ -309,14 +309,12 @@ def _one_line_error(r):
     return r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_missing_bundle_stops_training_before_it_starts(prepared_base, tmp_path):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(prepared_base), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "scripts.base_train", "--depth=2", "--max_seq_len=64", "--device_batch_size=2",
-                        "--total_batch_size=128", "--device_type=cpu", "--core_metric_every=10", f"--output_dir={tmp_path}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert _one_line_error(r), r.stderr
-    assert "eval_bundle" in r.stderr and "python -m scripts.base_eval --download_bundle" in r.stderr
-    assert "step 00001" not in r.stdout and not (tmp_path / "base_checkpoints").exists()
+def test_missing_bundle_stops_training_before_it_starts(base, tmp_path, cli):
+    code, out, err = cli("scripts.base_train", "--depth=2", "--max_seq_len=64", "--device_batch_size=2",
+                         "--total_batch_size=128", "--device_type=cpu", "--core_metric_every=10", f"--output_dir={tmp_path}")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "eval_bundle" in err and "python -m scripts.base_eval --download_bundle" in err
+    assert "step 00001" not in out and not (tmp_path / "base_checkpoints").exists()
 
 
 def test_standalone_errors_are_one_line(isolated_base_dir, tmp_path, capsys):

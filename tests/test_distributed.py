@@ -128,6 +128,7 @@ def test_an_error_on_one_rank_stops_every_rank_without_a_hang(env, tmp_path):
         assert "failed on rank 1: ValueError: injected planning error" in stderr
 
 
+@pytest.mark.slow  # the loop under torchrun (tests/dist_run.py) runs in the default suite above
 def test_torchrun_baseline_script_on_two_gloo_ranks(env, tmp_path):
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "scripts.base_train", "--depth=2", "--max_seq_len=64",
            "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=3", "--eval_tokens=256", "--sample_every=-1",

@@ -318,6 +318,7 @@ def check_forgetting_against_the_files(out, domains, data):
                 assert point["alignment_ratio"] == (pytest.approx(sum(vals) / len(vals)) if vals else None)
 
 
+@pytest.mark.slow  # the comparison runner covers the runner end to end in the default suite
 def test_forgetting_end_to_end(base, domains, tmp_path, capsys):
     out = tmp_path / "fg"
     forgetting.main(forgetting_argv(domains, out))

@@ -5,8 +5,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -122,11 +120,10 @@ def test_auto_dtype_is_recorded_and_resume_reuses_it(base, tmp_path, monkeypatch
         train(TrainConfig(**run, resume=True, dtype="float32", output_dir=str(tmp_path / "b")))
 
 
-def test_bad_dtype_flag_is_one_line(base):
-    r = subprocess.run([sys.executable, "-m", "scripts.base_train", "--dtype=fp16", "--device_type=cpu"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert "--dtype must be auto, float32 or bfloat16" in r.stderr
+def test_bad_dtype_flag_is_one_line(base, cli):
+    code, _, err = cli("scripts.base_train", "--dtype=fp16", "--device_type=cpu")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "--dtype must be auto, float32 or bfloat16" in err
 
 
 # --- bf16 numerics against fp32

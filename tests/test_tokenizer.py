@@ -148,11 +148,11 @@ def test_tok_train_cli_end_to_end(isolated_base_dir):
     (["--vocab_size=lots"], "--vocab_size expects int"),
     ([], "no train shards in .*prepare_data"),
 ])
-def test_tok_train_cli_errors(isolated_base_dir, args, message):
-    result = _run("scripts.tok_train", *args, base=isolated_base_dir)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
+def test_tok_train_cli_errors(isolated_base_dir, args, message, cli):
+    code, _, err = cli("scripts.tok_train", *args)
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert re.search(message, lines[0])
 

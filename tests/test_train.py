@@ -83,13 +83,13 @@ def run_cli(args, env_base, cwd=ROOT):
     (["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=100", "--device_type=cpu"],
      "not a multiple of"),
 ])
-def test_cli_errors_are_one_line(base, args, expect):
+def test_cli_errors_are_one_line(base, args, expect, cli):
     if "cuda" in str(args) and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    r = run_cli(args, base)
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert expect in r.stderr
+    code, _, err = cli("scripts.base_train", *args)
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert expect in err
 
 
 def test_missing_tokenizer_is_one_line(tmp_path):
@@ -108,6 +108,6 @@ def test_corrupt_checkpoint_is_one_line_and_left_intact(base, tmp_path):
     assert (ckpt_dir / CHECKPOINT_NAME).read_bytes() == b"not a checkpoint"
 
 
-def test_help_lists_flags(base):
-    r = run_cli(["--help"], base)
-    assert r.returncode == 0 and "--num_iterations" in r.stdout and "--device_type" in r.stdout
+def test_help_lists_flags(base, cli):
+    code, out, _ = cli("scripts.base_train", "--help")
+    assert code == 0 and "--num_iterations" in out and "--device_type" in out
