@@ -4,7 +4,10 @@ Runs the real training loop (same data, seed and flags) as baseline, as the Phas
 (block0.attn.c_q) and with every attention and MLP matrix of every block analysed, alternating the
 runs `--repeats` times so drift of the machine hits all of them alike. Compares the summed step times
 (forward, backward, analysis, projection, optimizer; evaluation and checkpoint writes are excluded)
-and counts switches. With --compile=true every run is compiled, and the graphs torch.compile built are
+and counts switches. On a shared machine the sums drift by a few percent between runs of the same
+code, so it also prints a contention-robust estimate from each run's files: steps x the median time of
+the steps without an analysis, plus the analyses' own time (svd_metrics.jsonl), over the baseline's
+steps x median; and the analyses' share of that. With --compile=true every run is compiled, and the graphs torch.compile built are
 counted (a switch must not add one). Needs the data and tokenizer of `python -m scripts.prepare_data`
 and `python -m scripts.tok_train`.
 
@@ -16,12 +19,16 @@ import io
 import tempfile
 from dataclasses import dataclass
 
+import os
+import statistics
+
 import torch._dynamo
 
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.cli import flag, parse_args
 from nanochat.common import run_cli
-from nanochat.train import train
+from nanochat.train import TRAIN_METRICS, train
+from scripts.runs import SVD_METRICS, analysis_seconds, read_jsonl
 
 
 @dataclass
@@ -49,31 +56,38 @@ def timed_run(cfg, variant, out_dir):
     with contextlib.redirect_stdout(log):
         result = train(run_cfg, hook=hook, default_tag=variant.split()[0])
     switches = log.getvalue().count("SWITCHED")
-    return result["total_time"], switches, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    records = read_jsonl(os.path.join(result["ckpt_dir"], SVD_METRICS)) if run_cfg.adaptive_svd else []
+    analysed = {r["step"] for r in records}
+    dts = [r["dt"] for r in read_jsonl(os.path.join(result["ckpt_dir"], TRAIN_METRICS))[2:] if r["step"] not in analysed]
+    return {"total": result["total_time"], "switches": switches, "median_dt": statistics.median(dts),
+            "analysis": analysis_seconds(records), "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
 
 
 def main(argv):
     cfg = parse_args(BenchConfig, argv, "python -m scripts.bench_adaptive", __doc__)
     variants = ["baseline", "phase1 (block0 c_q)", "all attn + mlp"]
-    totals = {v: 0.0 for v in variants}
-    switches = {v: 0 for v in variants}
-    graphs = {}
+    runs = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as out_dir:
         for rep in range(cfg.repeats):
             for v in variants:
-                t, s, g = timed_run(cfg, v, out_dir)
-                totals[v] += t
-                switches[v] += s
-                graphs[v] = max(graphs.get(v, 0), g)
-                print(f"repeat {rep + 1}/{cfg.repeats} {v:<20} {t:7.2f} s of step time ({cfg.steps} steps, {s} switches"
-                      + (f", {g} compiled graphs)" if cfg.compile == "true" else ")"), flush=True)
-    base = totals["baseline"]
+                r = timed_run(cfg, v, out_dir)
+                runs[v].append(r)
+                print(f"repeat {rep + 1}/{cfg.repeats} {v:<20} {r['total']:7.2f} s of step time ({cfg.steps} steps, "
+                      f"median step {r['median_dt'] * 1e3:.1f} ms, analyses {r['analysis']:.2f} s, {r['switches']} switches"
+                      + (f", {r['graphs']} compiled graphs)" if cfg.compile == "true" else ")"), flush=True)
+    mean = {v: {k: statistics.mean(r[k] for r in runs[v]) for k in ("total", "median_dt", "analysis", "switches")}
+            for v in variants}
+    base_total, base_estimate = mean["baseline"]["total"], cfg.steps * mean["baseline"]["median_dt"]
     print(f"\ndepth {cfg.depth}, seq 512, batch 512 tokens, {cfg.steps} steps, svd_interval {cfg.svd_interval}, "
-          f"{cfg.device_type}, compile {cfg.compile}, --dtype={cfg.dtype}")
+          f"{cfg.device_type}, compile {cfg.compile}, --dtype={cfg.dtype}, {cfg.repeats} repeat(s)")
     for v in variants:
-        extra = f", {graphs[v]} compiled graphs (baseline {graphs['baseline']})" if cfg.compile == "true" else ""
-        print(f"  {v:<20} {totals[v] / cfg.repeats:7.2f} s/run  ratio to baseline {totals[v] / base:.3f}  "
-              f"switches/run {switches[v] / cfg.repeats:.1f}{extra}")
+        m = mean[v]
+        estimate = (cfg.steps * m["median_dt"] + m["analysis"]) / base_estimate
+        extra = (f", compiled graphs {max(r['graphs'] for r in runs[v])} (baseline "
+                 f"{max(r['graphs'] for r in runs['baseline'])})") if cfg.compile == "true" else ""
+        print(f"  {v:<20} summed step time ratio {m['total'] / base_total:.3f} | robust estimate ratio {estimate:.3f} "
+              f"(median step {m['median_dt'] * 1e3:.1f} ms, analyses {m['analysis']:.2f} s = "
+              f"{100 * m['analysis'] / base_estimate:.2f}% of the baseline's time) | switches/run {m['switches']:.1f}{extra}")
 
 
 if __name__ == "__main__":
