@@ -276,7 +276,7 @@ class AdaptiveSVDHook(TrainHook):
         if state.analyses == 0 and action == asvd.KEEP:
             lines.append(f"  [{layer.name}] Initial SVD computed (k={m['k']} learned directions above the bulk "
                          f"threshold {_fmt(m['bulk_threshold'])}, s_max={_fmt(m['s_max'])}, "
-                         f"stable_rank={_fmt(m['stable_rank'], 1)}, effective_rank_95={m['effective_rank_95']})")
+                         f"stable_rank={_fmt(m['stable_rank'], 1)}, effective_rank_95={_fmt(m['effective_rank_95'])})")
         else:
             lines += self._metric_lines(layer.name, state.mode, m)
         if action == asvd.TO_LOWRANK:
@@ -322,7 +322,7 @@ class AdaptiveSVDHook(TrainHook):
             f"minor_alignment={_fmt(m['update_minor_alignment'])} alignment_ratio={_fmt(m['update_alignment_ratio'], 3)}",
             f"    subspace_angle={_fmt(m['subspace_angle'])} rad subspace_overlap={_fmt(m['subspace_overlap'])} "
             f"(above chance {_fmt(m['subspace_overlap_above_chance'])}) reconstruction_error={_fmt(m['reconstruction_error'])}",
-            f"    effective_rank_95={m['effective_rank_95']} effective_rank_99={m['effective_rank_99']} "
+            f"    effective_rank_95={_fmt(m['effective_rank_95'])} effective_rank_99={_fmt(m['effective_rank_99'])} "
             f"stable_rank={_fmt(m['stable_rank'], 2)}",
         ]
         if m["blocked_fraction"] is not None:

@@ -399,11 +399,13 @@ def stable_rank(S, total=None):
     return total / (s_max * s_max) if s_max > 0 else None
 
 
-def layer_metrics(S, frob_sq, k, U_now, G=None, dW=None, U_prev=None, V_prev=None, protected=False):
+def layer_metrics(S, frob_sq, k, U_now, G=None, dW=None, U_prev=None, V_prev=None, protected=False, S_k=None):
     """Every metric of one analysis of one layer, as a JSON-ready dict (keys as in the write-up).
 
-    S: W's singular values, descending (all, or the top ones with frob_sq = ||W||_F^2); k: learned
-    directions now, U_now their left basis. G: this step's gradient; dW: W(now) - W(previous analysis);
+    S: W's singular values, descending (all, or the top ones with frob_sq = ||W||_F^2), or None when
+    they are not known accurately (a warm result that found nothing learned holds lower bounds only:
+    the spectrum-shape metrics are then None); k: learned directions now, U_now their left basis,
+    S_k their singular values (default: the top k of S). G: this step's gradient; dW: W(now) - W(previous analysis);
     U_prev, V_prev: the basis chosen at the previous analysis, which every alignment is measured
     against (the directions learned before the update happened, so dW cannot bias its own metric);
     protected: that basis was the protection in force (low-rank mode), which adds `blocked_fraction`.
@@ -421,10 +423,12 @@ def layer_metrics(S, frob_sq, k, U_now, G=None, dW=None, U_prev=None, V_prev=Non
         angle, overlap = principal_angles(U_prev, U_now[:, :k])
         above = overlap_above_chance(overlap, k_prev, k, n_out)
     m.update(subspace_angle=angle, subspace_overlap=overlap, subspace_overlap_above_chance=above)
-    m["reconstruction_error"] = reconstruction_error(S, k, frob_sq)
-    m["effective_rank_95"] = effective_rank(S, 0.95, frob_sq)
-    m["effective_rank_99"] = effective_rank(S, 0.99, frob_sq)
-    m["stable_rank"] = stable_rank(S, frob_sq)
+    S_k = S[:k] if S_k is None else S_k
+    m["reconstruction_error"] = reconstruction_error(S_k, k, frob_sq)
+    for key, f in (("effective_rank_95", lambda: effective_rank(S, 0.95, frob_sq)),
+                   ("effective_rank_99", lambda: effective_rank(S, 0.99, frob_sq)),
+                   ("stable_rank", lambda: stable_rank(S, frob_sq)), ("s_max", lambda: float(S[0]) if S.numel() else None)):
+        m[key] = None if S is None else f()
     blocked = protected and G is not None and k_prev > 0
     m["blocked_fraction"] = blocked_fraction(G, U_prev, V_prev) if blocked else None
     m["blocked_fraction_baseline"] = blocked_fraction_baseline(k_prev, n_out, n_in) if blocked else None
@@ -601,8 +605,11 @@ def analyze(W, G, state, policy, step, method="exact"):
         S_all, frob_sq = res.S, res.frob_sq
     k = U.shape[1]
     dW = None if state.W_prev is None else W - state.W_prev
-    metrics = layer_metrics(S_all, frob_sq, k, U, G=G, dW=dW, U_prev=state.U_k, V_prev=state.V_k, protected=protected)
-    metrics.update(noise_sigma=sigma, bulk_threshold=threshold, s_max=float(S_all[0]) if S_all.numel() else None)
+    # a warm block that found nothing learned holds lower bounds of the top values, not the values
+    known = res.complete or k_new > 0
+    metrics = layer_metrics(S_all if known else None, frob_sq, k, U, G=G, dW=dW, U_prev=state.U_k, V_prev=state.V_k,
+                            protected=protected, S_k=S_k)
+    metrics.update(noise_sigma=sigma, bulk_threshold=threshold)
     action, reason, streaks = decide(metrics, state, policy, step)
     return {"metrics": metrics, "action": action, "reason": reason, "streaks": streaks,
             "U_k": U.contiguous(), "S_k": S_k.contiguous(), "V_k": V.contiguous(),

@@ -372,6 +372,22 @@ def test_every_accepted_warm_result_captures_the_top_energy():
     assert accepted >= 24  # the certificate is not simply rejecting everything
 
 
+def test_a_warm_analysis_that_finds_nothing_learned_logs_no_spectrum_shape():
+    """Its block holds lower bounds of the top singular values (nothing to converge on): s_max, the
+    stable rank and the effective ranks are None rather than wrong; the exact analysis logs them."""
+    W = torch.randn(300, 300, generator=torch.Generator().manual_seed(7)) / 300 ** 0.5
+    policy = asvd.SVDPolicy()
+    first = asvd.analyze(W, None, asvd.LayerState(), policy, 1, method="exact")
+    s = np.linalg.svd(W.double().numpy(), compute_uv=False)
+    assert first["metrics"]["k"] == 0 and first["metrics"]["s_max"] == pytest.approx(s[0], rel=1e-5)
+    assert first["metrics"]["stable_rank"] == pytest.approx(np.sum(s ** 2) / s[0] ** 2, rel=1e-4)
+    state = asvd.advance(asvd.LayerState(), first, W)
+    warm = asvd.analyze(W, None, state, policy, 2, method="warm")
+    assert warm["method"] == "warm" and warm["metrics"]["k"] == 0
+    assert warm["metrics"]["s_max"] is None and warm["metrics"]["stable_rank"] is None
+    assert warm["metrics"]["reconstruction_error"] == 1.0
+
+
 # ---------------------------------------------------------------------------------------------
 # protection: the projection and what it blocks
 
