@@ -178,8 +178,10 @@ class AdaptiveSVDHook(TrainHook):
 
     # -- every step --------------------------------------------------------------------------
     def analysis_due(self, step, last_step):
-        # the static policy protects at the run's first step (e.g. the first step on a new domain)
-        first = self.policy.svd_policy == "static" and step == 1
+        # a run that continues another run's weights (--init_from, e.g. the first step on a new domain)
+        # analyses at its first step: the static policy protects there, the others take their baseline
+        # from what the weights learned before, so their rules can act from the next analysis on
+        first = step == 1 and (self.policy.svd_policy == "static" or bool(self.cfg.init_from))
         return first or last_step or step % self.cfg.svd_interval == 0
 
     def after_backward(self, step, last_step):

@@ -153,6 +153,19 @@ def test_observe_policy_trains_exactly_like_the_baseline(base, tmp_path):
     assert any(isinstance(r["alignment_ratio"], float) for r in records)  # the detector's readings are there
 
 
+def test_a_continued_run_takes_its_baseline_analysis_at_its_first_step(base, domains, phase_a, tmp_path):
+    """The first analysis on the new data knows what the weights learned before, so the adaptive rules can
+    act from the run's second analysis on (a fresh run's first analysis stays at svd_interval)."""
+    source, _ = phase_a
+    cfg = AdaptiveConfig(**TINY, num_iterations=4, eval_every=-1, data_dir=domains["shakespeare"], init_from=source,
+                         svd_interval=2, adaptive_svd_target_layer=-1, svd_targets="all", output_dir=str(tmp_path))
+    run = train(cfg, hook=AdaptiveSVDHook(cfg))
+    records = read_jsonl(os.path.join(run["ckpt_dir"], "svd_metrics.jsonl"))
+    assert sorted({r["step"] for r in records}) == [1, 2, 4]
+    assert {r["reason"] for r in records if r["step"] == 1} == {"initial_svd_baseline"}
+    assert all(r["k_prev"] is not None for r in records if r["step"] == 2)  # A's basis is the reference
+
+
 def test_init_from_and_replay_refusals(base, domains, phase_a, tmp_path):
     source, _ = phase_a
     own = tmp_path / "base_checkpoints" / "B"
