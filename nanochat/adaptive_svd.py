@@ -121,14 +121,17 @@ def _warm_block(W, prev_V, oversample, iters, seed):
     return (Q @ Ur, S, (X @ Vrh.T).T), notes
 
 
-def svd(W, method="exact", prev_V=None, *, oversample=16, iters=2, auto_exact_max_dim=128, seed=0):
+def svd(W, method="exact", prev_V=None, *, oversample=16, iters=2, auto_exact_max_dim=128, auto_random_min_dim=512,
+        seed=0):
     """SVD of a weight matrix in fp32, never raising on bad data and never returning NaN.
 
     method: 'exact' = full thin SVD (complete=True); 'warm' = the top l = j + oversample triples only
     (complete=False) by subspace iteration from `prev_V` (n_in x j, the previous analysis' top right
-    vectors; j may be 0); 'auto' = warm when min(W.shape) > auto_exact_max_dim and `prev_V` fits W,
-    exact otherwise (a certified warm analysis of a 256 x 256 layer costs a quarter of an exact one on
-    CPU; below 128 the exact SVD is as cheap). A warm result is only a candidate: `count_learned` and `certify_warm` decide
+    vectors; j may be 0); 'auto' = warm when `prev_V` fits W, min(W.shape) > auto_exact_max_dim and
+    either prev_V holds learned directions or min(W.shape) > auto_random_min_dim; exact otherwise (a
+    certified warm analysis of a 256 x 256 layer costs a quarter of an exact one on CPU; below 128
+    the exact SVD is as cheap; without learned directions to start from, the exact SVD's full spectrum
+    is worth its cost up to 512). A warm result is only a candidate: `count_learned` and `certify_warm` decide
     whether it may be used (`spectrum` does both). Non-finite input gives a failed result;
     convergence errors retry with another driver, then float64 on CPU; if all fail, a failed result.
     Results are on W's device even where the SVD itself had to run on CPU (MPS).
@@ -146,7 +149,11 @@ def svd(W, method="exact", prev_V=None, *, oversample=16, iters=2, auto_exact_ma
     notes = []
     usable = prev_V is not None and prev_V.ndim == 2 and prev_V.shape[0] == W.shape[1]
     if method == "auto":
-        method = "warm" if usable and min(W.shape) > auto_exact_max_dim else "exact"
+        # warm needs learned directions to start from; a start without any is a randomized SVD whose
+        # top values stay lower bounds, worth it only where the exact SVD is expensive
+        g = min(W.shape)
+        warm_pays = g > auto_exact_max_dim and (prev_V.shape[1] > 0 or g > auto_random_min_dim) if usable else False
+        method = "warm" if warm_pays else "exact"
     if method == "warm" and not usable:
         notes.append("warm start impossible (no previous basis of this shape): exact SVD")
     elif method == "warm":

@@ -330,6 +330,9 @@ def test_warm_svd_after_drift_is_certified_and_accurate():
     assert asvd.svd(W2, "auto", res.Vh[:k].T).method == "warm"
     assert asvd.svd(W2, "auto", res.Vh[:k].T, auto_exact_max_dim=200).method == "exact"
     assert asvd.svd(W2, "auto", None, auto_exact_max_dim=100).method == "exact"
+    # no learned directions to start from: exact up to 512, a randomized (warm) SVD above
+    assert asvd.svd(W2, "auto", res.Vh[:0].T).method == "exact"
+    assert asvd.svd(W2, "auto", res.Vh[:0].T, auto_random_min_dim=150).method == "warm"
     assert "impossible" in asvd.svd(W2, "warm", torch.randn(n + 1, 3)).notes[0]
 
 
