@@ -501,7 +501,9 @@ DDP = [*flags(TINY), "--num_iterations=4", "--svd_interval=2", "--adaptive_svd_t
 
 
 def torchrun(base, out, args, log_path, **extra_env):
-    return subprocess.Popen([*TORCHRUN, *DDP, *args, f"--output_dir={out}"], cwd=ROOT, stdout=open(log_path, "w"),
+    given = {a.split("=")[0] for a in args}  # a flag in args replaces the default one (the CLI refuses a flag twice)
+    defaults = [a for a in DDP if a.split("=")[0] not in given]
+    return subprocess.Popen([*TORCHRUN, *defaults, *args, f"--output_dir={out}"], cwd=ROOT, stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT, env=dict(env(base), DIST_RUN_OUT=str(out), **extra_env))
 
 
