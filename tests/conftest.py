@@ -2,7 +2,9 @@
 
 Fixtures: `isolated_base_dir` (automatic), `prepared_base` (real data + tokenizer, once per session),
 `base` (a test runs on `prepared_base`) and `cli` (an entry point's command line in this process). Helpers for test modules (`from tests.conftest import ...`):
-`ROOT`, `free_port()`, `tiny_model(...)`, `perturb_zero_inits(model)`.
+`ROOT`, `free_port()`, `tiny_model(...)`, `perturb_zero_inits(model)`, `StopAt(step)` (a train hook that sends
+SIGUSR1 during that step). Opt-in fixtures: `one_thread` (torch on one thread for the test) and `domains`
+(two one-domain data folders, wiki and shakespeare, once per session).
 
 Markers: `slow` and `slurm` tests are deselected by default (pyproject.toml). No test carries both and
 every test that uses the `slurm` fixture (a real SLURM cluster: apt-get and daemons) is marked `slurm`,
@@ -12,6 +14,7 @@ installs packages or starts daemons.
 
 import importlib
 import os
+import signal
 import socket
 import sys
 
@@ -21,6 +24,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from nanochat.dataset import offline_documents, write_shards  # noqa: E402 (after the path above)
+from nanochat.train import TrainHook  # noqa: E402
 
 
 def free_port():
@@ -123,3 +129,35 @@ def base(prepared_base, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(prepared_base))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return prepared_base
+
+
+class StopAt(TrainHook):
+    """Sends SIGUSR1 (what SLURM sends before the time limit) to this process during step `at`: the run saves
+    the step and stops."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def after_backward(self, step, last_step):
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@pytest.fixture
+def one_thread():
+    """For tests of tiny matrices: one thread avoids thread hand-off stalls on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def domains(tmp_path_factory):
+    """Two data folders of one domain each (the offline corpus' wiki and shakespeare parts)."""
+    root = tmp_path_factory.mktemp("domains")
+    dirs = {}
+    for domain in ("wiki", "shakespeare"):
+        dirs[domain] = str(root / domain)
+        write_shards(offline_documents([domain], max_chars_per_domain=150_000), dirs[domain], docs_per_shard=200, seed=1)
+    return dirs

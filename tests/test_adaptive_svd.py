@@ -15,13 +15,7 @@ from nanochat import adaptive_svd as asvd
 from scripts.method_checks import planted
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Every matrix here is tiny: one thread avoids thread hand-off stalls on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def orthonormal(n, k, seed):

@@ -16,24 +16,14 @@ from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, load_checkpoint
 from nanochat.common import UserError
 from nanochat.dataloader import DataLoader
-from nanochat.dataset import offline_documents, write_shards
 from nanochat.tokenizer import get_tokenizer
-from nanochat.train import TrainConfig, TrainHook, train
+from nanochat.train import TrainConfig, train
 from scripts.runs import read_jsonl
-from tests.conftest import ROOT
+from tests.conftest import ROOT, StopAt
 
 TINY = dict(depth=2, max_seq_len=64, device_batch_size=1, total_batch_size=64, eval_tokens=640, sample_every=-1,
             device_type="cpu")
 
-
-@pytest.fixture(scope="module")
-def domains(tmp_path_factory):
-    root = tmp_path_factory.mktemp("domains")
-    dirs = {}
-    for domain in ("wiki", "shakespeare"):
-        dirs[domain] = str(root / domain)
-        write_shards(offline_documents([domain], max_chars_per_domain=150_000), dirs[domain], docs_per_shard=200, seed=1)
-    return dirs
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +97,6 @@ def test_init_from_carries_weights_and_optimizer_state_with_a_fresh_schedule(bas
                                    "val_bpb": a["val_bpb"], "data_dir": domains["wiki"]}
     assert config["train_config"]["init_from"] == source and ckpt_b["metadata"]["init_from"]["step"] == 6
 
-
-class StopAt(TrainHook):
-    def __init__(self, at):
-        self.at = at
-
-    def after_backward(self, step, last_step):
-        if step == self.at:
-            os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def test_continued_run_with_replay_resumes_exactly(base, domains, phase_a, tmp_path):

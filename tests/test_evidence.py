@@ -17,7 +17,6 @@ import scipy.stats
 
 from nanochat.checkpoint_manager import load_checkpoint, write_checkpoint
 from nanochat.common import UserError
-from nanochat.dataset import offline_documents, write_shards
 from scripts import compare_runs, forgetting, monitor_svd, plot_svd, stats
 from scripts.runs import Job, finished, read_jsonl, run_settings, step_rows, summarize
 from tests.conftest import ROOT
@@ -262,15 +261,6 @@ def test_monitor_follows_growing_files(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ forgetting runner
-
-@pytest.fixture(scope="module")
-def domains(tmp_path_factory):
-    root = tmp_path_factory.mktemp("domains")
-    dirs = {}
-    for domain in ("wiki", "shakespeare"):
-        dirs[domain] = str(root / domain)
-        write_shards(offline_documents([domain], max_chars_per_domain=150_000), dirs[domain], docs_per_shard=200, seed=1)
-    return dirs
 
 
 def forgetting_argv(domains, out, seeds="42", variants="static_replay", steps_b=6, extra=()):

@@ -19,12 +19,7 @@ from scripts.method_checks import concentrated_gradient, planted, random_gradien
 SHAPES = [(256, 256), pytest.param((1024, 256), marks=pytest.mark.slow), pytest.param((256, 1024), marks=pytest.mark.slow)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -4,7 +4,6 @@ on resume, and the bf16 paths (model, fused cross-entropy, Newton-Schulz) agree 
 import json
 import math
 import os
-import signal
 
 import pytest
 import torch
@@ -15,7 +14,8 @@ from nanochat.checkpoint_manager import CHECKPOINT_NAME
 from nanochat.common import UserError
 from nanochat.gpt import GPT, SOFTCAP, GPTConfig, SoftcapCrossEntropyMean
 from nanochat.optim import Muon, zeropower_via_newtonschulz5
-from nanochat.train import TrainConfig, TrainHook, train
+from nanochat.train import TrainConfig, train
+from tests.conftest import StopAt
 from tests.fp32_fingerprint import RUN, fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,16 +87,6 @@ def test_real_cpu_auto_is_one_of_the_two():
     dtype, why = precision.resolve_dtype("auto", "cpu")
     assert dtype in ("float32", "bfloat16") and why.startswith("auto: ")
 
-
-class StopAt(TrainHook):
-    """SIGUSR1 to this process during step `at`: the run saves and stops there."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def after_backward(self, step, last_step):
-        if step == self.at:
-            os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def test_auto_dtype_is_recorded_and_resume_reuses_it(base, tmp_path, monkeypatch, capsys):

@@ -10,8 +10,8 @@ import torch
 
 from nanochat.checkpoint_manager import CHECKPOINT_NAME
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.train import TrainConfig, TrainHook, train
-from tests.conftest import ROOT
+from nanochat.train import TrainConfig, train
+from tests.conftest import ROOT, StopAt
 
 TINY = dict(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=256, eval_tokens=1024,
             sample_every=-1, device_type="cpu")
@@ -40,16 +40,6 @@ def test_checkpoint_loads_strictly_into_plain_gpt(base, tmp_path):
     model.load_state_dict(ckpt["model"])  # strict
     assert not [f for f in os.listdir(ckpt_dir) if ".tmp" in f]
 
-
-class StopAt(TrainHook):
-    """Sends SIGUSR1 (what SLURM sends before the time limit) to this process during step `at`."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def after_backward(self, step, last_step):
-        if step == self.at:
-            os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def test_signal_save_and_resume_is_exact(base, tmp_path):
