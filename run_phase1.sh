@@ -16,6 +16,24 @@ if [ ! -f "$BASE/tokenizer/tokenizer.json" ]; then
     .venv/bin/python -m scripts.tok_train
 fi
 source .venv/bin/activate
+
+# The log goes to a new file first: a run that trains nothing (refused, bad flag) leaves the previous
+# run's phase1_training.log as it was; a --resume run's log is appended to it.
+LOG=phase1_training.log
+NEW=$(mktemp phase1_training.XXXXXX.tmp)
+keep_log() {
+    if [ -f "$NEW" ]; then
+        if ! grep -qE "^step [0-9]{5}/" "$NEW"; then
+            rm -f "$NEW"  # its lines are already on the terminal
+        elif [[ " $* " == *" --resume"* ]]; then
+            cat "$NEW" >> "$LOG"; rm -f "$NEW"
+        else
+            mv "$NEW" "$LOG"
+        fi
+    fi
+}
+trap 'keep_log "$@"' EXIT
+set +e
 python -m scripts.base_train_adaptive_svd \
   --depth=4 \
   --max_seq_len=512 \
@@ -24,7 +42,11 @@ python -m scripts.base_train_adaptive_svd \
   --core_metric_every=-1 \
   --total_batch_size=512 \
   --num_iterations=100 \
-  --device_type=cpu "$@" 2>&1 | tee phase1_training.log
+  --device_type=cpu "$@" 2>&1 | tee "$NEW"
+status=${PIPESTATUS[0]}
+set -e
+keep_log "$@"
+[ "$status" -eq 0 ] || exit "$status"
 echo
 echo "Phase 1 summary (from phase1_training.log):"
 grep -c "=== SVD Analysis at step" phase1_training.log | sed 's/^/  SVD analyses: /'
