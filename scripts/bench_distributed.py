@@ -59,7 +59,7 @@ def worker(cfg):
     torch.manual_seed(0)
     model.init_weights()
     acfg = AdaptiveConfig(depth=cfg.blocks, adaptive_svd_target_layer=-1, svd_targets="all", svd_method=cfg.svd_method,
-                          svd_interval=1, svd_ratio_enter=1e9, device_type="cpu")
+                          svd_interval=1, svd_policy="observe", device_type="cpu")  # analyse, never switch
     hook = AdaptiveSVDHook(acfg)
     hook.prepare_model(model)
     modules = [layer.module for layer in hook.layers.values()]

@@ -188,3 +188,11 @@ def test_replay_on_two_gloo_ranks_follows_each_ranks_own_streams(env, tmp_path):
             next(fresh)
         assert state == fresh.state_dict() and state["sequences"] == 12
     assert states[0] != states[1]
+
+
+@pytest.mark.slow
+def test_bench_distributed_runs_the_real_hook_on_one_and_two_ranks(env, tmp_path):
+    r = run([sys.executable, "-m", "scripts.bench_distributed", "--model_dim=256", "--analyses=2"], env, tmp_path)
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "2"] and len(rows[1]) == 8, r.stdout  # two ranks: two CPU times
+    assert all(float(x) > 0 for row in rows for x in row[1:3]), r.stdout
