@@ -79,7 +79,8 @@ def validate_adaptive(cfg):
     if problems:
         raise UserError("; ".join(problems))
     target_names(cfg.svd_targets)
-    target_blocks(cfg.adaptive_svd_target_layer, cfg.depth)
+    if cfg.depth != -1:  # -1 is resolved by the device later (20 on CUDA); prepare_model checks the block then
+        target_blocks(cfg.adaptive_svd_target_layer, cfg.depth)
 
 
 def _swap_in(block, path):

@@ -82,6 +82,14 @@ def test_cli_errors_are_one_line(base, args, expect, cli):
     assert expect in err
 
 
+@pytest.mark.parametrize("args", [[], ["--device_type=cpu"]])
+def test_adaptive_script_without_a_model_size_on_cpu_asks_for_one(base, args, cli):
+    if not args and (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        pytest.skip("autodetects an accelerator here")
+    code, _, err = cli("scripts.base_train_adaptive_svd", *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--depth is required on cpu" in err, err
+
+
 def test_missing_tokenizer_is_one_line(tmp_path):
     r = run_cli(["--depth=2", "--device_type=cpu"], tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
