@@ -109,6 +109,7 @@ def launch_ranks(env, out, world=2, **extra):
     return results
 
 
+@pytest.mark.slow  # keeps the default suite under 2 minutes; CI runs it
 def test_failed_svd_on_one_rank_skips_its_layers_on_every_rank(env, tmp_path):
     results = launch_ranks(env, tmp_path, DIST_RUN_FAIL_SVD_RANK="1")
     assert all(rc == 0 for rc, _, _ in results), results[0][2][-2000:] + results[1][2][-2000:]
@@ -121,6 +122,7 @@ def test_failed_svd_on_one_rank_skips_its_layers_on_every_rank(env, tmp_path):
         assert len(records) == 12 and skipped and analysed and len(skipped | analysed) == 12, step
 
 
+@pytest.mark.slow  # keeps the default suite under 2 minutes; CI runs it
 def test_an_error_on_one_rank_stops_every_rank_without_a_hang(env, tmp_path):
     results = launch_ranks(env, tmp_path, DIST_RUN_RAISE_RANK="1")
     for rc, _, stderr in results:

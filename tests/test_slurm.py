@@ -298,6 +298,7 @@ def test_the_next_start_continues_or_replaces_what_a_killed_job_left(prepared_ba
     assert expect in printed_command(r.stdout) and sorted(os.listdir(run)) == sorted(files)
 
 
+@pytest.mark.slow  # runs the login-node script (setup, data, tokenizer); CI runs it
 def test_login_node_preparation_offline(tmp_path):
     env = job_env(tmp_path / "base", tmp_path / "runs", SKIP_SETUP=1, DATA_SOURCE="offline", VOCAB_SIZE=300,
                   PREPARE_DATA_ARGS="--max_chars_per_domain=60000 --docs_per_shard=100")
