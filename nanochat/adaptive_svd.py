@@ -152,7 +152,7 @@ def svd(W, method="exact", prev_V=None, *, oversample=16, iters=2, auto_exact_ma
         # warm needs learned directions to start from; a start without any is a randomized SVD whose
         # top values stay lower bounds, worth it only where the exact SVD is expensive
         g = min(W.shape)
-        warm_pays = g > auto_exact_max_dim and (prev_V.shape[1] > 0 or g > auto_random_min_dim) if usable else False
+        warm_pays = usable and g > auto_exact_max_dim and (prev_V.shape[1] > 0 or g > auto_random_min_dim)
         method = "warm" if warm_pays else "exact"
     if method == "warm" and not usable:
         notes.append("warm start impossible (no previous basis of this shape): exact SVD")

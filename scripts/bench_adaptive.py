@@ -16,11 +16,10 @@ and `python -m scripts.tok_train`.
 
 import contextlib
 import io
-import tempfile
-from dataclasses import dataclass
-
 import os
 import statistics
+import tempfile
+from dataclasses import dataclass
 
 import torch._dynamo
 
@@ -28,7 +27,7 @@ from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.cli import flag, parse_args
 from nanochat.common import run_cli
 from nanochat.train import TRAIN_METRICS, train
-from scripts.runs import SVD_METRICS, analysis_seconds, read_jsonl
+from scripts.runs import analysis_seconds, read_jsonl, svd_records
 
 
 @dataclass
@@ -56,7 +55,7 @@ def timed_run(cfg, variant, out_dir):
     with contextlib.redirect_stdout(log):
         result = train(run_cfg, hook=hook, default_tag=variant.split()[0])
     switches = log.getvalue().count("SWITCHED")
-    records = read_jsonl(os.path.join(result["ckpt_dir"], SVD_METRICS)) if run_cfg.adaptive_svd else []
+    records = svd_records(result["ckpt_dir"]) if run_cfg.adaptive_svd else []
     analysed = {r["step"] for r in records}
     dts = [r["dt"] for r in read_jsonl(os.path.join(result["ckpt_dir"], TRAIN_METRICS))[2:] if r["step"] not in analysed]
     return {"total": result["total_time"], "switches": switches, "median_dt": statistics.median(dts),

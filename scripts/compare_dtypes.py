@@ -16,9 +16,8 @@ import os
 from nanochat.checkpoint_manager import checkpoint_dir
 from nanochat.cli import flag, parse_args, passthrough, required
 from nanochat.common import UserError, run_cli
+from nanochat.precision import DTYPES
 from scripts.runs import Job, check_reserved, finished, run_jobs, step_rows
-
-DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass

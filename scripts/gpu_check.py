@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,14 +42,15 @@ from nanochat.tokenizer import get_tokenizer
 from nanochat.train import TRAIN_METRICS, train
 from scripts.bench_svd import bench_shape
 from scripts.method_checks import planted
-from scripts.runs import read_jsonl
+from scripts.runs import analysis_seconds, read_jsonl, svd_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNIPPET = os.path.join(ROOT, "experiments", "guide_snippet.py")
+PHASE1_STEPS, PHASE1_TINY_STEPS = 100, 40  # the guide's horizon; the tiny one still has analyses at 20 and 40
 PHASE1 = ["--depth=4", "--max_seq_len=512", "--device_batch_size=1", "--eval_tokens=512", "--core_metric_every=-1",
-          "--total_batch_size=512", "--num_iterations=100"]
+          "--total_batch_size=512", f"--num_iterations={PHASE1_STEPS}"]
 PHASE1_TINY = ["--depth=4", "--max_seq_len=64", "--device_batch_size=1", "--eval_tokens=64", "--core_metric_every=-1",
-               "--total_batch_size=64", "--num_iterations=40"]
+               "--total_batch_size=64", f"--num_iterations={PHASE1_TINY_STEPS}"]
 
 
 @dataclasses.dataclass
@@ -85,8 +87,7 @@ def check_phase1(cfg, out):
         return row("phase1", False, f"exit {r.returncode}", last)
     out_text = r.stdout
     steps = [int(s) for s in re.findall(r"=== SVD Analysis at step (\d+) ===", out_text)]
-    horizon = int(flags[6].split("=")[1])
-    expected = list(range(20, horizon + 1, 20))
+    expected = list(range(20, (PHASE1_TINY_STEPS if cfg.tiny else PHASE1_STEPS) + 1, 20))  # --svd_interval's default
     vals = [float(v) for v in re.findall(r"Validation bpb: ([0-9.]+)", out_text)]
     checklist = {
         "analyses at " + ",".join(map(str, expected)): steps == expected,
@@ -143,15 +144,13 @@ def step_run(cfg, out, adaptive):
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     folder = result["ckpt_dir"]
     rows = read_jsonl(os.path.join(folder, TRAIN_METRICS))
-    dts = sorted(r["dt"] for r in rows[2:] or rows)  # the first steps compile and warm up
-    median_dt = dts[len(dts) // 2]
-    analyses = {r["step"]: r["analysis_seconds"] for r in read_jsonl(os.path.join(folder, "svd_metrics.jsonl"))} \
-        if adaptive else {}
+    median_dt = statistics.median(r["dt"] for r in rows[2:] or rows)  # the first steps compile and warm up
+    records = svd_records(folder) if adaptive else []
     with torch.device("meta"):  # only for its FLOPs per token
         model = GPT(GPTConfig.from_depth(depth, get_tokenizer().get_vocab_size(), seq))
     return {"median_dt": median_dt, "tok_per_sec": batch * seq / median_dt, "flops_per_token": model.estimate_flops(),
-            "tokens_per_step": batch * seq, "total_time": result["total_time"], "analysis_s": sum(analyses.values()),
-            "analyses": len(analyses), "switches": log.getvalue().count("SWITCHED"), "graphs": graphs,
+            "tokens_per_step": batch * seq, "total_time": result["total_time"], "analysis_s": analysis_seconds(records),
+            "analyses": len({r["step"] for r in records}), "switches": log.getvalue().count("SWITCHED"), "graphs": graphs,
             "peak_mib": peak_memory_mib(cfg.device_type), "losses_finite": all(map(math.isfinite, result["losses"]))}, None
 
 

@@ -30,7 +30,7 @@ from nanochat.core_eval import evaluate_core
 from nanochat.run_files import TEMP_RE, JsonlLog
 from nanochat.stopping import StopSignals, StopTraining
 from nanochat.train import TrainConfig, TrainHook, train
-from scripts.runs import read_jsonl, svd_summary
+from scripts.runs import read_jsonl, svd_summary, with_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "tests", "dist_run.py")
@@ -497,13 +497,12 @@ def test_sigint_saves_and_a_second_one_stops_at_once_without_saving(base, tmp_pa
 # -------------------------------------------------------------------- stops under torchrun (2 gloo ranks)
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", RUNNER]
-DDP = [*flags(TINY), "--num_iterations=4", "--svd_interval=2", "--adaptive_svd_target_layer=-1", "--svd_targets=all"]
+DDP = dict(TINY, num_iterations=4, svd_interval=2, adaptive_svd_target_layer=-1, svd_targets="all")
 
 
 def torchrun(base, out, args, log_path, **extra_env):
-    given = {a.split("=")[0] for a in args}  # a flag in args replaces the default one (the CLI refuses a flag twice)
-    defaults = [a for a in DDP if a.split("=")[0] not in given]
-    return subprocess.Popen([*TORCHRUN, *defaults, *args, f"--output_dir={out}"], cwd=ROOT, stdout=open(log_path, "w"),
+    # a flag in args replaces its DDP default (the CLI refuses a flag given twice)
+    return subprocess.Popen([*TORCHRUN, *with_defaults(args, DDP), f"--output_dir={out}"], cwd=ROOT, stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT, env=dict(env(base), DIST_RUN_OUT=str(out), **extra_env))
 
 
