@@ -21,15 +21,14 @@ source .venv/bin/activate
 # run's phase1_training.log as it was; a --resume run's log is appended to it.
 LOG=phase1_training.log
 NEW=$(mktemp phase1_training.XXXXXX.tmp)
-keep_log() {
-    if [ -f "$NEW" ]; then
-        if ! grep -qE "^step [0-9]{5}/" "$NEW"; then
-            rm -f "$NEW"  # its lines are already on the terminal
-        elif [[ " $* " == *" --resume"* ]]; then
-            cat "$NEW" >> "$LOG"; rm -f "$NEW"
-        else
-            mv "$NEW" "$LOG"
-        fi
+keep_log() {  # after the run, and on exit (Ctrl-C) if it has not run yet
+    [ -f "$NEW" ] || return 0
+    if ! grep -qE "^step [0-9]{5}/" "$NEW"; then
+        rm -f "$NEW"  # nothing trained; its lines are already on the terminal
+    elif [[ " $* " == *" --resume"* ]]; then
+        cat "$NEW" >> "$LOG" && rm -f "$NEW"
+    else
+        mv "$NEW" "$LOG"
     fi
 }
 trap 'keep_log "$@"' EXIT
