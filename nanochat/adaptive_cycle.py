@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import adaptive_svd as asvd
+from nanochat.adaptive_svd import Action, Mode
 from nanochat.cli import flag
 from nanochat.common import UserError, print0
 from nanochat.gpt import AdaptiveSVDLinear
@@ -27,6 +28,7 @@ from nanochat.train import TrainConfig, TrainHook
 ATTN = ("c_q", "c_k", "c_v", "c_proj")
 MLP = ("c_fc", "mlp.c_proj")
 TARGET_NAMES = ATTN + MLP + ("mlp.c_fc", "attn.c_proj")
+SVD_METRICS = "svd_metrics.jsonl"  # one row per layer-analysis, next to the checkpoint
 
 
 @dataclass
@@ -129,7 +131,7 @@ class Layer:
     seconds: float | None = None    # what its last analysis cost (balances the ranks)
 
 
-# the tensors of a plan, sent from the analysing rank to every other rank
+# the tensors of a plan (fields of asvd.Analysis), sent from the analysing rank to every other rank
 PLAN_TENSORS = ("U_k", "S_k", "V_k", "warm_V")
 
 
@@ -139,7 +141,7 @@ class Plan:
     (unless the analysis failed) the decision and the basis it chose."""
     lines: list
     record: dict
-    action: str | None = None
+    action: Action | None = None
     streaks: dict = field(default_factory=dict)
     tensors: dict = field(default_factory=dict)
     error: str | None = None
@@ -154,7 +156,7 @@ class AdaptiveSVDHook(TrainHook):
         self.cfg = cfg
         self.policy = policy_from(cfg)
         self.layers = {}  # name -> Layer
-        self.switches = {"to_lowrank": 0, "to_full": 0}
+        self.switches = {Action.TO_LOWRANK.value: 0, Action.TO_FULL.value: 0}
         self.metrics_log = None
 
     # -- setup -------------------------------------------------------------------------------
@@ -169,7 +171,7 @@ class AdaptiveSVDHook(TrainHook):
     def attach(self, run):
         self.run = run
         # rank 0 writes it; the loop empties it (fresh run) or drops rows after the checkpoint (resume)
-        self.metrics_log = run.jsonl("svd_metrics.jsonl")
+        self.metrics_log = run.jsonl(SVD_METRICS)
         self.distributed = run.world_size > 1 and dist.is_initialized()
         self.owner = assign_owners(self.layers, run.world_size if self.distributed else 1)
         if self.distributed:
@@ -267,48 +269,48 @@ class AdaptiveSVDHook(TrainHook):
         G = None if module.weight.grad is None else module.weight.grad.detach().float()
         record = {"step": step, "layer": layer.name, "mode": state.mode, "shape": list(W.shape)}
         out = asvd.analyze(W, G, state, self.policy, step, method=self.cfg.svd_method)
-        if "failed" in out:
-            record.update(action="skipped", reason=f"svd_failed: {out['failed']}", svd_notes=out["notes"])
-            return Plan([f"  [{layer.name}] SVD failed ({out['failed']}); layer skipped at this analysis"], record)
-        m, action, reason = out["metrics"], out["action"], out["reason"]
+        if not out.ok:
+            record.update(action=Action.SKIPPED, reason=f"svd_failed: {out.failure}", svd_notes=out.notes)
+            return Plan([f"  [{layer.name}] SVD failed ({out.failure}); layer skipped at this analysis"], record)
+        m, action, reason = out.metrics, out.action, out.reason
         g = min(W.shape)
-        mode_after = {asvd.TO_LOWRANK: "lowrank", asvd.TO_FULL: "full"}.get(action, state.mode)
+        mode_after = action.mode_after(state.mode)
         r_before = module.rank
-        r_after = g - m["k"] if mode_after == "lowrank" else g
+        r_after = g - m["k"] if mode_after == Mode.LOWRANK else g
         lines = []
-        if state.analyses == 0 and action == asvd.KEEP:
+        if state.analyses == 0 and action == Action.KEEP:
             lines.append(f"  [{layer.name}] Initial SVD computed (k={m['k']} learned directions above the bulk "
                          f"threshold {_fmt(m['bulk_threshold'])}, s_max={_fmt(m['s_max'])}, "
                          f"stable_rank={_fmt(m['stable_rank'], 1)}, effective_rank_95={_fmt(m['effective_rank_95'])})")
         else:
             lines += self._metric_lines(layer.name, state.mode, m)
-        if action == asvd.TO_LOWRANK:
+        if action == Action.TO_LOWRANK:
             lines.append(f"  [{layer.name}] SWITCHED TO LOW-RANK (r={r_after}) - Reason: {reason}")
-        elif action == asvd.TO_FULL:
+        elif action == Action.TO_FULL:
             lines.append(f"  [{layer.name}] SWITCHED TO FULL MATRIX - Reason: {reason}")
         else:
-            if mode_after == "lowrank" and r_after != r_before:
+            if mode_after == Mode.LOWRANK and r_after != r_before:
                 lines.append(f"  [{layer.name}] Updated r: {r_before} -> {r_after}")
             if state.analyses > 0:
                 lines.append(f"  [{layer.name}] Decision: {reason} (mode={mode_after}, r={r_after})")
         record.update(m, action=action, reason=reason, mode_after=mode_after, r_after=r_after,
-                      svd_method=out["method"], svd_notes=out["notes"])
-        tensors = {key: out[key] for key in PLAN_TENSORS}
-        return Plan(lines, record, action=action, streaks=out["streaks"], tensors=tensors)
+                      svd_method=out.method, svd_notes=out.notes)
+        tensors = {key: getattr(out, key) for key in PLAN_TENSORS}
+        return Plan(lines, record, action=action, streaks=out.streaks, tensors=tensors)
 
     def _apply(self, layer, plan):
         """Carry out one layer's plan on this rank: protect, refresh or release, and the new state."""
         if plan.action is None:
             return
         module, muon = layer.module, self.run.muon
-        out = dict(plan.tensors, action=plan.action, streaks=plan.streaks)
-        new_state = asvd.advance(layer.state, out, module.weight)
-        if new_state.mode == "lowrank":
-            widened = layer.state.mode == "full" or new_state.U_k.shape[1] != module.U_k.shape[1]
+        analysis = asvd.Analysis(action=plan.action, streaks=plan.streaks, **plan.tensors)
+        new_state = asvd.advance(layer.state, analysis, module.weight)
+        if new_state.mode == Mode.LOWRANK:
+            widened = layer.state.mode == Mode.FULL or new_state.U_k.shape[1] != module.U_k.shape[1]
             module.protect(new_state.U_k, new_state.V_k)
             if widened:  # entering, or new learned directions joined: the momentum leaves them once
                 muon.project_momentum(module.weight)
-        elif layer.state.mode == "lowrank":
+        elif layer.state.mode == Mode.LOWRANK:
             module.unprotect()
         if plan.action in self.switches:
             self.switches[plan.action] += 1
@@ -338,7 +340,7 @@ class AdaptiveSVDHook(TrainHook):
         clean = {k: (v.item() if torch.is_tensor(v) else v) for k, v in record.items()}
         self.metrics_log.write(clean)
         data = {f"svd/{name}/{k}": v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        data[f"svd/{name}/lowrank"] = int(clean.get("mode_after", clean["mode"]) == "lowrank")
+        data[f"svd/{name}/{Mode.LOWRANK}"] = int(clean.get("mode_after", clean["mode"]) == Mode.LOWRANK)
         self.run.log(data, step)
 
     # -- checkpoint --------------------------------------------------------------------------
@@ -357,12 +359,12 @@ class AdaptiveSVDHook(TrainHook):
             device = layer.module.weight.device
             entry = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in entry.items()}
             layer.state = asvd.LayerState(**entry)
-            if layer.state.mode == "lowrank":
+            if layer.state.mode == Mode.LOWRANK:
                 layer.module.protect(layer.state.U_k, layer.state.V_k)
             else:
                 layer.module.unprotect()
 
     def summary(self):
-        modes = {name: layer.module.mode for name, layer in self.layers.items()}
+        modes = {name: layer.module.mode.value for name, layer in self.layers.items()}  # plain strings: the checkpoint holds them
         ranks = {name: layer.module.rank for name, layer in self.layers.items()}
         return {"modes": modes, "ranks": ranks, "switches": dict(self.switches)}

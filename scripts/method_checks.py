@@ -64,13 +64,12 @@ def simulate(W, gradient, analyses, policy=None, rel=0.01, keep_states=False, me
         G = gradient(t, W, state.U_k, state.V_k)
         out = asvd.analyze(W, G, state, policy, step=t + 1, method=method)
         state = asvd.advance(state, out, W)
-        record = dict(out["metrics"], action=out["action"], reason=out["reason"], mode=state.mode,
-                      svd_method=out["method"])
+        record = dict(out.metrics, action=out.action, reason=out.reason, mode=state.mode, svd_method=out.method)
         if keep_states:
             record.update(state=state, W=W.clone())
         modes.append(state.mode)
         records.append(record)
-        step = G if state.mode == "full" else asvd.project(G, state.U_k, state.V_k)
+        step = asvd.project(G, state.U_k, state.V_k) if state.mode == asvd.Mode.LOWRANK else G
         W = W - rel * W.norm() * step / step.norm()
     return modes, records
 
@@ -91,7 +90,7 @@ def update_ratio_of_random_updates(shape, rank, rel, draws, seed, against_new=Fa
             U_new = torch.linalg.svd(W2, full_matrices=False)[0][:, :k]
             ratios.append(asvd.alignment_ratio(asvd.alignment(W2 - W, U_new), k, shape[0]))
         else:
-            ratios.append(asvd.analyze(W2, None, state, policy, 2, method="warm")["metrics"]["update_alignment_ratio"])
+            ratios.append(asvd.analyze(W2, None, state, policy, 2, method="warm").metrics["update_alignment_ratio"])
     return ratios
 
 
@@ -168,7 +167,7 @@ def main(argv):
         W, U, V = planted(256, 256, 10, seed=s)
         modes, records = simulate(W, lambda t, W, Uk, Vk: random_gradient(W.shape, rank, t), analyses=200)
         ratios = [r["alignment_ratio"] for r in records if r["alignment_ratio"] is not None]
-        print(f"   {label}: {sum(m == 'lowrank' for m in modes)} protected analyses, mean ratio "
+        print(f"   {label}: {sum(m == asvd.Mode.LOWRANK for m in modes)} protected analyses, mean ratio "
               f"{sum(ratios) / len(ratios):.3f}, max {max(ratios):.3f}")
     W, U, V = planted(256, 256, 10, seed=s)
     modes, _ = simulate(W, lambda t, W, Uk, Vk: concentrated_gradient(U, V, W.shape, 0.8, t) if 20 <= t < 60

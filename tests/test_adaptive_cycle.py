@@ -1,6 +1,7 @@
 """AdaptiveSVDLinear with Muon (identity at k = 0, exact protected triples) and the analysis cycle on a live model:
 switches that change nothing structural, optimizer state, compile, resume, fallbacks, the guide's Phase 1 run."""
 
+import io
 import json
 import os
 import signal
@@ -12,9 +13,11 @@ import torch
 
 from nanochat import adaptive_svd as asvd
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
+from nanochat.adaptive_svd import Action, Mode
 from nanochat.common import UserError
 from nanochat.gpt import GPT, AdaptiveSVDLinear, GPTConfig
 from nanochat.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
+from nanochat.run_files import JsonlLog
 from nanochat.train import Run, train
 from scripts.method_checks import planted
 from tests.conftest import ROOT, tiny_model
@@ -143,8 +146,8 @@ def step(model, muon, adamw, hook, n, seed, forward=None):
 def flip_every_analysis(metrics, state, policy, step):
     """A stand-in for decide(): every layer switches at every analysis after its first."""
     if state.analyses == 0:
-        return asvd.KEEP, "initial_svd_baseline", {}
-    return (asvd.TO_LOWRANK if state.mode == "full" else asvd.TO_FULL), "scripted", {}
+        return asvd.Action.KEEP, "initial_svd_baseline", {}
+    return (asvd.Action.TO_LOWRANK if state.mode == Mode.FULL else asvd.Action.TO_FULL), "scripted", {}
 
 
 def test_switch_projects_momentum_once_and_touches_nothing_else(monkeypatch):
@@ -192,6 +195,54 @@ def test_failed_svd_skips_the_layer_without_crashing(monkeypatch):
     records = [d for _, d in hook.logged]
     assert records and all(not any(isinstance(v, float) and v != v for v in d.values()) for d in records)
     assert all(layer.module.mode == "full" and layer.state.analyses == 0 for layer in hook.layers.values())
+
+
+def test_the_mode_and_action_words_are_what_the_jsonl_and_the_console_carry(monkeypatch, tmp_path, capsys):
+    """Readers compare svd_metrics.jsonl fields with the enums and people read the console: both must carry
+    exactly the enum values (and the guide's SWITCHED wording), through a switch each way and a failed SVD."""
+    assert [m.value for m in Mode] == ["full", "lowrank"]
+    assert [a.value for a in Action] == ["to_lowrank", "to_full", "keep", "skipped"]
+    cfg, model, hook, muon, adamw = small_run({"svd_interval": 1})
+    hook.metrics_log = JsonlLog(str(tmp_path / "svd_metrics.jsonl"))
+    monkeypatch.setattr(asvd, "decide", flip_every_analysis)
+    for n in (1, 2, 3):  # baseline, to low rank, back to full
+        step(model, muon, adamw, hook, n, n)
+    monkeypatch.setattr(asvd, "decide", lambda *a: (Action.KEEP, "scripted", {}))
+    step(model, muon, adamw, hook, 4, 4)
+    monkeypatch.setattr(asvd, "svd", lambda *a, **k: asvd.SVDResult(reason="injected failure"))
+    step(model, muon, adamw, hook, 5, 5)
+    hook.metrics_log.close()
+    lines = (tmp_path / "svd_metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["action"] for r in records[::len(hook.layers)]] == ["keep", "to_lowrank", "to_full", "keep", "skipped"]
+    assert [r["mode"] for r in records[::len(hook.layers)]] == ["full", "full", "lowrank", "full", "full"]
+    for r in records[:-len(hook.layers)]:
+        assert r["mode_after"] == Action(r["action"]).mode_after(Mode(r["mode"]))
+    assert '"mode": "lowrank"' in "".join(lines) and '"mode_after": "lowrank"' in "".join(lines)
+    out = capsys.readouterr().out
+    assert "SWITCHED TO LOW-RANK (r=" in out and "SWITCHED TO FULL MATRIX" in out
+    assert " mode=full k=" in out and " mode=lowrank k=" in out and "Decision: scripted (mode=full, r=" in out
+    assert "Mode." not in out and "Action." not in out
+
+
+def test_the_checkpointed_layer_state_is_plain_strings_and_loads(monkeypatch):
+    """A checkpoint holds the mode as a plain string (torch.load(weights_only=True) reads no enum, and
+    checkpoints written before the enum hold one); loading it restores the mode and the protection."""
+    cfg, model, hook, muon, adamw = small_run({"svd_interval": 1})
+    monkeypatch.setattr(asvd, "decide", flip_every_analysis)
+    for n in (1, 2):
+        step(model, muon, adamw, hook, n, n)
+    buf = io.BytesIO()
+    torch.save(hook.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    assert {type(entry["mode"]) for entry in sd["layers"].values()} == {str}
+    assert {entry["mode"] for entry in sd["layers"].values()} == {"lowrank"}
+    _, _, fresh, _, _ = small_run()
+    fresh.load_state_dict(sd)
+    for name, layer in fresh.layers.items():
+        assert layer.state.mode is Mode.LOWRANK and layer.module.mode is Mode.LOWRANK
+        assert torch.equal(layer.module.U_k, hook.layers[name].module.U_k)
 
 
 def test_svd_falls_back_to_cpu_when_the_device_has_none(monkeypatch, capsys):
