@@ -36,6 +36,7 @@ import dataclasses
 import json
 import os
 
+from nanochat.adaptive_svd import Action
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, checkpoint_dir, load_checkpoint
 from nanochat.cli import flag, parse_args, passthrough, required
 from nanochat.common import UserError, run_cli
@@ -155,7 +156,7 @@ def phase_b_result(out, variant, seed, a_final):
         "b_bpb_before": first["B_val_bpb"], "b_bpb_after": last["B_val_bpb"], "b_learning": first["B_val_bpb"] - last["B_val_bpb"],
         "replayed_share": loader["replayed"] / loader["sequences"] if "replayed" in loader else None,
         "lowrank_share": svd.get("lowrank_share"), "to_lowrank": svd.get("to_lowrank"), "to_full": svd.get("to_full"),
-        "mean_k": svd.get("mean_k"), "reasons": sorted({r["reason"] for r in records if r.get("action") in ("to_lowrank", "to_full")}),
+        "mean_k": svd.get("mean_k"), "reasons": sorted({r["reason"] for r in records if r.get("action") in (Action.TO_LOWRANK, Action.TO_FULL)}),
         "loop_s": summary["loop_s"], "median_step_s": summary["median_step_s"], "analysis_s": summary["analysis_s"],
         "detector": detector_series(records),
     }

@@ -24,7 +24,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-from nanochat.adaptive_svd import RULES
+from nanochat.adaptive_svd import RULES, Action
 from nanochat.cli import flag, parse_args, positional
 from nanochat.common import UserError, run_cli
 from scripts.runs import SVD_METRICS, TRAIN_METRICS, run_settings
@@ -57,13 +57,13 @@ class Monitor:
     def feed(self, rec):
         layer, step = rec.get("layer"), rec.get("step")
         head = f"step {step:>6} {layer}"
-        if rec.get("action") == "skipped":
+        if rec.get("action") == Action.SKIPPED:
             return [f"{head}: analysis skipped ({rec.get('reason')})"]
         if "mode_after" not in rec:
             return []
         events = []
         prev = self.prev.get(layer)
-        if rec["action"] in ("to_lowrank", "to_full"):
+        if rec["action"] in (Action.TO_LOWRANK, Action.TO_FULL):
             events.append(f"{head}: SWITCH {rec['mode']} -> {rec['mode_after']} (r={rec['r_after']}) reason={rec['reason']}")
         elif prev is not None and rec.get("r_after") != prev.get("r_after"):
             events.append(f"{head}: r {prev['r_after']} -> {rec['r_after']} ({rec['mode_after']})")

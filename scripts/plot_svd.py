@@ -32,6 +32,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from nanochat.adaptive_cycle import SVD_METRICS  # noqa: E402
+from nanochat.adaptive_svd import Action, Mode  # noqa: E402
+from nanochat.checkpoint_manager import CHECKPOINT_NAME  # noqa: E402
 from nanochat.cli import flag, parse_args, positional  # noqa: E402
 from nanochat.common import UserError, run_cli  # noqa: E402
 from scripts.runs import LAYER_TYPES, evaluations, layer_records, read_jsonl, run_settings, step_rows  # noqa: E402
@@ -104,11 +107,11 @@ def plot_mode_rank(layers, path):
         steps, r = _series(recs, "r_after")
         ax.plot(steps, r, lw=1.2, color="C0")
         for rec in recs:
-            if rec["mode_after"] == "lowrank":
+            if rec["mode_after"] == Mode.LOWRANK:
                 ax.axvspan(rec["step"] - 0.5 * _interval(recs), rec["step"] + 0.5 * _interval(recs), color="C1", alpha=0.15, lw=0)
-            if rec["action"] == "to_lowrank":
+            if rec["action"] == Action.TO_LOWRANK:
                 ax.plot(rec["step"], rec["r_after"], "^", color="C3", ms=5)
-            elif rec["action"] == "to_full":
+            elif rec["action"] == Action.TO_FULL:
                 ax.plot(rec["step"], rec["r_after"], "v", color="k", ms=5)
         g = min(recs[0]["shape"])
         ax.set_ylim(0, g)
@@ -174,7 +177,7 @@ def _spectra_of(run_dir):
 
     from nanochat.checkpoint_manager import load_checkpoint
     from nanochat.gpt import GPT, GPTConfig
-    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
+    ckpt = load_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME))
     meta = ckpt["metadata"]
     torch.manual_seed(meta["train_config"]["seed"])  # the same init the run started from
     with torch.device("meta"):
@@ -308,7 +311,7 @@ def make_figures(run_dir, out, baseline=None, log=None, spectra=False, prefix=""
         runs.insert(0, ("baseline", step_rows(baseline)[0]))
     if any(rows for _, rows in runs):
         written.append(plot_loss(runs, os.path.join(out, prefix + "loss_bpb.png")))
-    layers = layer_records(read_jsonl(os.path.join(run_dir, "svd_metrics.jsonl")))
+    layers = layer_records(read_jsonl(os.path.join(run_dir, SVD_METRICS)))
     if layers:
         settings, _ = run_settings(run_dir)
         thresholds = (settings.get("svd_ratio_enter"), settings.get("svd_ratio_exit")) if settings else (None, None)
@@ -316,7 +319,7 @@ def make_figures(run_dir, out, baseline=None, log=None, spectra=False, prefix=""
         written.append(plot_alignment_ratio(layers, thresholds, os.path.join(out, prefix + "alignment_ratio.png")))
         written.append(plot_principal_alignment(layers, os.path.join(out, prefix + "principal_alignment.png")))
         written.append(plot_subspace(layers, os.path.join(out, prefix + "subspace.png")))
-    if spectra and os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+    if spectra and os.path.exists(os.path.join(run_dir, CHECKPOINT_NAME)):
         written.append(plot_spectra(run_dir, baseline, list(layers), os.path.join(out, prefix + "spectra.png")))
     return written
 

@@ -26,12 +26,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from nanochat.adaptive_cycle import SVD_METRICS
+from nanochat.adaptive_svd import Mode
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, CONFIG_NAME
 from nanochat.common import UserError
 from nanochat.run_files import row_key
+from nanochat.train import TRAIN_METRICS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_METRICS, SVD_METRICS, COMMAND, CONSOLE = "train_metrics.jsonl", "svd_metrics.jsonl", "command.txt", "train.log"
+COMMAND, CONSOLE = "command.txt", "train.log"
 TRAIN_MODULE = "scripts.base_train_adaptive_svd"
 PAUSED = 5  # a step over this many times the median step was paused or starved (a shared machine)
 LAYER_TYPES = {"attn.c_q": "c_q", "attn.c_k": "c_k", "attn.c_v": "c_v", "attn.c_proj": "attn.c_proj", "mlp.c_fc": "c_fc",
@@ -157,7 +160,7 @@ def svd_summary(records):
     decided = [r for recs in layers.values() for r in recs]
     if not decided:
         return None
-    low = [r for r in decided if r["mode_after"] == "lowrank"]
+    low = [r for r in decided if r["mode_after"] == Mode.LOWRANK]
     return {
         "layers": len(layers), "layer_analyses": len(decided), "lowrank_share": len(low) / len(decided),
         "to_lowrank": sum(r["action"] == "to_lowrank" for r in decided), "to_full": sum(r["action"] == "to_full" for r in decided),
