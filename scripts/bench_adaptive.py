@@ -27,7 +27,7 @@ from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.cli import flag, parse_args
 from nanochat.common import run_cli
 from nanochat.train import TRAIN_METRICS, train
-from scripts.runs import analysis_seconds, read_jsonl, svd_records
+from scripts.runs import analysis_seconds, read_jsonl, svd_records, svd_summary
 
 
 @dataclass
@@ -49,13 +49,13 @@ def timed_run(cfg, variant, out_dir):
                "all attn + mlp": dict(adaptive_svd_target_layer=-1, svd_targets="all")}
     run_cfg = AdaptiveConfig(**common, **targets.get(variant, {}), adaptive_svd=variant != "baseline")
     hook = AdaptiveSVDHook(run_cfg) if run_cfg.adaptive_svd else None
-    log = io.StringIO()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    with contextlib.redirect_stdout(log):
+    with contextlib.redirect_stdout(io.StringIO()):
         result = train(run_cfg, hook=hook, default_tag=variant.split()[0])
-    switches = log.getvalue().count("SWITCHED")
     records = svd_records(result["ckpt_dir"]) if run_cfg.adaptive_svd else []
+    svd = svd_summary(records)
+    switches = svd["to_lowrank"] + svd["to_full"] if svd else 0
     analysed = {r["step"] for r in records}
     dts = [r["dt"] for r in read_jsonl(os.path.join(result["ckpt_dir"], TRAIN_METRICS))[2:] if r["step"] not in analysed]
     return {"total": result["total_time"], "switches": switches, "median_dt": statistics.median(dts),

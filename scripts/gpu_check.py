@@ -6,7 +6,8 @@
 
 Four checks, one table, exit status 1 when any check fails:
   phase1    the researcher's Phase 1 command on this device (d4, 100 steps), its checklist read from the
-            output, then the guide's generation snippet on the checkpoint it wrote
+            run's files (and the guide's console lines), then the guide's generation snippet on the
+            checkpoint it wrote
   svd       exact vs certified warm SVD on d20 shapes (1280x1280, 5120x1280): time, captured energy, same k
   d20       ~30 steps of d20 (seq 2048, device batch 32) as the baseline and as adaptive SVD on every matrix
             with an analysis every 10 steps: MFU, tok/s, analysis time and share, compiled graphs (a switch
@@ -23,7 +24,6 @@ import io
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -34,6 +34,7 @@ import torch
 import torch._dynamo
 
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
+from nanochat.checkpoint_manager import CHECKPOINT_NAME, checkpoint_dir
 from nanochat.cli import flag, parse_args
 from nanochat.common import UserError, check_device_type, device_peak_flops, peak_memory_mib, run_cli
 from nanochat.gpt import GPT, AdaptiveSVDLinear, GPTConfig
@@ -42,7 +43,7 @@ from nanochat.tokenizer import get_tokenizer
 from nanochat.train import TRAIN_METRICS, train
 from scripts.bench_svd import bench_shape
 from scripts.method_checks import planted
-from scripts.runs import analysis_seconds, read_jsonl, svd_records
+from scripts.runs import analysis_seconds, evaluations, read_jsonl, svd_records, svd_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNIPPET = os.path.join(ROOT, "experiments", "guide_snippet.py")
@@ -72,8 +73,15 @@ def row(check, ok, result, details):
 
 # -- phase1 ----------------------------------------------------------------------------------------
 
+def switch_count(records):
+    """Switches (either way) in a run's svd_metrics.jsonl records."""
+    svd = svd_summary(records)
+    return svd["to_lowrank"] + svd["to_full"] if svd else 0
+
+
 def check_phase1(cfg, out):
-    """The guide's command (device swapped), the checklist from its output, then the snippet."""
+    """The guide's command (device swapped), the checklist from the run's files and the guide's console
+    lines, then the snippet."""
     run_dir = os.path.join(out, "phase1")
     os.makedirs(run_dir, exist_ok=True)
     flags = (PHASE1_TINY if cfg.tiny else PHASE1) + [f"--device_type={cfg.device_type}"]
@@ -86,20 +94,24 @@ def check_phase1(cfg, out):
         last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
         return row("phase1", False, f"exit {r.returncode}", last)
     out_text = r.stdout
-    steps = [int(s) for s in re.findall(r"=== SVD Analysis at step (\d+) ===", out_text)]
+    ckpt_dir = checkpoint_dir(run_dir, "d4")
+    records = svd_records(ckpt_dir)
+    steps = sorted({rec["step"] for rec in records})
     expected = list(range(20, (PHASE1_TINY_STEPS if cfg.tiny else PHASE1_STEPS) + 1, 20))  # --svd_interval's default
-    vals = [float(v) for v in re.findall(r"Validation bpb: ([0-9.]+)", out_text)]
+    first = {rec["reason"] for rec in records if rec["step"] == expected[0]}
+    vals = [v for _, v in evaluations(read_jsonl(os.path.join(ckpt_dir, TRAIN_METRICS)))]
     checklist = {
         "analyses at " + ",".join(map(str, expected)): steps == expected,
-        "initial SVD at 20": "Initial SVD computed" in out_text.split("=== SVD Analysis at step 40")[0],
+        # the guide's console line, and in the records every layer's first analysis taking its baseline
+        "initial SVD at 20": "Initial SVD computed" in out_text and first == {"initial_svd_baseline"},
         "metrics printed": "alignment_ratio=" in out_text and "subspace_angle=" in out_text,
         "val bpb fell": len(vals) >= 2 and vals[-1] < vals[0],
-        "checkpoint saved": os.path.exists(os.path.join(run_dir, "base_checkpoints", "d4", "checkpoint.pt")),
+        "checkpoint saved": os.path.exists(os.path.join(ckpt_dir, CHECKPOINT_NAME)),
     }
     snippet = subprocess.run([sys.executable, "-c", open(SNIPPET).read()], cwd=run_dir, env=env, capture_output=True,
                              text=True)
     checklist["snippet generates"] = snippet.returncode == 0 and snippet.stdout.startswith("<|bos|>")
-    switches = out_text.count("SWITCHED")
+    switches = switch_count(records)
     failed = [k for k, v in checklist.items() if not v]
     details = (f"{seconds:.0f} s; {len(steps)} analyses, {switches} switches (a switch needs learned directions: "
                f"none is not a failure), val bpb {vals[0]:.3f} -> {vals[-1]:.3f}" if vals else f"{seconds:.0f} s")
@@ -135,9 +147,8 @@ def step_run(cfg, out, adaptive):
         torch.cuda.reset_peak_memory_stats()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log):
+        with contextlib.redirect_stdout(io.StringIO()):
             result = train(run_cfg, hook=AdaptiveSVDHook(run_cfg) if adaptive else None)
     except torch.OutOfMemoryError:
         return None, f"out of memory at device batch {batch}: try --device_batch_size={max(1, batch // 2)}"
@@ -150,7 +161,7 @@ def step_run(cfg, out, adaptive):
         model = GPT(GPTConfig.from_depth(depth, get_tokenizer().get_vocab_size(), seq))
     return {"median_dt": median_dt, "tok_per_sec": batch * seq / median_dt, "flops_per_token": model.estimate_flops(),
             "tokens_per_step": batch * seq, "total_time": result["total_time"], "analysis_s": analysis_seconds(records),
-            "analyses": len({r["step"] for r in records}), "switches": log.getvalue().count("SWITCHED"), "graphs": graphs,
+            "analyses": len({r["step"] for r in records}), "switches": switch_count(records), "graphs": graphs,
             "peak_mib": peak_memory_mib(cfg.device_type), "losses_finite": all(map(math.isfinite, result["losses"]))}, None
 
 
