@@ -365,6 +365,7 @@ class AdaptiveSVDHook(TrainHook):
                 layer.module.unprotect()
 
     def summary(self):
-        modes = {name: layer.module.mode.value for name, layer in self.layers.items()}  # plain strings: the checkpoint holds them
+        # plain strings: the checkpoint's metadata holds them, and torch.load(weights_only=True) reads no enum
+        modes = {name: layer.module.mode.value for name, layer in self.layers.items()}
         ranks = {name: layer.module.rank for name, layer in self.layers.items()}
         return {"modes": modes, "ranks": ranks, "switches": dict(self.switches)}
