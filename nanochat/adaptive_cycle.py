@@ -268,7 +268,8 @@ class AdaptiveSVDHook(TrainHook):
         W = module.weight.detach().float()
         G = None if module.weight.grad is None else module.weight.grad.detach().float()
         record = {"step": step, "layer": layer.name, "mode": state.mode, "shape": list(W.shape)}
-        out = asvd.analyze(W, G, state, self.policy, step, method=self.cfg.svd_method)
+        with asvd.full_precision(W.device.type):  # the metrics and the warm SVD's certificate need fp32, not TF32
+            out = asvd.analyze(W, G, state, self.policy, step, method=self.cfg.svd_method)
         if not out.ok:
             record.update(action=Action.SKIPPED, reason=f"svd_failed: {out.failure}", svd_notes=out.notes)
             return Plan([f"  [{layer.name}] SVD failed ({out.failure}); layer skipped at this analysis"], record)

@@ -7,6 +7,7 @@ that trains in low-rank (protected) mode, where every update is confined to
 (I - U_k U_k^T) dW (I - V_k V_k^T). The method and every default: experiments/ADAPTIVE_SVD_METHOD.md.
 """
 
+import contextlib
 import dataclasses
 import enum
 import math
@@ -318,6 +319,23 @@ def alignment_ratio(p, k, n_out):
     return None if p is None or not k else p * p * n_out / k
 
 
+@contextlib.contextmanager
+def full_precision(device_type):
+    """Inside, fp32 matmuls on `device_type` run at full IEEE fp32 precision whatever the process allows
+    outside: CUDA's TF32 off (compute_init turns it on for the model's matmuls, which keep it) and
+    autocast off. The protection's products and the analysis run inside."""
+    # the legacy flag, the one compute_init sets: torch refuses a mix of its legacy and new TF32 APIs
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        # only when on: entering torch.autocast costs microseconds, and Muon projects each protected matrix twice a step
+        autocast = torch.is_autocast_enabled(device_type)
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def project(X, U, V):
     """(I - U U^T) X (I - V V^T): X with its components along the principal bases removed, in fp32.
     The one projection of the method: protected training (the optimizer, through AdaptiveSVDLinear)
@@ -325,8 +343,11 @@ def project(X, U, V):
     X = X.float()
     if U is None or U.shape[1] == 0:
         return X  # full mode, or nothing protected: X itself, so k = 0 trains exactly as full mode
-    X = X - U @ (U.T @ X)
-    return X - (X @ V) @ V.T
+    # All four products at full precision: a TF32 operand keeps 10 mantissa bits, and rounding X alone
+    # puts about 2^-11 |X| sqrt(k/n) into span(U), which a second projection pass would leak again.
+    with full_precision(X.device.type):
+        X = X - U @ (U.T @ X)
+        return X - (X @ V) @ V.T
 
 
 def blocked_fraction(G, U, V):
