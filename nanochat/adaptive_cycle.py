@@ -9,6 +9,7 @@ graphs stay as they are. One record per layer holds its state. Logs go to the co
 `svd_metrics.jsonl` next to the checkpoint and to wandb; the records go into the checkpoint.
 """
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -23,6 +24,7 @@ from nanochat.adaptive_svd import Action, Mode
 from nanochat.cli import flag
 from nanochat.common import UserError, print0
 from nanochat.gpt import AdaptiveSVDLinear
+from nanochat.host_sync import HostSyncs
 from nanochat.train import TrainConfig, TrainHook
 
 ATTN = ("c_q", "c_k", "c_v", "c_proj")
@@ -158,6 +160,9 @@ class AdaptiveSVDHook(TrainHook):
         self.layers = {}  # name -> Layer
         self.switches = {Action.TO_LOWRANK.value: 0, Action.TO_FULL.value: 0}
         self.metrics_log = None
+        # gpu_check and the benchmarks set it: count this rank's host syncs in each analysis (every torch
+        # call then passes through a Python check, which slows the analysis a little)
+        self.count_syncs = False
 
     # -- setup -------------------------------------------------------------------------------
     def prepare_model(self, model):
@@ -198,25 +203,29 @@ class AdaptiveSVDHook(TrainHook):
         exchanged and every rank applies every plan, so all ranks hold the same bases, momentum and
         state. Every rank enters the same collectives whatever happens inside a plan: a failed SVD
         is a plan that skips the layer, an exception is sent as an error all ranks raise together."""
-        t0 = time.time()
+        t0 = time.perf_counter()
         print0(f"=== SVD Analysis at step {step} ===")
         rank = self.run.rank if self.distributed else 0
         plans = {}
-        for layer in self.layers.values():
-            if self.run.stop_requested():
-                break  # a stop signal: leave the rest; stop_check() below stops every rank together
-            if self.owner[layer.name] == rank:
-                t_layer = time.perf_counter()
-                try:
-                    plans[layer.name] = self._plan(step, layer)
-                except Exception as e:  # a bug, not a numerical failure: all ranks must still meet below
-                    traceback.print_exc()
-                    plans[layer.name] = Plan([], {}, error=f"{type(e).__name__}: {e}")
-                plans[layer.name].seconds = time.perf_counter() - t_layer
+        syncs = HostSyncs() if self.count_syncs else contextlib.nullcontext()
+        with syncs:
+            for layer in self.layers.values():
+                if self.run.stop_requested():
+                    break  # a stop signal: leave the rest; stop_check() below stops every rank together
+                if self.owner[layer.name] == rank:
+                    t_layer = time.perf_counter()
+                    try:
+                        plans[layer.name] = self._plan(step, layer)
+                    except Exception as e:  # a bug, not a numerical failure: all ranks must still meet below
+                        traceback.print_exc()
+                        plans[layer.name] = Plan([], {}, error=f"{type(e).__name__}: {e}")
+                    plans[layer.name].seconds = time.perf_counter() - t_layer
         # planning changed nothing, so a stop here abandons the analysis without a trace
         self.run.stop_check()
+        t_exchange = time.perf_counter()
         if self.distributed:
             plans = self._exchange(plans)
+        t_apply = time.perf_counter()
         for name, plan in plans.items():
             if plan.error:
                 raise RuntimeError(f"adaptive SVD analysis of {name} failed on rank {self.owner[name]}: {plan.error}")
@@ -226,10 +235,16 @@ class AdaptiveSVDHook(TrainHook):
             self._apply(layer, plan)
             for line in plan.lines:
                 print0(line)
-        seconds = time.time() - t0
-        for layer in self.layers.values():  # each row carries its layer's and the whole analysis' time
-            self._log(step, layer.name, dict(plans[layer.name].record, layer_seconds=layer.seconds,
-                                             analysis_seconds=seconds))
+        t_end = time.perf_counter()
+        seconds = t_end - t0
+        # every row carries its layer's time and the whole analysis' (its exchange and apply stages, and
+        # with count_syncs this rank's host syncs), so a reader needs no other file
+        whole = dict(analysis_seconds=seconds, exchange_seconds=t_apply - t_exchange,
+                     apply_seconds=t_end - t_apply)
+        if self.count_syncs:
+            whole.update(host_syncs=syncs.count, host_sync_seconds=syncs.seconds)
+        for layer in self.layers.values():
+            self._log(step, layer.name, dict(plans[layer.name].record, layer_seconds=layer.seconds, **whole))
         if self.distributed:
             # next time, balance the ranks by what each layer really cost; all ranks have the same numbers
             self.owner = assign_owners(self.layers, self.run.world_size)
@@ -295,7 +310,7 @@ class AdaptiveSVDHook(TrainHook):
             if state.analyses > 0:
                 lines.append(f"  [{layer.name}] Decision: {reason} (mode={mode_after}, r={r_after})")
         record.update(m, action=action, reason=reason, mode_after=mode_after, r_after=r_after,
-                      svd_method=out.method, svd_notes=out.notes)
+                      svd_method=out.method, svd_notes=out.notes, **{f"{k}_seconds": v for k, v in out.seconds.items()})
         tensors = {key: getattr(out, key) for key in PLAN_TENSORS}
         return Plan(lines, record, action=action, streaks=out.streaks, tensors=tensors)
 

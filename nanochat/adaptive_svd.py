@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import enum
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -634,6 +635,7 @@ class Analysis:
     method: str | None = None          # the SVD that produced it: 'exact' or 'warm'
     notes: list = field(default_factory=list)  # the SVD's fallbacks, for the log
     failure: str | None = None         # why no SVD could be computed
+    seconds: dict = field(default_factory=dict)  # wall time by stage: svd (with the count of k), metrics, decision
 
     @property
     def ok(self):
@@ -649,6 +651,7 @@ def analyze(W, G, state, policy, step, method="exact"):
     learned directions (counted in the (n_out - k_p) x (n_in - k_p) space it lives in) join the basis:
     protected directions stay, new ones join, up to the clamp.
     """
+    t0 = time.perf_counter()
     W = W.detach().float()
     n_out, n_in = W.shape
     g = min(n_out, n_in)
@@ -658,8 +661,9 @@ def analyze(W, G, state, policy, step, method="exact"):
     k_room = k_max(g, policy) - kp
     res, k_new, sigma, threshold = spectrum(target, method, state.warm_V, n_out - kp, n_in - kp,
                                             tw=policy.svd_edge_tw, k_max=max(k_room, 0), seed=step)
+    t_svd = time.perf_counter()
     if not res.ok:
-        return Analysis(notes=res.notes, failure=res.reason)
+        return Analysis(notes=res.notes, failure=res.reason, seconds={"svd": t_svd - t0})
     if policy.svd_policy == "static" and state.mode == Mode.LOWRANK:
         k_new = 0  # OSFT: the basis chosen at the first step stays as it is
     if protected:
@@ -680,9 +684,11 @@ def analyze(W, G, state, policy, step, method="exact"):
     metrics = layer_metrics(S_all if known else None, frob_sq, k, U, G=G, dW=dW, U_prev=state.U_k, V_prev=state.V_k,
                             protected=protected, S_k=S_k)
     metrics.update(noise_sigma=sigma, bulk_threshold=threshold)
+    t_metrics = time.perf_counter()
     action, reason, streaks = decide(metrics, state, policy, step)
+    seconds = {"svd": t_svd - t0, "metrics": t_metrics - t_svd, "decision": time.perf_counter() - t_metrics}
     return Analysis(metrics, action, reason, streaks, U.contiguous(), S_k.contiguous(), V.contiguous(),
-                    warm_V=res.Vh[:k_new].T.contiguous(), method=res.method, notes=res.notes)
+                    warm_V=res.Vh[:k_new].T.contiguous(), method=res.method, notes=res.notes, seconds=seconds)
 
 
 def advance(state, analysis, W):

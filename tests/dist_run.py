@@ -66,9 +66,9 @@ class RecordingHook(AdaptiveSVDHook):
         self.records = []
 
     def _log(self, step, display, record):
-        timing = ("layer_seconds", "analysis_seconds")  # wall times differ between ranks
+        # wall times (every *_seconds field) differ between ranks
         self.records.append(json.loads(json.dumps({k: (v.item() if torch.is_tensor(v) else v) for k, v in record.items()
-                                                   if k not in timing})))
+                                                   if not k.endswith("_seconds")})))
         super()._log(step, display, record)
 
     def _plan(self, step, layer):
