@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from nanochat import adaptive_svd as asvd
+from nanochat import adaptive_batch, adaptive_svd as asvd
 from nanochat.adaptive_svd import Action, Mode
 from nanochat.cli import flag
 from nanochat.common import UserError, print0
@@ -206,20 +206,11 @@ class AdaptiveSVDHook(TrainHook):
         t0 = time.perf_counter()
         print0(f"=== SVD Analysis at step {step} ===")
         rank = self.run.rank if self.distributed else 0
+        mine = [layer for layer in self.layers.values() if self.owner[layer.name] == rank]
         plans = {}
         syncs = HostSyncs() if self.count_syncs else contextlib.nullcontext()
-        with syncs:
-            for layer in self.layers.values():
-                if self.run.stop_requested():
-                    break  # a stop signal: leave the rest; stop_check() below stops every rank together
-                if self.owner[layer.name] == rank:
-                    t_layer = time.perf_counter()
-                    try:
-                        plans[layer.name] = self._plan(step, layer)
-                    except Exception as e:  # a bug, not a numerical failure: all ranks must still meet below
-                        traceback.print_exc()
-                        plans[layer.name] = Plan([], {}, error=f"{type(e).__name__}: {e}")
-                    plans[layer.name].seconds = time.perf_counter() - t_layer
+        with syncs:  # a stop signal leaves the planning after the current group; stop_check() stops every rank
+            plans = self._plan_all(step, mine)
         # planning changed nothing, so a stop here abandons the analysis without a trace
         self.run.stop_check()
         t_exchange = time.perf_counter()
@@ -277,14 +268,36 @@ class AdaptiveSVDHook(TrainHook):
                 plans[n].tensors[key] = piece.view(shape)
         return {n: plans[n] for n in self.layers}
 
-    def _plan(self, step, layer):
-        """Analyse one layer and decide; changes nothing."""
+    def _plan_all(self, step, layers):
+        """Analyse `layers` together (adaptive_batch: same-shape matrices batched on the device, no host
+        sync per matrix) and plan each; changes nothing. An exception is every layer's error plan."""
+        weights = [layer.module.weight for layer in layers]
+        items = [(w.detach().float(), None if w.grad is None else w.grad.detach().float(), layer.state)
+                 for w, layer in zip(weights, layers)]
+        try:
+            with asvd.full_precision(self.run.device.type):  # the metrics and the certificate need fp32, not TF32
+                outs = adaptive_batch.analyze_many(items, self.policy, step, method=self.cfg.svd_method,
+                                                   stop=self.run.stop_requested)
+        except Exception as e:  # a bug, not a numerical failure: all ranks must still meet in analyze()
+            traceback.print_exc()
+            return {layer.name: Plan([], {}, error=f"{type(e).__name__}: {e}") for layer in layers}
+        if outs is None:
+            return {}  # a stop signal arrived: analyze() abandons the analysis at its stop_check
+        plans = {}
+        for layer, out in zip(layers, outs):
+            try:
+                plans[layer.name] = self._plan(step, layer, out)
+            except Exception as e:
+                traceback.print_exc()
+                plans[layer.name] = Plan([], {}, error=f"{type(e).__name__}: {e}")
+            plans[layer.name].seconds = sum(out.seconds.values())
+        return plans
+
+    def _plan(self, step, layer, out):
+        """One layer's plan from its analysis `out`: the console lines, the JSON record, the decision."""
         state, module = layer.state, layer.module
-        W = module.weight.detach().float()
-        G = None if module.weight.grad is None else module.weight.grad.detach().float()
+        W = module.weight
         record = {"step": step, "layer": layer.name, "mode": state.mode, "shape": list(W.shape)}
-        with asvd.full_precision(W.device.type):  # the metrics and the warm SVD's certificate need fp32, not TF32
-            out = asvd.analyze(W, G, state, self.policy, step, method=self.cfg.svd_method)
         if not out.ok:
             record.update(action=Action.SKIPPED, reason=f"svd_failed: {out.failure}", svd_notes=out.notes)
             return Plan([f"  [{layer.name}] SVD failed ({out.failure}); layer skipped at this analysis"], record)

@@ -41,7 +41,7 @@ def _linalg(fn, *tensors):
 def _thin_svd(A, **kwargs):
     """Thin SVD; a wide matrix is factored through its transpose (A^T = V S U^T), which LAPACK's
     CPU path does about 2.4x faster for d20's 1280 x 5120 than the wide matrix itself."""
-    if A.shape[0] < A.shape[1]:
+    if A.shape[-2] < A.shape[-1]:
         U, S, Vh = torch.linalg.svd(A.mT, full_matrices=False, **kwargs)
         return Vh.mT, S, U.mT
     return torch.linalg.svd(A, full_matrices=False, **kwargs)
@@ -100,44 +100,72 @@ def _exact(W):
     return None, notes
 
 
-def _warm_block(W, prev_V, oversample, iters, seed):
-    """Top triples of W by block subspace iteration from the previous right basis `prev_V` (n_in x j).
+BLOCK = 16  # a warm block's width is a multiple of this: same-shape matrices then share batches (adaptive_batch)
+OVERSAMPLE = 16  # a warm block's room for directions beyond the start's
+ITERS = 2  # subspace iterations of a warm block and of the certificate's probes
+CERT_TOL, CERT_PROBES = 0.02, 8  # the certificate's sin-theta bound and its random probes
 
-    Start block X = [prev_V, `oversample` seeded random columns], Q = orth(W X), then `iters` steps
-    Q <- orth(W orth(W^T Q)), then Rayleigh-Ritz: the QR W^T Q = X R gives Q^T W = R^T X^T, whose small
-    SVD yields l = j + oversample triples with U^T W = S V^T exact by construction. Returns
-    ((U, S, Vh) or None when the small SVD fails, notes).
-    """
-    n_out, n_in = W.shape
-    l = min(prev_V.shape[1] + oversample, min(n_out, n_in))
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.cat([prev_V.to(W.device, torch.float32),
-                   torch.randn(n_in, l - prev_V.shape[1], generator=gen).to(W.device)], dim=1)
+
+def warm_width(g, j, k_max, oversample=OVERSAMPLE):
+    """Columns l of the warm block of a matrix with g = min(n_out, n_in), started from j previous
+    directions: room for `oversample` more, and for all k_max learned ones when the start has none
+    (the first analysis, or the first after one that found nothing), rounded up to a multiple of BLOCK."""
+    want = j + oversample + (k_max if j == 0 else 0)
+    return min(-(-want // BLOCK) * BLOCK, g)
+
+
+def gaussian(rows, cols, seed, device):
+    """A seeded standard normal (rows x cols) block drawn on `device` (no copy from the host)."""
+    return torch.randn(rows, cols, generator=torch.Generator(device).manual_seed(seed), device=device)
+
+
+def start_block(prev_V, R):
+    """The warm block's start: the previous directions prev_V (n_in x j), then the last l - j columns of
+    the seeded Gaussian R (n_in x l), so that every j shares one R."""
+    return torch.cat([prev_V.float(), R[:, prev_V.shape[1]:]], dim=1)
+
+
+def subspace_iteration(W, X, iters):
+    """(Q, Y, R) of block subspace iteration on W (or a batch) from the start block X (n_in x l):
+    Q = orth(W X), then `iters` steps Q <- orth(W orth(W^T Q)), then the QR W^T Q = Y R, so that
+    Q^T W = R^T Y^T: the small SVD of R^T gives the Rayleigh-Ritz triples (see _warm_block)."""
     Q = _orth(W @ X)
     for _ in range(iters):
-        Q = _orth(W @ _orth(W.T @ Q))
-    X, R = _linalg(torch.linalg.qr, W.T @ Q)
+        Q = _orth(W @ _orth(W.mT @ Q))
+    Y, R = _linalg(torch.linalg.qr, W.mT @ Q)
+    return Q, Y, R
+
+
+def _warm_block(W, prev_V, l, iters, seed):
+    """Top l triples of W by block subspace iteration from the previous right basis `prev_V` (n_in x j):
+    start block [prev_V, l - j seeded random columns], then Rayleigh-Ritz: the small SVD of R^T (from
+    `subspace_iteration`) yields l triples with U^T W = S V^T exact by construction. Returns
+    ((U, S, Vh) or None when the small SVD fails, notes).
+    """
+    X = start_block(prev_V.to(W.device), gaussian(W.shape[1], l, seed, W.device))
+    Q, Y, R = subspace_iteration(W, X, iters)
     small, notes = _exact(R.T)
     if small is None:
         return None, notes
     Ur, S, Vrh = small
-    return (Q @ Ur, S, (X @ Vrh.T).T), notes
+    return (Q @ Ur, S, (Y @ Vrh.T).T), notes
 
 
-def svd(W, method="exact", prev_V=None, *, oversample=16, iters=2, auto_exact_max_dim=128, auto_random_min_dim=512,
-        seed=0):
+def svd(W, method="exact", prev_V=None, *, oversample=OVERSAMPLE, k_max=0, iters=ITERS, auto_exact_max_dim=128,
+        auto_random_min_dim=512, seed=0):
     """SVD of a weight matrix in fp32, never raising on bad data and never returning NaN.
 
-    method: 'exact' = full thin SVD (complete=True); 'warm' = the top l = j + oversample triples only
+    method: 'exact' = full thin SVD (complete=True); 'warm' = the top l = `warm_width` triples only
     (complete=False) by subspace iteration from `prev_V` (n_in x j, the previous analysis' top right
-    vectors; j may be 0); 'auto' = warm when `prev_V` fits W, min(W.shape) > auto_exact_max_dim and
-    either prev_V holds learned directions or min(W.shape) > auto_random_min_dim; exact otherwise (a
-    certified warm analysis of a 256 x 256 layer costs a quarter of an exact one on CPU; below 128
-    the exact SVD is as cheap; without learned directions to start from, the exact SVD's full spectrum
-    is worth its cost up to 512). A warm result is only a candidate: `count_learned` and `certify_warm` decide
-    whether it may be used (`spectrum` does both). Non-finite input gives a failed result;
-    convergence errors retry with another driver, then float64 on CPU; if all fail, a failed result.
-    Results are on W's device even where the SVD itself had to run on CPU (MPS).
+    vectors; j may be 0, and None, no previous analysis, is j = 0), with room for `oversample` more
+    directions, or for `k_max` more when j = 0; 'auto' = warm when `prev_V` fits W, min(W.shape) >
+    auto_exact_max_dim and either prev_V holds learned directions or min(W.shape) > auto_random_min_dim;
+    exact otherwise (a certified warm analysis of a 256 x 256 layer costs a quarter of an exact one on
+    CPU; below 128 the exact SVD is as cheap; without learned directions to start from, the exact
+    SVD's full spectrum is worth its cost up to 512). A warm result is only a candidate: `count_learned`
+    and `certify_warm` decide whether it may be used (`spectrum` does both). Non-finite input gives a
+    failed result; convergence errors retry with another driver, then float64 on CPU; if all fail, a
+    failed result. Results are on W's device even where the SVD itself had to run on CPU (MPS).
     """
     if W.ndim != 2:
         raise ValueError(f"svd expects a matrix, got shape {tuple(W.shape)}")
@@ -150,18 +178,17 @@ def svd(W, method="exact", prev_V=None, *, oversample=16, iters=2, auto_exact_ma
     if bad:
         return SVDResult(reason=f"non-finite input: {bad} NaN/Inf entries")
     notes = []
-    usable = prev_V is not None and prev_V.ndim == 2 and prev_V.shape[0] == W.shape[1]
-    if method == "auto":
-        # warm needs learned directions to start from; a start without any is a randomized SVD whose
-        # top values stay lower bounds, worth it only where the exact SVD is expensive
-        g = min(W.shape)
-        warm_pays = usable and g > auto_exact_max_dim and (prev_V.shape[1] > 0 or g > auto_random_min_dim)
-        method = "warm" if warm_pays else "exact"
+    g = min(W.shape)
+    if prev_V is None:
+        prev_V = W.new_zeros(W.shape[1], 0)  # no previous analysis: a randomized start
+    usable = usable_start(prev_V, W.shape)
+    method = choose_method(method, W.shape, prev_V, auto_exact_max_dim, auto_random_min_dim)
     if method == "warm" and not usable:
         notes.append("warm start impossible (no previous basis of this shape): exact SVD")
     elif method == "warm":
         try:
-            warm, warm_notes = _warm_block(W, prev_V, oversample, iters, seed)
+            l = warm_width(g, prev_V.shape[1], k_max, oversample)
+            warm, warm_notes = _warm_block(W, prev_V, l, iters, seed)
         except RuntimeError as e:
             warm, warm_notes = None, [f"warm SVD failed: {_first_line(e)}"]
         notes += warm_notes
@@ -175,6 +202,21 @@ def svd(W, method="exact", prev_V=None, *, oversample=16, iters=2, auto_exact_ma
         return _noting_device(SVDResult(notes=notes, reason="; ".join(exact_notes)), W)
     U, S, Vh = triples
     return _noting_device(SVDResult(U, S, Vh, "exact", True, _energy(S), notes), W)
+
+
+def usable_start(prev_V, shape):
+    return prev_V.ndim == 2 and prev_V.shape[0] == shape[1]
+
+
+def choose_method(method, shape, prev_V, auto_exact_max_dim=128, auto_random_min_dim=512):
+    """What `svd` runs for `method` on a matrix of `shape` started from prev_V: 'exact' or 'warm'."""
+    if method != "auto":
+        return method
+    # warm needs learned directions to start from; a start without any is a randomized SVD whose
+    # top values stay lower bounds, worth it only where the exact SVD is expensive
+    g = min(shape)
+    warm_pays = usable_start(prev_V, shape) and g > auto_exact_max_dim and (prev_V.shape[1] > 0 or g > auto_random_min_dim)
+    return "warm" if warm_pays else "exact"
 
 
 def _noting_device(res, W):
@@ -219,7 +261,7 @@ def count_learned(S, frob_sq, n_out, n_in, tw, k_max):
         k = k_next
 
 
-def certify_warm(W, res, k, threshold, clamped=False, *, tol=0.02, probes=8, iters=2, seed=0):
+def certify_warm(W, res, k, threshold, clamped=False, *, tol=CERT_TOL, probes=CERT_PROBES, iters=ITERS, seed=0):
     """(accepted, why) for using the top-k of a warm result `res` of W with learned-count threshold.
 
     Two checks that a wrong start basis cannot pass:
@@ -234,8 +276,7 @@ def certify_warm(W, res, k, threshold, clamped=False, *, tol=0.02, probes=8, ite
     W = W.detach().float()
     U_k, S_k, V_k = res.U[:, :k], res.S[:k], res.Vh[:k].T
     A = W - U_k @ (U_k.T @ W) if k else W
-    gen = torch.Generator().manual_seed(seed + 1)
-    Y = _orth(A @ torch.randn(W.shape[1], probes, generator=gen).to(W.device))
+    Y = _orth(A @ gaussian(W.shape[1], probes, seed + 1, W.device))
     for _ in range(iters):
         Y = _orth(A @ _orth(A.T @ Y))
     probe = float(_linalg(torch.linalg.svdvals, Y.T @ A)[0])
@@ -260,7 +301,7 @@ def spectrum(W, method, prev_V, n_out, n_in, *, tw, k_max, seed=0, auto_exact_ma
     if that fails too, an exact SVD, with the reasons in the notes.
     n_out, n_in: the dimensions of the space W lives in (smaller than W.shape for a matrix already
     projected off k_p protected directions: the bulk then has n_out - k_p by n_in - k_p dimensions)."""
-    res = svd(W, method, prev_V, auto_exact_max_dim=auto_exact_max_dim, seed=seed)
+    res = svd(W, method, prev_V, k_max=k_max, auto_exact_max_dim=auto_exact_max_dim, seed=seed)
     if res.method == "warm":
         notes = list(res.notes)
         for attempt in range(2):
@@ -274,7 +315,7 @@ def spectrum(W, method, prev_V, n_out, n_in, *, tw, k_max, seed=0, auto_exact_ma
                 return res, k, sigma, threshold
             if attempt or not why.startswith("sin-theta"):
                 break
-            refined = svd(W, "warm", res.Vh[:k].T, seed=seed + 7)
+            refined = svd(W, "warm", res.Vh[:k].T, k_max=k_max, seed=seed + 7)
             if refined.method != "warm":
                 break
             notes += refined.notes
@@ -296,6 +337,11 @@ def _finite(x):
     return x if x is not None and math.isfinite(x) else None
 
 
+def _norm(X):
+    """||X||_F as a Python float, accumulated in float64 (an fp32 sum over millions of entries drifts by 1e-7)."""
+    return float(torch.linalg.vector_norm(X, dtype=torch.float64))
+
+
 def alignment(G, U):
     """||U^T G||_F / ||G||_F: the share of G's norm lying in span(U), U (n_out x m) orthonormal.
 
@@ -305,10 +351,10 @@ def alignment(G, U):
     if U is None or U.shape[1] == 0:
         return None
     G = G.detach().float()
-    g_norm = _finite(float(torch.linalg.matrix_norm(G)))
+    g_norm = _finite(_norm(G))
     if not g_norm:
         return None
-    p = _finite(float(torch.linalg.matrix_norm(U.detach().float().T @ G)) / g_norm)
+    p = _finite(_norm(U.detach().float().T @ G) / g_norm)
     return None if p is None else min(p, 1.0)
 
 
@@ -342,23 +388,23 @@ def project(X, U, V):
     The one projection of the method: protected training (the optimizer, through AdaptiveSVDLinear)
     and the analysis both call it."""
     X = X.float()
-    if U is None or U.shape[1] == 0:
+    if U is None or U.shape[-1] == 0:
         return X  # full mode, or nothing protected: X itself, so k = 0 trains exactly as full mode
     # All four products at full precision: a TF32 operand keeps 10 mantissa bits, and rounding X alone
     # puts about 2^-11 |X| sqrt(k/n) into span(U), which a second projection pass would leak again.
     with full_precision(X.device.type):
-        X = X - U @ (U.T @ X)
-        return X - (X @ V) @ V.T
+        X = X - U @ (U.mT @ X)  # .mT: a batch of matrices (adaptive_batch) projects alike
+        return X - (X @ V) @ V.mT
 
 
 def blocked_fraction(G, U, V):
     """Share of ||G||_F^2 that protection with bases U (n_out x k), V (n_in x k) removes:
     1 - ||(I - U U^T) G (I - V V^T)||^2 / ||G||^2. Random G: 1 - (1 - k/n_out)(1 - k/n_in)."""
     G = G.detach().float()
-    total = _finite(float(torch.linalg.matrix_norm(G)) ** 2)
+    total = _finite(_norm(G) ** 2)
     if not total:
         return None
-    kept = float(torch.linalg.matrix_norm(project(G, U, V))) ** 2
+    kept = _norm(project(G, U, V)) ** 2
     return _finite(min(max(1.0 - kept / total, 0.0), 1.0))
 
 
@@ -575,7 +621,7 @@ class LayerState:
     S_k: torch.Tensor | None = None    # while low-rank it is the protection in force
     V_k: torch.Tensor | None = None    # right basis (n_in x k)
     W_prev: torch.Tensor | None = None # W at the previous analysis, for dW
-    warm_V: torch.Tensor | None = None # top right vectors of the matrix analysed last time (warm start)
+    warm_V: torch.Tensor | None = None # the next analysis' warm start (next_start)
     streaks: dict = field(default_factory=dict)  # rule reason -> consecutive analyses it held
     analyses: int = 0                  # analyses recorded so far
 
@@ -631,7 +677,7 @@ class Analysis:
     U_k: torch.Tensor | None = None    # the basis chosen now (n_out x k), its singular values and right basis:
     S_k: torch.Tensor | None = None    # the previous basis of the next analysis
     V_k: torch.Tensor | None = None
-    warm_V: torch.Tensor | None = None # the analysed matrix's top right vectors (the next warm start)
+    warm_V: torch.Tensor | None = None # the next analysis' warm start (next_start)
     method: str | None = None          # the SVD that produced it: 'exact' or 'warm'
     notes: list = field(default_factory=list)  # the SVD's fallbacks, for the log
     failure: str | None = None         # why no SVD could be computed
@@ -688,7 +734,16 @@ def analyze(W, G, state, policy, step, method="exact"):
     action, reason, streaks = decide(metrics, state, policy, step)
     seconds = {"svd": t_svd - t0, "metrics": t_metrics - t_svd, "decision": time.perf_counter() - t_metrics}
     return Analysis(metrics, action, reason, streaks, U.contiguous(), S_k.contiguous(), V.contiguous(),
-                    warm_V=res.Vh[:k_new].T.contiguous(), method=res.method, notes=res.notes, seconds=seconds)
+                    warm_V=next_start(V, res.Vh[k_new:k_new + OVERSAMPLE].T, action.mode_after(state.mode)),
+                    method=res.method, notes=res.notes, seconds=seconds)
+
+
+def next_start(V, beyond, mode_after):
+    """The next analysis' warm start: the top directions of the matrix it will analyse. In full mode that
+    is every learned direction, V (also right after an exit, whose basis held the protected ones); while
+    protected the basis V is projected out of the matrix analysed, so the start is `beyond`: the
+    directions the analysed matrix had just below the ones chosen now."""
+    return (V if mode_after == Mode.FULL else beyond).contiguous()
 
 
 def advance(state, analysis, W):

@@ -25,7 +25,6 @@ import time
 
 import torch
 
-from nanochat import adaptive_svd as asvd
 from nanochat import train as train_module
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.cli import parse_args
@@ -81,6 +80,10 @@ def digest(t):
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def failing_svd(*args, **kwargs):
+    raise torch.linalg.LinAlgError("injected failure")  # as a non-converging driver: every path's SVD fails
+
+
 def slowed(svd, seconds):
     def slow_svd(*args, **kwargs):
         time.sleep(seconds)
@@ -96,9 +99,9 @@ def main(argv):
     if os.environ.get("DIST_RUN_EMULATE"):
         train_module.DataLoader = EmulatedRanksLoader
     if os.environ.get("DIST_RUN_FAIL_SVD_RANK") == str(RANK):
-        asvd.svd = lambda *a, **k: asvd.SVDResult(reason="injected failure")
+        torch.linalg.svd = failing_svd
     if os.environ.get("DIST_RUN_SLOW_SVD"):
-        asvd.svd = slowed(asvd.svd, float(os.environ["DIST_RUN_SLOW_SVD"]))
+        torch.linalg.svd = slowed(torch.linalg.svd, float(os.environ["DIST_RUN_SLOW_SVD"]))
     hook = RecordingHook(cfg) if cfg.adaptive_svd else train_module.TrainHook()
     state = {}
 
