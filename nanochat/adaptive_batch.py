@@ -262,7 +262,8 @@ def _rows(t, keep, B):
 def analyze_many(layers, policy, step, method="exact", stop=None):
     """The Analysis of every (W, G, state) in `layers`, in order: what adaptive_svd.analyze gives for each
     (within rounding), computed group by group on the device. Each Analysis' `seconds` holds its share of
-    the batched stages (svd, metrics, decision); a job redone by the reference has the reference's own.
+    the batched stages (svd, metrics, decision): its group's time over the group's size, plus an even share
+    of the read-backs and the decisions; a job redone by the reference has the reference's own.
     `stop()` is asked before each group and each job done alone: True abandons the analysis (None)."""
     t0 = time.perf_counter()
     jobs = [plan(W, G, state, policy, method) for W, G, state in layers]
@@ -271,13 +272,16 @@ def analyze_many(layers, policy, step, method="exact", stop=None):
         if job.kind != "reference":
             groups.setdefault(job.key, []).append(i)
     tensors, alone = {}, [i for i, job in enumerate(jobs) if job.kind == "reference"]
+    spent = {}  # group -> its own seconds in the svd and metrics stages
     for key, idx in groups.items():
         if stop is not None and stop():
             return None
+        t_group = time.perf_counter()
         try:
             tensors[key] = _spectra([jobs[i] for i in idx], step, policy)
         except RuntimeError:  # a kernel of the batch failed (e.g. no convergence): each matrix alone, with retries
             alone += idx
+        spent[key] = {"svd": time.perf_counter() - t_group, "metrics": 0.0}
     # the SVD stage's one transfer: which results stand (finite, counted, certified) and their k
     flags = torch.cat([torch.stack([t["ok"].long(), t["k"]]) for t in tensors.values()], dim=1).tolist() if tensors else [[], []]
     kept, col = {}, 0
@@ -293,9 +297,12 @@ def analyze_many(layers, policy, step, method="exact", stop=None):
             k_new = [0 if static and jobs[idx[r]].kp else ks[r] for r in rows]
             kept[key] = (rows, k_new, _rows(t, rows, len(idx)))
     t_svd = time.perf_counter()
-    tables = [torch.cat([_metrics([jobs[groups[key][r]] for r in rows], t, k_new),
-                         torch.stack([t["sigma"], t["threshold"]], dim=1)], dim=1)
-              for key, (rows, k_new, t) in kept.items()]
+    tables = []
+    for key, (rows, k_new, t) in kept.items():
+        t_group = time.perf_counter()
+        tables.append(torch.cat([_metrics([jobs[groups[key][r]] for r in rows], t, k_new),
+                                 torch.stack([t["sigma"], t["threshold"]], dim=1)], dim=1))
+        spent[key]["metrics"] = time.perf_counter() - t_group
     values = torch.cat(tables).tolist() if tables else []  # the metrics stage's one transfer
     t_metrics = time.perf_counter()
     out = [None] * len(jobs)
@@ -309,10 +316,13 @@ def analyze_many(layers, policy, step, method="exact", stop=None):
             row += 1
     t_decision = time.perf_counter()
     batched = len(jobs) - len(alone)
-    share = {"svd": t_svd - t0, "metrics": t_metrics - t_svd, "decision": t_decision - t_metrics}
-    for a in out:
-        if a is not None:
-            a.seconds = {stage: seconds / batched for stage, seconds in share.items()}
+    stages = {"svd": t_svd - t0, "metrics": t_metrics - t_svd, "decision": t_decision - t_metrics}
+    shared = {stage: stages[stage] - sum(g.get(stage, 0.0) for g in spent.values()) for stage in stages}
+    for key, idx in groups.items():
+        for i in idx:
+            if out[i] is not None:
+                out[i].seconds = {stage: spent[key].get(stage, 0.0) / len(idx) + shared[stage] / batched
+                                  for stage in stages}
     for i in alone:
         if stop is not None and stop():
             return None

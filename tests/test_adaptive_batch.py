@@ -134,3 +134,23 @@ def test_cuda_synchronisations_do_not_grow_with_the_number_of_matrices():
         return sum("synchroniz" in str(w.message) for w in caught)
 
     assert cuda_syncs(2) == cuda_syncs(8)
+
+
+def test_the_hooks_analysis_waits_as_often_for_one_block_as_for_four(one_thread):
+    """Through the training hook (planning, console lines, records, apply): the host syncs it logs per
+    analysis are the same for 4 and 16 analysed matrices of the same shapes."""
+    from tests.test_adaptive_cycle import small_run
+
+    def syncs(target_layer):
+        _, model, hook, _, _ = small_run({"svd_interval": 1, "adaptive_svd_target_layer": target_layer}, depth=4)
+        hook.count_syncs = True
+        x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+        model(x, x.roll(-1, 1)).backward()
+        for step in (1, 2):
+            hook.after_backward(step, False)
+        counts = {v for s, d in hook.logged if s == 2 for key, v in d.items() if key.endswith("/host_syncs")}
+        assert len(counts) == 1  # every row of the analysis carries the analysis' count
+        return counts.pop(), len(hook.layers)
+
+    (few, n_few), (many, n_many) = syncs(0), syncs(-1)
+    assert (n_few, n_many) == (4, 16) and few == many
