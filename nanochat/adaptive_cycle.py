@@ -27,6 +27,7 @@ from nanochat.train import TrainConfig, TrainHook
 ATTN = ("c_q", "c_k", "c_v", "c_proj")
 MLP = ("c_fc", "mlp.c_proj")
 TARGET_NAMES = ATTN + MLP + ("mlp.c_fc", "attn.c_proj")
+SVD_METRICS = "svd_metrics.jsonl"  # one row per layer-analysis, next to the checkpoint
 
 
 @dataclass
@@ -169,7 +170,7 @@ class AdaptiveSVDHook(TrainHook):
     def attach(self, run):
         self.run = run
         # rank 0 writes it; the loop empties it (fresh run) or drops rows after the checkpoint (resume)
-        self.metrics_log = run.jsonl("svd_metrics.jsonl")
+        self.metrics_log = run.jsonl(SVD_METRICS)
         self.distributed = run.world_size > 1 and dist.is_initialized()
         self.owner = assign_owners(self.layers, run.world_size if self.distributed else 1)
         if self.distributed:
