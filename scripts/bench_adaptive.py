@@ -26,8 +26,8 @@ import torch._dynamo
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.cli import flag, parse_args
 from nanochat.common import run_cli
+from nanochat.runs import analysis_seconds, read_jsonl, svd_records, svd_summary
 from nanochat.train import TRAIN_METRICS, train
-from scripts.runs import analysis_seconds, read_jsonl, svd_records, svd_summary
 
 
 @dataclass

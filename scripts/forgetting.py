@@ -29,23 +29,24 @@ experiment continues where it was; --force=true repeats them. --table_only=true 
 Writes <out>/forgetting.json (every measurement per variant and seed, the statistics, the exact commands),
 <out>/forgetting.md (tables: mean ± std per variant, the paired difference to baseline with a 95%
 t-interval, and whether the research target is met), and with --figures=true (default) forgetting.png,
-pareto.png and detector.png (see scripts.plot_svd).
+pareto.png and detector.png (see scripts.plot_svd; they need the `plots` extra, matplotlib).
 """
 
 import dataclasses
 import json
 import os
 
+from nanochat import stats
 from nanochat.adaptive_svd import Action
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, checkpoint_dir, load_checkpoint
 from nanochat.cli import flag, parse_args, passthrough, required
 from nanochat.common import UserError, run_cli
 from nanochat.dataset import list_shards
-from scripts import stats
-from scripts.compare_runs import parse_seeds
-from scripts.runs import (LAYER_TYPES, TRAIN_METRICS, Job, check_reserved, command_line, evaluations, finished, fmt, fmt_interval, fmt_pm,
-                          markdown_table, layer_type, read_config, read_jsonl, run_jobs, summarize, svd_records, training_argv,
-                          with_defaults)
+from nanochat.jobs import Job, check_reserved, command_line, parse_seeds, run_jobs, training_argv, with_defaults
+from nanochat.plots import forgetting_figures, pyplot
+from nanochat.report import fmt, fmt_interval, fmt_pm, markdown_table
+from nanochat.runs import (LAYER_TYPES, evaluations, finished, layer_type, read_config, step_rows, summarize,
+                           svd_records)
 
 VARIANTS = {  # phase B: the analysis policy, and whether A's data is replayed
     "baseline": ("observe", False),
@@ -135,14 +136,14 @@ def phase_a_result(out, seed):
     run_dir = checkpoint_dir(out, a_tag(seed))
     summary = summarize(run_dir)
     return {"seed": seed, "run_dir": run_dir, "final_val_bpb": summary["final_val_bpb"],
-            "curve": evaluations(read_jsonl(os.path.join(run_dir, TRAIN_METRICS))), "steps": summary["steps"],
+            "curve": evaluations(step_rows(run_dir)), "steps": summary["steps"],
             "loop_s": summary["loop_s"], "median_step_s": summary["median_step_s"]}
 
 
 def phase_b_result(out, variant, seed, a_final):
     """One phase B run from its files: the curves of A and B, forgetting, B learning, the detector's readings."""
     run_dir = checkpoint_dir(out, b_tag(variant, seed))
-    rows = read_jsonl(os.path.join(run_dir, TRAIN_METRICS))
+    rows = step_rows(run_dir)
     curve = [{"step": r["step"], "A_val_bpb": r["extra_val_bpb"], "B_val_bpb": r["val_bpb"]} for r in rows if "extra_val_bpb" in r]
     first, last = curve[0], curve[-1]
     records = svd_records(run_dir)
@@ -294,6 +295,8 @@ def parse_own(argv):
     cfg = parse_args(AdaptiveConfig, train_argv, prog="python -m scripts.forgetting -- [training flags]", description="")
     validate(cfg)
     validate_adaptive(cfg)  # a bad training flag fails now, not after phase A
+    if args.figures:
+        pyplot()  # so does a missing matplotlib
     args.out = os.path.abspath(args.out)
     args.data_a, args.data_b = os.path.abspath(args.data_a), os.path.abspath(args.data_b)
     return args, seeds, variants, cfg
@@ -325,7 +328,6 @@ def main(argv):
         f.write(text)
     print(text)
     if args.figures:
-        from scripts.plot_svd import forgetting_figures
         print("\n".join(forgetting_figures(data, args.out)))
 
 

@@ -39,11 +39,10 @@ from nanochat.cli import flag, parse_args
 from nanochat.common import UserError, check_device_type, device_peak_flops, peak_memory_mib, run_cli
 from nanochat.gpt import GPT, AdaptiveSVDLinear, GPTConfig
 from nanochat.optim import Muon
+from nanochat.runs import analysis_seconds, evaluations, read_jsonl, svd_records, svd_summary
+from nanochat.synthetic import bench_shape, planted
 from nanochat.tokenizer import get_tokenizer
 from nanochat.train import TRAIN_METRICS, train
-from scripts.bench_svd import bench_shape
-from scripts.method_checks import planted
-from scripts.runs import analysis_seconds, evaluations, read_jsonl, svd_records, svd_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNIPPET = os.path.join(ROOT, "experiments", "guide_snippet.py")

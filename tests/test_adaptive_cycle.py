@@ -18,8 +18,8 @@ from nanochat.common import UserError
 from nanochat.gpt import GPT, AdaptiveSVDLinear, GPTConfig
 from nanochat.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
 from nanochat.run_files import JsonlLog
+from nanochat.synthetic import planted
 from nanochat.train import Run, train
-from scripts.method_checks import planted
 from tests.conftest import ROOT, tiny_model
 
 

@@ -12,7 +12,7 @@ import scipy.linalg
 import torch
 
 from nanochat import adaptive_svd as asvd
-from scripts.method_checks import planted
+from nanochat.synthetic import planted
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

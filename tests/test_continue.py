@@ -16,9 +16,9 @@ from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, load_checkpoint
 from nanochat.common import UserError
 from nanochat.dataloader import DataLoader
+from nanochat.runs import read_jsonl
 from nanochat.tokenizer import get_tokenizer
 from nanochat.train import TrainConfig, train
-from scripts.runs import read_jsonl
 from tests.conftest import ROOT, StopAt
 
 TINY = dict(depth=2, max_seq_len=64, device_batch_size=1, total_batch_size=64, eval_tokens=640, sample_every=-1,

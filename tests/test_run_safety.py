@@ -27,10 +27,11 @@ from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, CONFIG_NAME, config_text, load_checkpoint, write_checkpoint
 from nanochat.common import UserError
 from nanochat.core_eval import evaluate_core
+from nanochat.jobs import with_defaults
 from nanochat.run_files import TEMP_RE, JsonlLog
+from nanochat.runs import read_jsonl, svd_summary
 from nanochat.stopping import StopSignals, StopTraining
 from nanochat.train import TrainConfig, TrainHook, train
-from scripts.runs import read_jsonl, svd_summary, with_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "tests", "dist_run.py")
