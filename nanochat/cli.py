@@ -336,7 +336,7 @@ def parse_args(cls, argv, prog, description):
     return cfg
 
 
-def _flag_name(word):
+def flag_name(word):
     """The field name of a `--name` or `--name=value` word (dashes and underscores are one name), else None."""
     if not word.startswith("--") or word == "--":
         return None
@@ -348,10 +348,10 @@ def merge_flags(base, override):
     A flag is `--name=value`, or `--name` with the words after it up to the next flag (`--name value`,
     `--files a b`); other words of `base` (a `--` for a launcher) stay where they are. A flag that
     `override` itself repeats reaches the script's parser, which refuses it."""
-    given = {_flag_name(w) for w in override} - {None}
+    given = {flag_name(w) for w in override} - {None}
     merged, drop_values = [], False
     for word in base:
-        name = _flag_name(word)
+        name = flag_name(word)
         if name is None and word != "--" and drop_values:
             continue  # a value of a dropped `--name value`
         drop_values = False

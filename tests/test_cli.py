@@ -12,7 +12,7 @@ import typing
 
 import pytest
 
-from nanochat.cli import (Check, above, at_least, between, check_config, flag, format_help, merge_flags, one_of, parse_args,
+from nanochat.cli import (above, at_least, between, check_config, flag, format_help, merge_flags, one_of, parse_args,
                           parse_flags, passthrough, positional, required)
 from nanochat.common import UserError, run_cli
 from tests.conftest import ROOT
