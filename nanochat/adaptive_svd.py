@@ -447,7 +447,9 @@ def layer_metrics(S, frob_sq, k, U_now, G=None, dW=None, U_prev=None, V_prev=Non
 
 # ---------------------------------------------------------------------------------------------
 # Policy: every threshold, declared once. Each field is also a command-line flag of the training
-# script (nanochat/adaptive_cycle.py derives them), with its help line and its valid range here.
+# script (nanochat/adaptive_cycle.py derives them), with its help line and its valid range here, in
+# the plain metadata nanochat.cli.flag writes (this module imports no command-line or training code):
+# the parser and nanochat.cli.check_config apply them and the CHECKS between fields.
 
 def _knob(default, help, valid, rule):
     return field(default=default, metadata={"help": help, "valid": valid, "rule": rule})
@@ -477,17 +479,14 @@ class SVDPolicy:
     svd_overlap_stable: float = _knob(0.9, "subspace overlap above chance that counts as stable (with --svd_stable_rule)",
                                       lambda v: 0 <= v <= 1, "in [0, 1]")
 
-    def problems(self):
-        """One line per invalid setting (empty when all are valid)."""
-        out = [f"--{f.name}={getattr(self, f.name)!r} is out of range: use {f.metadata['rule']}"
-               for f in dataclasses.fields(self) if not f.metadata["valid"](getattr(self, f.name))]
-        if not self.svd_ratio_exit < self.svd_ratio_enter:
-            out.append(f"--svd_ratio_exit={self.svd_ratio_exit} must be below --svd_ratio_enter={self.svd_ratio_enter} "
-                       f"(the band between them is what stops a layer from cycling)")
-        if self.svd_k_max_frac * self.svd_ratio_enter >= 1:
-            out.append(f"--svd_k_max_frac={self.svd_k_max_frac} makes the ratio's ceiling 1/{self.svd_k_max_frac:g} "
-                       f"no higher than --svd_ratio_enter={self.svd_ratio_enter}: the rule could never fire")
-        return out
+    CHECKS = (
+        (lambda p: p.svd_ratio_exit < p.svd_ratio_enter,
+         "--svd_ratio_exit={svd_ratio_exit} must be below --svd_ratio_enter={svd_ratio_enter} (the band between them "
+         "is what stops a layer from cycling)"),
+        (lambda p: p.svd_k_max_frac * p.svd_ratio_enter < 1,
+         "--svd_k_max_frac={svd_k_max_frac} makes the ratio's ceiling 1/{svd_k_max_frac:g} no higher than "
+         "--svd_ratio_enter={svd_ratio_enter}: the rule could never fire"),
+    )
 
 
 def k_max(g, policy):

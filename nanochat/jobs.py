@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from nanochat.checkpoint_manager import CHECKPOINT_NAME
+from nanochat.cli import flag_name, merge_flags
 from nanochat.common import UserError
 from nanochat.train import TRAIN_METRICS
 
@@ -36,10 +37,6 @@ def parse_seeds(text):
     return seeds
 
 
-def flag_name(arg):
-    return arg.lstrip("-").split("=")[0].replace("-", "_")
-
-
 def check_reserved(train_argv, reserved, who):
     """A runner sets the flags in `reserved` itself: one of them among the training flags is an error."""
     for arg in train_argv:
@@ -49,8 +46,7 @@ def check_reserved(train_argv, reserved, who):
 
 def with_defaults(train_argv, defaults):
     """The training flags plus the runner's defaults ({name: value}) that they do not give themselves."""
-    given = {flag_name(a) for a in train_argv if a.startswith("--")}
-    return [f"--{k}={v}" for k, v in defaults.items() if k not in given] + list(train_argv)
+    return merge_flags([f"--{k}={v}" for k, v in defaults.items()], train_argv)
 
 
 def training_argv(flags, train_argv):

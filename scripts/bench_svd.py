@@ -12,22 +12,26 @@ both found the same k. Prints numbers; not a test.
 """
 
 import dataclasses
+import re
 
 import torch
 
-from nanochat.cli import flag, parse_args
+from nanochat.cli import Check, above, at_least, flag, parse_args
 from nanochat.common import UserError, run_cli
 from nanochat.synthetic import bench_shape
+
+SHAPE = Check(lambda v: re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", v.lower()) is not None, "sizes like 1280x1280")
 
 
 @dataclasses.dataclass
 class BenchConfig:
     device: str = flag("", "device to run on; empty = cuda when available, else cpu")
-    shapes: list[str] = flag(["1280x1280", "5120x1280"], "matrix shapes n_out x n_in (d20's; d4's are 256x256 1024x256)")
-    rel: list[float] = flag([5e-2, 1e-2, 1e-3], "relative Frobenius size of the update between analyses")
-    analyses: int = flag(4, "analyses per shape and size of update")
-    spikes: int = flag(64, "learned directions in the start matrix")
-    seed: int = flag(0, "random seed of the matrices and gradients")
+    shapes: list[str] = flag(["1280x1280", "5120x1280"], "matrix shapes n_out x n_in (d20's; d4's are 256x256 1024x256)",
+                             SHAPE)
+    rel: list[float] = flag([5e-2, 1e-2, 1e-3], "relative Frobenius size of the update between analyses", above(0))
+    analyses: int = flag(4, "analyses per shape and size of update", at_least(1))
+    spikes: int = flag(64, "learned directions in the start matrix", at_least(1))
+    seed: int = flag(0, "random seed of the matrices and gradients", at_least(0))
 
 
 def describe(r):
@@ -46,11 +50,7 @@ def main(argv):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device is cuda but no CUDA device is available; use --device=cpu")
     print(f"device {device}, torch threads {torch.get_num_threads()}, median over {args.analyses} analyses")
-    try:
-        shapes = [tuple(int(n) for n in shape.lower().split("x")) for shape in args.shapes]
-    except ValueError:
-        raise UserError(f"--shapes expects sizes like 1280x1280, got {args.shapes}") from None
-    for n_out, n_in in shapes:
+    for n_out, n_in in (tuple(int(n) for n in shape.lower().split("x")) for shape in args.shapes):
         for rel in args.rel:
             print(describe(bench_shape(n_out, n_in, rel, args.analyses, args.spikes, args.seed, device)), flush=True)
 

@@ -14,7 +14,7 @@ import dataclasses
 import os
 
 from nanochat.checkpoint_manager import checkpoint_dir
-from nanochat.cli import flag, parse_args, passthrough, required
+from nanochat.cli import above, at_least, flag, parse_args, passthrough, required
 from nanochat.common import UserError, run_cli
 from nanochat.precision import DTYPES
 from nanochat.jobs import Job, check_reserved, run_jobs
@@ -24,9 +24,9 @@ from nanochat.runs import finished, step_rows
 @dataclasses.dataclass
 class CompareDtypesConfig:
     out: str = required("output dir of the two runs")
-    after: int = flag(10, "compare the loss at every step after this one")
-    max_loss_diff: float = flag(0.02, "largest allowed relative loss difference")
-    max_bpb_diff: float = flag(0.01, "largest allowed relative final val bpb difference")
+    after: int = flag(10, "compare the loss at every step after this one", at_least(0))
+    max_loss_diff: float = flag(0.02, "largest allowed relative loss difference", above(0))
+    max_bpb_diff: float = flag(0.01, "largest allowed relative final val bpb difference", above(0))
     force: bool = flag(False, "repeat runs that already finished")
     train_flags: list[str] = passthrough("flags of scripts.base_train_adaptive_svd, the same for both runs")
 

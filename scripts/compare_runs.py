@@ -28,7 +28,7 @@ import os
 
 from nanochat import stats
 from nanochat.checkpoint_manager import checkpoint_dir
-from nanochat.cli import flag, parse_args, passthrough, required
+from nanochat.cli import flag, one_of, parse_args, passthrough, required
 from nanochat.common import UserError, run_cli
 from nanochat.jobs import Job, check_reserved, command_line, parse_seeds, run_jobs, training_argv
 from nanochat.plots import make_figures, pyplot
@@ -44,7 +44,8 @@ BPB_RATIO_TARGET = 1.005
 class CompareConfig:
     out: str = required("output dir: runs, comparison.json, comparison.md, figures/")
     seeds: str = flag("42,43,44", "comma list of seeds; one baseline + one adaptive run each")
-    jobs: int = flag(1, "runs at a time, each with one thread: 2 runs a seed's baseline and adaptive run together", choices=(1, 2))
+    jobs: int = flag(1, "runs at a time, each with one thread: 2 runs a seed's baseline and adaptive run together",
+                     one_of(1, 2))
     force: bool = flag(False, "repeat runs that already finished (replacing their files)")
     table_only: bool = flag(False, "run nothing; tabulate the runs in --out")
     figures: bool = flag(True, "also write scripts.plot_svd's figures of every seed to <out>/figures")
@@ -158,11 +159,9 @@ def main(argv):
     seeds = parse_seeds(args.seeds)
     train_argv = args.train_flags
     check_reserved(train_argv, RESERVED, "the comparison runner")
-    from nanochat.adaptive_cycle import AdaptiveConfig, validate_adaptive
-    from nanochat.train import validate
-    cfg = parse_args(AdaptiveConfig, train_argv, prog="python -m scripts.compare_runs -- [training flags]", description="")
-    validate(cfg)
-    validate_adaptive(cfg)  # a bad flag fails here, not in the middle of the runs
+    from nanochat.adaptive_cycle import AdaptiveConfig
+    # every training flag is checked here, not in the middle of the runs
+    parse_args(AdaptiveConfig, train_argv, prog="python -m scripts.compare_runs -- [training flags]", description="")
     if args.figures:
         pyplot()  # so does a missing matplotlib, not after the runs
     out = os.path.abspath(args.out)

@@ -15,7 +15,7 @@ import torch
 
 from nanochat import adaptive_svd as asvd
 from nanochat.checkpoint_manager import load_checkpoint
-from nanochat.cli import flag, parse_args
+from nanochat.cli import at_least, flag, parse_args
 from nanochat.common import run_cli
 from nanochat.gpt import AdaptiveSVDLinear
 from nanochat.optim import Muon
@@ -68,7 +68,7 @@ def checkpoint_spectra(path, policy):
 
 @dataclass
 class ChecksConfig:
-    seed: int = flag(0, "seed of the synthetic layers and gradients")
+    seed: int = flag(0, "seed of the synthetic layers and gradients", at_least(0))
     checkpoint: str = flag("", "instead: count the learned directions of every matrix in this checkpoint")
 
 

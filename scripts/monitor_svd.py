@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 from nanochat.adaptive_cycle import SVD_METRICS
 from nanochat.adaptive_svd import RULES, Action
-from nanochat.cli import flag, parse_args, positional
+from nanochat.cli import above, at_least, flag, parse_args, positional
 from nanochat.common import UserError, run_cli
 from nanochat.runs import Follower, run_settings
 from nanochat.train import TRAIN_METRICS
@@ -34,8 +34,8 @@ from nanochat.train import TRAIN_METRICS
 class MonitorConfig:
     run_dir: str = positional("the run's checkpoint folder (holds svd_metrics.jsonl)")
     once: bool = flag(False, "print what is there and exit")
-    poll: float = flag(2.0, "seconds between looks at the file")
-    idle_exit: float = flag(0.0, "exit after this many seconds without a new line (0 = never)")
+    poll: float = flag(2.0, "seconds between looks at the file", above(0))
+    idle_exit: float = flag(0.0, "exit after this many seconds without a new line (0 = never)", at_least(0))
     quiet_analyses: bool = flag(False, "do not print a line per analysis step")
 
 

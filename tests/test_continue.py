@@ -157,7 +157,7 @@ def test_init_from_and_replay_refusals(base, domains, phase_a, tmp_path):
         (dict(init_from=str(own / CHECKPOINT_NAME)), "in this run's own folder"),
         (dict(replay_fraction=0.1), "--replay_data_dir and --replay_fraction go together"),
         (dict(replay_data_dir=domains["wiki"]), "--replay_data_dir and --replay_fraction go together"),
-        (dict(replay_data_dir=domains["wiki"], replay_fraction=1.0), r"--replay_fraction must lie in \[0, 1\)"),
+        (dict(replay_data_dir=domains["wiki"], replay_fraction=1.0), r"--replay_fraction=1.0 is out of range: use in \[0, 1\)"),
         (dict(replay_data_dir=str(tmp_path / "nowhere"), replay_fraction=0.1), "no train shards"),
         (dict(extra_val_dir=str(tmp_path / "nowhere")), "no val shards"),
     ]

@@ -114,7 +114,7 @@ def test_auto_dtype_is_recorded_and_resume_reuses_it(base, tmp_path, monkeypatch
 def test_bad_dtype_flag_is_one_line(base, cli):
     code, _, err = cli("scripts.base_train", "--dtype=fp16", "--device_type=cpu")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert "--dtype must be auto, float32 or bfloat16" in err
+    assert "--dtype=fp16 is not valid: use auto, float32 or bfloat16" in err
 
 
 # --- bf16 numerics against fp32
