@@ -37,8 +37,8 @@ def _linalg(fn, *tensors):
 
 
 def _thin_svd(A, **kwargs):
-    """Thin SVD; a wide matrix is factored through its transpose (A^T = V S U^T), which LAPACK's
-    CPU path does about 2.4x faster for d20's 1280 x 5120 than the wide matrix itself."""
+    """Thin SVD; a wide matrix is factored through its transpose (A^T = V S U^T): LAPACK's CPU path is
+    faster on the tall orientation (experiments/ADAPTIVE_SVD_METHOD.md, "SVD engine")."""
     if A.shape[0] < A.shape[1]:
         U, S, Vh = torch.linalg.svd(A.mT, full_matrices=False, **kwargs)
         return Vh.mT, S, U.mT
@@ -129,10 +129,10 @@ def svd(W, method="exact", prev_V=None, *, oversample=16, iters=2, auto_exact_ma
     method: 'exact' = full thin SVD (complete=True); 'warm' = the top l = j + oversample triples only
     (complete=False) by subspace iteration from `prev_V` (n_in x j, the previous analysis' top right
     vectors; j may be 0); 'auto' = warm when `prev_V` fits W, min(W.shape) > auto_exact_max_dim and
-    either prev_V holds learned directions or min(W.shape) > auto_random_min_dim; exact otherwise (a
-    certified warm analysis of a 256 x 256 layer costs a quarter of an exact one on CPU; below 128
-    the exact SVD is as cheap; without learned directions to start from, the exact SVD's full spectrum
-    is worth its cost up to 512). A warm result is only a candidate: `count_learned` and `certify_warm` decide
+    either prev_V holds learned directions or min(W.shape) > auto_random_min_dim; exact otherwise (below
+    auto_exact_max_dim the exact SVD costs no more than a certified warm one; without learned directions
+    to start from, the exact SVD's full spectrum is worth its cost up to auto_random_min_dim;
+    `python -m scripts.bench_svd` measures both). A warm result is only a candidate: `count_learned` and `certify_warm` decide
     whether it may be used (`spectrum` does both). Non-finite input gives a failed result;
     convergence errors retry with another driver, then float64 on CPU; if all fail, a failed result.
     Results are on W's device even where the SVD itself had to run on CPU (MPS).
