@@ -29,26 +29,28 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.adaptive_cycle import SVD_METRICS, AdaptiveConfig, AdaptiveSVDHook
-from nanochat.cli import flag, parse_args
+from nanochat.cli import Check, above, at_least, flag, one_of, parse_args
 from nanochat.common import UserError, run_cli
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.train import Run
-from scripts.bench_svd import trained_matrix
-from scripts.runs import read_jsonl
+from nanochat.hooks import Run
+from nanochat.runs import read_jsonl
+from nanochat.synthetic import trained_matrix
 
 STAGES = ("svd", "metrics", "decision")
 
 
 @dataclass
 class BenchConfig:
-    blocks: int = flag(20, "d20 blocks whose six matrices are analysed (20 = all 120)")
-    analyses: int = flag(3, "analyses (the first has no previous basis)")
-    svd_method: str = flag("auto", "exact | warm | auto, as --svd_method of the training script")
-    spikes: int = flag(16, "learned directions planted in every matrix")
-    rel: float = flag(1e-2, "relative Frobenius size of each matrix's drift between analyses")
-    model_dim: int = flag(1280, "model width (1280 = d20)")
-    device: str = flag("cpu", "cpu | cuda")
-    threads: int = flag(1, "torch threads on CPU")
+    blocks: int = flag(20, "d20 blocks whose six matrices are analysed (20 = all 120)", at_least(1))
+    analyses: int = flag(3, "analyses (the first has no previous basis)", at_least(1))
+    svd_method: str = flag("auto", "exact | warm | auto, as --svd_method of the training script",
+                           one_of("exact", "warm", "auto"))
+    spikes: int = flag(16, "learned directions planted in every matrix", at_least(0))
+    rel: float = flag(1e-2, "relative Frobenius size of each matrix's drift between analyses", above(0))
+    model_dim: int = flag(1280, "model width (1280 = d20); heads of 128", Check(lambda v: v >= 128 and v % 128 == 0,
+                                                                             "a multiple of 128"))
+    device: str = flag("cpu", "cpu | cuda", one_of("cpu", "cuda"))
+    threads: int = flag(1, "torch threads on CPU", at_least(1))
     count_syncs: bool = flag(True, "count host syncs (every torch call then passes a Python check: a little slower)")
 
 
@@ -90,10 +92,8 @@ def drift(hook, spikes, rel, seed):
 
 def main(argv):
     cfg = parse_args(BenchConfig, argv, prog="python -m scripts.bench_analysis", description=__doc__)
-    if cfg.device not in ("cpu", "cuda") or (cfg.device == "cuda" and not torch.cuda.is_available()):
-        raise UserError(f"--device={cfg.device!r} is not available here; use cpu" + (" or cuda" if torch.cuda.is_available() else ""))
-    if cfg.blocks < 1 or cfg.analyses < 1 or cfg.threads < 1:
-        raise UserError("--blocks, --analyses and --threads must be >= 1")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda but no CUDA device is available here; use --device=cpu")
     device = torch.device(cfg.device)
     torch.set_num_threads(cfg.threads)
     with contextlib.redirect_stdout(io.StringIO()):

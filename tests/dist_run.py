@@ -30,6 +30,7 @@ from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.cli import parse_args
 from nanochat.common import get_dist_info, run_cli
 from nanochat.dataloader import DataLoader
+from nanochat.hooks import TrainHook
 
 OUT = os.environ.get("DIST_RUN_OUT", ".")
 RANK = get_dist_info()[1]
@@ -70,10 +71,10 @@ class RecordingHook(AdaptiveSVDHook):
                                                    if not k.endswith("_seconds")})))
         super()._log(step, display, record)
 
-    def _plan(self, step, layer):
+    def _plan(self, step, layer, out):
         if os.environ.get("DIST_RUN_RAISE_RANK") == str(RANK):
             raise ValueError("injected planning error")
-        return super()._plan(step, layer)
+        return super()._plan(step, layer, out)
 
 
 def digest(t):
@@ -102,7 +103,7 @@ def main(argv):
         torch.linalg.svd = failing_svd
     if os.environ.get("DIST_RUN_SLOW_SVD"):
         torch.linalg.svd = slowed(torch.linalg.svd, float(os.environ["DIST_RUN_SLOW_SVD"]))
-    hook = RecordingHook(cfg) if cfg.adaptive_svd else train_module.TrainHook()
+    hook = RecordingHook(cfg) if cfg.adaptive_svd else TrainHook()
     state = {}
 
     def attach(run, _attach=hook.attach):

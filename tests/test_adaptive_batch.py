@@ -13,7 +13,7 @@ from nanochat import adaptive_svd as asvd
 from nanochat.adaptive_batch import analyze_many
 from nanochat.adaptive_svd import Action
 from nanochat.host_sync import HostSyncs
-from scripts.method_checks import concentrated_gradient, planted, random_gradient
+from nanochat.synthetic import concentrated_gradient, planted, random_gradient
 
 D4 = [(256, 256), (256, 256), (1024, 256), (256, 1024)]
 D20 = [(1280, 1280), (5120, 1280), (1280, 5120)]

@@ -10,7 +10,7 @@ import torch
 from nanochat import adaptive_svd as asvd
 from nanochat.gpt import AdaptiveSVDLinear
 from nanochat.optim import Muon
-from scripts.method_checks import planted
+from nanochat.synthetic import planted
 from tests.reduced_precision import CudaMatmuls, round_mantissa
 
 LIMIT = 1e-5  # the gpu_check's bound on the principal share of an update and on the triples' drift
