@@ -41,10 +41,11 @@ class Job:
     prev_V: torch.Tensor         # the warm start, n_in x j
     kind: str                    # 'warm' or 'exact', or 'reference' (done alone by adaptive_svd.analyze)
     width: int                   # columns of the SVD: the warm block's, or g for an exact one
+    iters: int                   # subspace iterations of a warm block
 
     @property
     def key(self):
-        return tuple(self.W.shape), self.kind, self.width
+        return tuple(self.W.shape), self.kind, self.width, self.iters
 
 
 def plan(W, G, state, policy, method):
@@ -60,7 +61,8 @@ def plan(W, G, state, policy, method):
     if kind == "warm" and not asvd.usable_start(prev_V, W.shape):
         kind = "reference"  # the reference notes why and takes the exact SVD
     width = asvd.warm_width(g, prev_V.shape[1], k_room) if kind == "warm" else g
-    return Job(W, None if G is None else G.detach().float(), state, kp, k_room, prev_V, kind, width)
+    return Job(W, None if G is None else G.detach().float(), state, kp, k_room, prev_V, kind, width,
+               asvd.warm_iters(prev_V.shape[1]))
 
 
 def _ints(rows, device):
@@ -139,9 +141,7 @@ def _certify(T, U, S, Vh, k, threshold, clamped, seed):
 
 def _spectra(jobs, step, policy):
     """The SVD of every job of one group and its count: a dict of batched device tensors."""
-    W = torch.stack([j.W for j in jobs])
-    finite = torch.isfinite(W).all(-1).all(-1)
-    W = torch.where(finite[:, None, None], W, torch.zeros((), device=W.device))  # a NaN matrix must not spoil the batch
+    W = torch.stack([j.W for j in jobs])  # a NaN spreads to its own results only, or fails the group's SVD
     B, n_out, n_in = W.shape
     kp = max(j.kp for j in jobs)
     U_p = _padded([j.state.U_k if j.kp else None for j in jobs], n_out, kp, W)
@@ -150,14 +150,15 @@ def _spectra(jobs, step, policy):
     if jobs[0].kind == "warm":
         R = asvd.gaussian(n_in, jobs[0].width, step, W.device)  # the reference seeds every layer's start alike
         X = torch.stack([asvd.start_block(j.prev_V.to(W.device), R) for j in jobs])
-        Q, Y, R = asvd.subspace_iteration(T, X, asvd.ITERS)
+        Q, Y, R = asvd.subspace_iteration(T, X, jobs[0].iters)
         Ur, S, Vrh = asvd._linalg(torch.linalg.svd, R.mT)
         U, Vh = Q @ Ur, (Y @ Vrh.mT).mT
         frob = torch.linalg.vector_norm(T, dim=(-2, -1), dtype=torch.float64).square()
     else:
         U, S, Vh = asvd._linalg(asvd._thin_svd, T)
         frob = S.double().square().sum(-1)
-    finite &= torch.isfinite(U).all(-1).all(-1) & torch.isfinite(S).all(-1) & torch.isfinite(Vh).all(-1).all(-1)
+    finite = torch.isfinite(U).all(-1).all(-1) & torch.isfinite(S).all(-1) & torch.isfinite(Vh).all(-1).all(-1) \
+        & torch.isfinite(frob)
     dims_out, dims_in, k_max = _ints([[n_out - j.kp for j in jobs], [n_in - j.kp for j in jobs],
                                       [j.k_max for j in jobs]], W.device)
     k, sigma, threshold = _count(S, frob, dims_out, dims_in, k_max, torch.minimum(dims_out, dims_in), policy.svd_edge_tw)
@@ -328,6 +329,17 @@ def analyze_many(layers, policy, step, method="exact", stop=None):
             return None
         job = jobs[i]
         out[i] = asvd.analyze(job.W, job.G, job.state, policy, step, method=method)
+    return out
+
+
+def analyze_each(layers, policy, step, method="exact", stop=None):
+    """analyze_many's interface, one layer at a time through the reference: what a CPU runs, where nothing
+    waits on a device queue and the batches' extra copies would only cost time."""
+    out = []
+    for W, G, state in layers:
+        if stop is not None and stop():
+            return None
+        out.append(asvd.analyze(W, G, state, policy, step, method=method))
     return out
 
 

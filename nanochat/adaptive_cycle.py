@@ -160,6 +160,10 @@ class AdaptiveSVDHook(TrainHook):
         # gpu_check and the benchmarks set it: count this rank's host syncs in each analysis (every torch
         # call then passes through a Python check, which slows the analysis a little)
         self.count_syncs = False
+        # the batched analysis (adaptive_batch.analyze_many) on an accelerator, where each host sync stalls a
+        # queue; one layer at a time on a CPU, where nothing waits and the batches' copies only cost time.
+        # None = by the run's device (attach); tests and benchmarks may set it
+        self.batched = None
 
     # -- setup -------------------------------------------------------------------------------
     def prepare_model(self, model):
@@ -172,6 +176,8 @@ class AdaptiveSVDHook(TrainHook):
 
     def attach(self, run):
         self.run = run
+        if self.batched is None:
+            self.batched = run.device.type != "cpu"
         # rank 0 writes it; the loop empties it (fresh run) or drops rows after the checkpoint (resume)
         self.metrics_log = run.jsonl(SVD_METRICS)
         self.distributed = run.world_size > 1 and dist.is_initialized()
@@ -206,7 +212,7 @@ class AdaptiveSVDHook(TrainHook):
         mine = [layer for layer in self.layers.values() if self.owner[layer.name] == rank]
         plans = {}
         syncs = HostSyncs() if self.count_syncs else contextlib.nullcontext()
-        with syncs:  # a stop signal leaves the planning after the current group; stop_check() stops every rank
+        with syncs:  # a stop signal leaves the planning after the current group or layer; stop_check() stops all ranks
             plans = self._plan_all(step, mine)
         # planning changed nothing, so a stop here abandons the analysis without a trace
         self.run.stop_check()
@@ -266,15 +272,15 @@ class AdaptiveSVDHook(TrainHook):
         return {n: plans[n] for n in self.layers}
 
     def _plan_all(self, step, layers):
-        """Analyse `layers` together (adaptive_batch: same-shape matrices batched on the device, no host
-        sync per matrix) and plan each; changes nothing. An exception is every layer's error plan."""
+        """Analyse `layers` (together when batched: same-shape matrices batched on the device, no host sync
+        per matrix) and plan each; changes nothing. An exception is every layer's error plan."""
         weights = [layer.module.weight for layer in layers]
         items = [(w.detach().float(), None if w.grad is None else w.grad.detach().float(), layer.state)
                  for w, layer in zip(weights, layers)]
         try:
             with asvd.full_precision(self.run.device.type):  # the metrics and the certificate need fp32, not TF32
-                outs = adaptive_batch.analyze_many(items, self.policy, step, method=self.cfg.svd_method,
-                                                   stop=self.run.stop_requested)
+                engine = adaptive_batch.analyze_many if self.batched else adaptive_batch.analyze_each
+                outs = engine(items, self.policy, step, method=self.cfg.svd_method, stop=self.run.stop_requested)
         except Exception as e:  # a bug, not a numerical failure: all ranks must still meet in analyze()
             traceback.print_exc()
             return {layer.name: Plan([], {}, error=f"{type(e).__name__}: {e}") for layer in layers}

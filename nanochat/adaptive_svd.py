@@ -103,7 +103,13 @@ def _exact(W):
 BLOCK = 16  # a warm block's width is a multiple of this: same-shape matrices then share batches (adaptive_batch)
 OVERSAMPLE = 16  # a warm block's room for directions beyond the start's
 ITERS = 2  # subspace iterations of a warm block and of the certificate's probes
+COLD_ITERS = 8  # a start without directions (the first analysis) needs more to pass the certificate
 CERT_TOL, CERT_PROBES = 0.02, 8  # the certificate's sin-theta bound and its random probes
+
+
+def warm_iters(j):
+    """Subspace iterations of a warm block started from j directions."""
+    return ITERS if j else COLD_ITERS
 
 
 def warm_width(g, j, k_max, oversample=OVERSAMPLE):
@@ -151,14 +157,14 @@ def _warm_block(W, prev_V, l, iters, seed):
     return (Q @ Ur, S, (Y @ Vrh.T).T), notes
 
 
-def svd(W, method="exact", prev_V=None, *, oversample=OVERSAMPLE, k_max=0, iters=ITERS, auto_exact_max_dim=128,
+def svd(W, method="exact", prev_V=None, *, oversample=OVERSAMPLE, k_max=0, iters=None, auto_exact_max_dim=128,
         auto_random_min_dim=512, seed=0):
     """SVD of a weight matrix in fp32, never raising on bad data and never returning NaN.
 
     method: 'exact' = full thin SVD (complete=True); 'warm' = the top l = `warm_width` triples only
     (complete=False) by subspace iteration from `prev_V` (n_in x j, the previous analysis' top right
     vectors; j may be 0, and None, no previous analysis, is j = 0), with room for `oversample` more
-    directions, or for `k_max` more when j = 0; 'auto' = warm when `prev_V` fits W, min(W.shape) >
+    directions, or for `k_max` more when j = 0, and `iters` subspace iterations (None: `warm_iters`); 'auto' = warm when `prev_V` fits W, min(W.shape) >
     auto_exact_max_dim and either prev_V holds learned directions or min(W.shape) > auto_random_min_dim;
     exact otherwise (below auto_exact_max_dim the exact SVD costs no more than a certified warm one;
     without learned directions to start from, the exact SVD's full spectrum is worth its cost up to
@@ -188,7 +194,7 @@ def svd(W, method="exact", prev_V=None, *, oversample=OVERSAMPLE, k_max=0, iters
     elif method == "warm":
         try:
             l = warm_width(g, prev_V.shape[1], k_max, oversample)
-            warm, warm_notes = _warm_block(W, prev_V, l, iters, seed)
+            warm, warm_notes = _warm_block(W, prev_V, l, warm_iters(prev_V.shape[1]) if iters is None else iters, seed)
         except RuntimeError as e:
             warm, warm_notes = None, [f"warm SVD failed: {_first_line(e)}"]
         notes += warm_notes
@@ -740,9 +746,10 @@ def analyze(W, G, state, policy, step, method="exact"):
 def next_start(V, beyond, mode_after):
     """The next analysis' warm start: the top directions of the matrix it will analyse. In full mode that
     is every learned direction, V (also right after an exit, whose basis held the protected ones); while
-    protected the basis V is projected out of the matrix analysed, so the start is `beyond`: the
-    directions the analysed matrix had just below the ones chosen now."""
-    return (V if mode_after == Mode.FULL else beyond).contiguous()
+    protected the basis V is projected out of the matrix analysed, and with no learned direction there is
+    no V, so then the start is `beyond`: the directions the analysed matrix had just below the ones chosen
+    now (where new ones would emerge)."""
+    return (V if mode_after == Mode.FULL and V.shape[1] else beyond).contiguous()
 
 
 def advance(state, analysis, W):

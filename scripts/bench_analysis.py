@@ -10,7 +10,8 @@ mlp.c_proj (1280x5120). Each gets a trained-looking spectrum (a Gaussian bulk wi
 every matrix drifts by --rel of its norm (half along its learned directions, half random). The analyses
 run through the real hook (nanochat.adaptive_cycle.AdaptiveSVDHook, --svd_targets=all on every block,
 --svd_method as in a run) with --svd_policy=observe, so nothing switches and every analysis does the
-same kind of work. The first analysis has no previous basis; the later ones start from it.
+same kind of work. The first analysis has no previous basis; the later ones start from it. --batched
+picks the batched analysis (what a GPU run does) or one layer at a time (what a CPU run does).
 
 Reported per analysis, from the records the hook writes (svd_metrics.jsonl): wall and CPU time; the
 split into SVD (the SVD, the count of learned directions and the warm certificate), metrics, decision
@@ -52,6 +53,8 @@ class BenchConfig:
     device: str = flag("cpu", "cpu | cuda", one_of("cpu", "cuda"))
     threads: int = flag(1, "torch threads on CPU", at_least(1))
     count_syncs: bool = flag(True, "count host syncs (every torch call then passes a Python check: a little slower)")
+    batched: str = flag("auto", "the batched analysis (true), one layer at a time (false), or as a run on this device "
+                                "does (auto: batched except on CPU)", one_of("auto", "true", "false"))
 
 
 def build(cfg, device):
@@ -66,6 +69,7 @@ def build(cfg, device):
     hook = AdaptiveSVDHook(acfg)
     hook.prepare_model(model)
     hook.count_syncs = cfg.count_syncs
+    hook.batched = cfg.batched == "true" or (cfg.batched == "auto" and device.type != "cpu")
     gen = torch.Generator().manual_seed(0)
     spikes = {}
     with torch.no_grad():
@@ -100,6 +104,7 @@ def main(argv):
         acfg, model, hook, spikes = build(cfg, device)
     n = len(hook.layers)
     print(f"{n} matrices ({cfg.blocks} d20 block(s)), --svd_method={cfg.svd_method}, {cfg.spikes} learned directions each, "
+          f"{'batched' if hook.batched else 'one layer at a time'}, "
           f"drift {cfg.rel:g} between analyses, {device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
           f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_analysis_") as out:

@@ -143,7 +143,7 @@ def test_the_hooks_analysis_waits_as_often_for_one_block_as_for_four(one_thread)
 
     def syncs(target_layer):
         _, model, hook, _, _ = small_run({"svd_interval": 1, "adaptive_svd_target_layer": target_layer}, depth=4)
-        hook.count_syncs = True
+        hook.count_syncs = hook.batched = True
         x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
         model(x, x.roll(-1, 1)).backward()
         for step in (1, 2):
@@ -154,3 +154,32 @@ def test_the_hooks_analysis_waits_as_often_for_one_block_as_for_four(one_thread)
 
     (few, n_few), (many, n_many) = syncs(0), syncs(-1)
     assert (n_few, n_many) == (4, 16) and few == many
+
+
+def test_the_hook_plans_alike_batched_or_one_layer_at_a_time(one_thread, monkeypatch):
+    """The training hook with the batched analysis (a GPU's) and with the reference (a CPU's): the same
+    console lines, records (within 1e-5), switches both ways, bases and momentum over five analyses."""
+    from tests.test_adaptive_cycle import flip_every_analysis, small_run, step
+
+    monkeypatch.setattr(asvd, "decide", flip_every_analysis)
+    runs = []
+    for batched in (False, True):
+        _, model, hook, muon, adamw = small_run({"svd_interval": 1, "svd_targets": "all"})
+        hook.batched = batched
+        for n in range(1, 6):
+            step(model, muon, adamw, hook, n, n)
+        runs.append((hook, muon))
+    (ref, ref_muon), (bat, bat_muon) = runs
+    assert ref.switches == bat.switches and ref.switches["to_full"] > 0
+    for (s1, d1), (s2, d2) in zip(ref.logged, bat.logged):
+        assert s1 == s2 and d1.keys() == d2.keys()
+        for key, value in d1.items():
+            if not key.endswith("_seconds"):
+                assert close(value, d2[key]), (s1, key, value, d2[key])
+    for name in ref.layers:
+        a, b = ref.layers[name].module, bat.layers[name].module
+        assert a.mode == b.mode and torch.allclose(a.weight, b.weight, atol=1e-6)
+        if a.U_k is not None:
+            assert torch.allclose(a.U_k @ a.U_k.T, b.U_k @ b.U_k.T, atol=1e-5)
+    for p, q in zip(ref_muon.params(), bat_muon.params()):
+        assert torch.allclose(ref_muon.state[p]["momentum_buffer"], bat_muon.state[q]["momentum_buffer"], atol=1e-6)
