@@ -7,7 +7,7 @@ projection off the protected directions, the SVD (subspace iteration and Rayleig
 one), the count of learned directions, the warm result's certificate and every metric, from the
 factors already in hand. Nothing is read back per matrix: the host learns which results were certified
 (and each k) in one transfer for all groups, and every metric in one more. The linear algebra kernels
-that check their convergence flags (svd, svdvals) wait for the device once per group. A matrix whose
+that check their convergence flags (svd, svdvals, eigvalsh) wait for the device once per group. A matrix whose
 result the certificate rejects, that is not finite or whose group's kernels fail is redone by the
 reference analyze, alone, with its notes and retries. The decision is the reference's `decide`, on the
 host.
@@ -82,6 +82,14 @@ def _padded(mats, rows, cols, like):
     return out
 
 
+def _top_singular(Z):
+    """The largest singular value of each thin matrix of a batch Z (B, n, c), as the root of the top
+    eigenvalue of its small Gram matrix Z^T Z (c x c, in float64): as accurate as an SVD for the top
+    value, and a batched Jacobi on a GPU, where the SVD of a tall matrix runs one matrix at a time."""
+    Z = Z.double()
+    return asvd._linalg(torch.linalg.eigvalsh, Z.mT @ Z)[:, -1].clamp(min=0.0).sqrt()
+
+
 def _count(S, frob_sq, n_out, n_in, k_max, g, tw):
     """adaptive_svd.count_learned for a batch, on the device: (k, sigma, threshold), k = -1 for None.
 
@@ -128,9 +136,9 @@ def _certify(T, U, S, Vh, k, threshold, clamped, seed):
     Y = asvd._orth(A(asvd.gaussian(T.shape[-1], asvd.CERT_PROBES, seed + 1, T.device)))
     for _ in range(asvd.ITERS):
         Y = asvd._orth(A(asvd._orth(At(Y))))
-    probe = asvd._linalg(torch.linalg.svdvals, At(Y))[:, 0]   # the singular values of Y^T A
+    probe = _top_singular(At(Y))  # the top singular value of Y^T A
     below = S.gather(1, k.clamp(max=L - 1)[:, None])[:, 0]
-    s_next = torch.maximum(torch.where(k < L, below, torch.zeros_like(below)), probe).double()
+    s_next = torch.maximum(torch.where(k < L, below, torch.zeros_like(below)).double(), probe)
     missed = (s_next > threshold) & ~clamped
     r1 = (T @ V_k - U_k * S_k[:, None, :]).square().sum((-2, -1))
     r2 = (T.mT @ U_k - V_k * S_k[:, None, :]).square().sum((-2, -1))
@@ -222,7 +230,7 @@ def _metrics(jobs, t, k_new):
     real = torch.arange(K, device=dev) < m[:, None]
     overlap = (cos.square() * real).sum(-1) / m.clamp(min=1)
     c_min = cos.gather(1, (m - 1).clamp(min=0)[:, None])[:, 0]
-    sin_max = asvd._linalg(torch.linalg.svdvals, A - Bb @ M)[:, 0].clamp(0.0, 1.0).double()
+    sin_max = _top_singular(A - Bb @ M).clamp(0.0, 1.0)
     angle = torch.where(c_min.square() < 0.5, torch.acos(c_min), torch.asin(sin_max))
     both = (k_prev > 0) & (k_now > 0)
     base = torch.maximum(k_prev, k_now).double() / n_out
