@@ -7,13 +7,15 @@ Checkpoints go to <output_dir>/base_checkpoints/d<depth>_baseline/ unless --mode
 """
 
 from nanochat.cli import parse_args
-from nanochat.common import run_cli
+from nanochat.common import get_dist_info, run_cli
+from nanochat.stopping import exit_status
 from nanochat.train import TrainConfig, train
 
 
 def main(argv):
     cfg = parse_args(TrainConfig, argv, prog="python -m scripts.base_train", description=__doc__)
-    train(cfg, default_tag="d{depth}_baseline")
+    result = train(cfg, default_tag="d{depth}_baseline")
+    return exit_status(result["stopped_by_signal"], get_dist_info()[0])
 
 
 if __name__ == "__main__":

@@ -401,7 +401,8 @@ def run_jobs(jobs, slots, force=False, say=print):
                         f"to continue")
     if failed:
         job, rc = failed[0]
-        how = f"failed (exit status {rc})" if rc else "ended before its last step"
+        how = (f"was stopped by signal {rc - 128} (exit status {rc}) after saving its checkpoint" if rc > 128  # not by us
+               else f"failed (exit status {rc})" if rc else "ended before its last step")
         raise UserError(f"{job.tag} {how}; see {os.path.join(job.run_dir, CONSOLE)}; fix it and run the same command "
                         f"again (finished runs are reused)")
     if pending:
