@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nanochat import resume_terms
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, WriteFailed, checkpoint_dir, load_checkpoint, save_checkpoint
 from nanochat.cli import flag
 from nanochat.common import (UserError, check_device_type, compute_cleanup, compute_init, device_peak_flops,
@@ -36,6 +37,7 @@ from nanochat.dataloader import DataLoader, ReplayLoader
 from nanochat.dataset import list_shards
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.health import Diverged, Health
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizers, muon_momentum
 from nanochat.run_files import RunFolder
@@ -243,7 +245,17 @@ def _resolve_depth(cfg, device_type):
 
 
 def train(cfg, hook=None, default_tag=None):
-    """Train; `default_tag` names the run folder when --model_tag is empty ("{depth}" is filled in)."""
+    """Train; `default_tag` names the run folder when --model_tag is empty ("{depth}" is filled in). The run
+    folder is locked (nanochat.run_lock) before it is read and given back when the run ends, however it ends."""
+    claimed = []
+    try:
+        return _train(cfg, hook, default_tag, claimed)
+    finally:
+        for folder in claimed:
+            folder.release()
+
+
+def _train(cfg, hook, default_tag, claimed):
     hook = hook or TrainHook()
     validate(cfg)
     device_type = check_device_type(cfg.device_type)
@@ -256,6 +268,8 @@ def train(cfg, hook=None, default_tag=None):
     model_tag = cfg.model_tag or (default_tag or "d{depth}").format(depth=cfg.depth)
     ckpt_dir = checkpoint_dir(cfg.output_dir, model_tag)
     folder = RunFolder(ckpt_dir, get_dist_info()[1])
+    claimed.append(folder)
+    folder.claim()  # before anything reads the folder or decides about it
     init_ckpt = None
     if cfg.init_from and not cfg.resume:  # a resumed run's checkpoint already holds what --init_from gave it
         init_ckpt = _load_init(cfg.init_from, ckpt_dir, GPTConfig.from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.max_seq_len))
@@ -309,6 +323,8 @@ def train(cfg, hook=None, default_tag=None):
     print0(f"Total number of training tokens: {num_iterations * cfg.total_batch_size:,}")
     print0(f"Tokens : Params ratio: {num_iterations * cfg.total_batch_size / num_params:.2f}")
     print0(f"Total training FLOPs estimate: {flops_per_token * num_iterations * cfg.total_batch_size:e}")
+    health = Health(vocab_size, round(cfg.warmup_ratio * num_iterations), note=lambda: folder.kept(resume=False))
+    print0(health.describe())
 
     muon, adamw = build_optimizers(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.weight_decay,
                                    ns_dtype=DTYPES[dtype])
@@ -371,6 +387,17 @@ def train(cfg, hook=None, default_tag=None):
     resume_point = (train_loader.state_dict(), _rng_state(device))
 
     def save(step):
+        blocker = health.save_blocker()
+        if blocker:  # a collapse is under way: the last good checkpoint stays
+            if step == num_iterations:
+                raise Diverged(f"training collapsed at its last step {step}: {blocker}; the step was not saved; "
+                               f"{folder.kept(resume=False)}")
+            print0(f"Not saving step {step}: {blocker}")
+            return
+        with stop.saving():  # a second signal cannot interrupt the write
+            _save(step)
+
+    def _save(step):
         loader_states = [None] * world_size
         if ddp:
             dist.all_gather_object(loader_states, resume_point[0])
@@ -397,7 +424,7 @@ def train(cfg, hook=None, default_tag=None):
                       "core_metric": core["core_metric"] if core else None, "core": core, "init_from": init_info}
             try:
                 save_checkpoint(ckpt_dir, ckpt, config)
-            except WriteFailed as e:
+            except (WriteFailed, Diverged) as e:
                 failure = folder.failed(e)
         if ddp:  # every rank learns whether the save worked, so none waits for a rank that stopped
             ok = torch.tensor(0 if failure else 1, device=device)
@@ -466,6 +493,8 @@ def train(cfg, hook=None, default_tag=None):
                 dist.all_reduce(train_loss)
                 train_loss /= world_size
             grad_norm = clip_gradients(model, cfg.grad_clip, muon.params() + [p for g in adamw.param_groups for p in g["params"]])
+            loss_value = train_loss.item()
+            health.check(step + 1, loss_value, grad_norm.item())  # before the update: a bad one is never applied
             hook.after_backward(step + 1, step + 1 == num_iterations)
             lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
             for opt in (muon, adamw):
@@ -481,10 +510,7 @@ def train(cfg, hook=None, default_tag=None):
             step += 1
             resume_point = (train_loader.state_dict(), _rng_state(device))
 
-            loss_value = train_loss.item()
             losses.append(loss_value)
-            if not math.isfinite(loss_value):
-                raise RuntimeError(f"training loss became {loss_value} at step {step}; lower the learning rates")
             smooth_loss = ema_beta * smooth_loss + (1 - ema_beta) * loss_value
             debiased = smooth_loss / (1 - ema_beta ** step)
             total_time += dt
@@ -577,10 +603,6 @@ def _all_reduce_grads(model, world_size):
     torch._foreach_div_(grads, world_size)
 
 
-RESUME_MUST_MATCH = ("depth", "max_seq_len", "device_batch_size", "total_batch_size", "seed", "replay_data_dir",
-                     "replay_fraction", "init_from")
-
-
 def _check_data(cfg):
     """Every data directory the run reads, before anything slow: a missing split stops the run now."""
     list_shards(cfg.data_dir or None, "train")
@@ -628,16 +650,13 @@ def _init_from(ckpt, path, model, muon, adamw):
 
 
 def _restore(ckpt, cfg, model, muon, adamw, hook, rank, world_size, num_iterations):
-    saved = ckpt["metadata"].get("train_config", {})
-    for key in RESUME_MUST_MATCH:
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise UserError(f"--resume: the checkpoint was trained with --{key}={saved[key]}, not {getattr(cfg, key)}; "
-                            f"use the same value to continue exactly")
+    changes = resume_terms.check(ckpt["metadata"].get("train_config", {}), cfg)
+    resume_terms.check_horizon(ckpt["loop"]["step"], num_iterations)
     if ckpt["metadata"].get("world_size", 1) != world_size:
         raise UserError(f"--resume: the checkpoint was written by {ckpt['metadata']['world_size']} ranks, this run has {world_size}")
-    if ckpt["metadata"].get("num_iterations") != num_iterations:
-        print0(f"Warning: --resume with a different horizon ({ckpt['metadata'].get('num_iterations')} -> {num_iterations}); "
-               f"the LR schedule changes from here")
+    for line in resume_terms.describe(cfg, ckpt["loop"]["step"], ckpt["metadata"].get("num_iterations"), num_iterations,
+                                      changes, "adaptive-SVD state" if ckpt.get("adaptive") else ""):
+        print0(line)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
         hook.load_state_dict(ckpt.get("adaptive", {}))
