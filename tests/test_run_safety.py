@@ -404,7 +404,7 @@ def test_sigterm_during_a_long_validation_stops_within_the_bound_and_resume_is_e
     time.sleep(0.5)
     stop_process(proc, signal.SIGTERM, log_path)
     out = text(log_path)
-    assert proc.returncode == 0 and "Stopped by signal 15 at step 3; continue with --resume" in out, out[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM and "Stopped by signal 15 at step 3; continue with --resume" in out, out[-2000:]
     assert "Step 00003 | Validation bpb" not in out  # abandoned, not finished
     assert load_checkpoint(os.path.join(run, CHECKPOINT_NAME))["loop"]["step"] == 3
     assert [r["step"] for r in rows(os.path.join(run, "train_metrics.jsonl"))] == [0, 1, 2]  # step 3 waits for its validation
@@ -460,7 +460,7 @@ def test_sigterm_during_a_slow_analysis_stops_the_process_within_the_bound(base,
     wait_for(lambda: "=== SVD Analysis at step 2 ===" in text(log_path), proc, what="the analysis")
     took = stop_process(proc, signal.SIGTERM, log_path)
     out = text(log_path)
-    assert proc.returncode == 0 and "Stopped by signal 15 at step 1; continue with --resume" in out, out[-2000:]
+    assert proc.returncode == 143 and "Stopped by signal 15 at step 1; continue with --resume" in out, out[-2000:]
     assert took < 2 + STOP_BOUND_S / 2 and "=== SVD Analysis complete ===" not in out
     assert not read_jsonl(os.path.join(folder(tmp_path), "svd_metrics.jsonl"))
 
