@@ -6,10 +6,13 @@ A `TrainHook` is where a method plugs in without forking the loop: it may swap l
 optimizers exist, and it runs once per update after the gradients are final and before the
 optimizer step (which is where the adaptive-SVD analysis happens).
 
-The run folder never loses history (nanochat.run_files): a fresh run refuses a folder that holds a run
-unless --overwrite=true; files are touched only once every check has passed; rank 0 appends one row
-per step to train_metrics.jsonl. Stop signals (nanochat.stopping) take effect within a micro-batch,
-an evaluation batch or an analysed layer; the last completed step is saved and resume stays exact.
+The run folder never loses history (nanochat.run_files): one process owns it (a lock, from before it is
+read to the end of the run); a fresh run refuses a folder that holds a run unless --overwrite=true; files
+are touched only once every check has passed; rank 0 appends one row per step to train_metrics.jsonl.
+A resume continues the saved run exactly and says which flags may differ (nanochat.resume_terms). Stop
+signals (nanochat.stopping) take effect within a micro-batch, an evaluation batch or an analysed layer;
+the last completed step is saved and resume stays exact. A diverged or collapsed run stops before the
+step's update and never saves (nanochat.health).
 
 Continued training: --init_from starts a new run from another run's checkpoint (weights and optimizer
 state; fresh step counter, LR schedule, data position and hook state; the source file is only read),
@@ -341,12 +344,14 @@ def _train(cfg, hook, default_tag, claimed):
 
     step, smooth_loss, total_time, min_val_bpb, loader_state = 0, 0.0, 0.0, float("inf"), None
     loop_state = {}
+    resumes = []  # each resume that changed a flag: the record of what ran, config.json holding the latest values
     if resume_ckpt is not None:
         loop_state = resume_ckpt["loop"]
-        step, smooth_loss, total_time, min_val_bpb, loader_state = _restore(
+        step, smooth_loss, total_time, min_val_bpb, loader_state, changed = _restore(
             resume_ckpt, cfg, model, muon, adamw, hook, rank, world_size, num_iterations)
         print0(f"Resumed from {ckpt_dir} at step {step}")
         init_info = resume_ckpt["metadata"].get("init_from")
+        resumes = resume_ckpt["metadata"].get("resumes", []) + ([{"step": step, "changed": changed}] if changed else [])
     elif init_ckpt is not None:
         init_info = _init_from(init_ckpt, cfg.init_from, model, muon, adamw)
     else:
@@ -410,7 +415,8 @@ def _train(cfg, hook, default_tag, claimed):
                 "model": model.state_dict(),
                 "metadata": {"model_config": model_config.to_dict(), "step": step, "val_bpb": val_bpb,
                              "train_config": dataclasses.asdict(cfg), "num_iterations": num_iterations,
-                             "run_kind": hook.name, "world_size": world_size, "core": core, "init_from": init_info},
+                             "run_kind": hook.name, "world_size": world_size, "core": core, "init_from": init_info,
+                             "resumes": resumes},
                 "optim": {"muon": muon.state_dict(), "adamw": adamw.state_dict()},
                 "loop": {"step": step, "smooth_loss": smooth_loss, "total_time": total_time,
                          "min_val_bpb": min_val_bpb, "dataloader": loader_states, "val_step": val_step,
@@ -421,7 +427,8 @@ def _train(cfg, hook, default_tag, claimed):
             config = {"model_config": model_config.to_dict(), "train_config": dataclasses.asdict(cfg), "step": step,
                       "num_iterations": num_iterations, "val_bpb": val_bpb, "min_val_bpb": _finite_or_none(min_val_bpb),
                       "run_kind": hook.name, "adaptive": hook.summary(),
-                      "core_metric": core["core_metric"] if core else None, "core": core, "init_from": init_info}
+                      "core_metric": core["core_metric"] if core else None, "core": core, "init_from": init_info,
+                      "resumes": resumes}
             try:
                 save_checkpoint(ckpt_dir, ckpt, config)
             except (WriteFailed, Diverged) as e:
@@ -654,8 +661,9 @@ def _restore(ckpt, cfg, model, muon, adamw, hook, rank, world_size, num_iteratio
     resume_terms.check_horizon(ckpt["loop"]["step"], num_iterations)
     if ckpt["metadata"].get("world_size", 1) != world_size:
         raise UserError(f"--resume: the checkpoint was written by {ckpt['metadata']['world_size']} ranks, this run has {world_size}")
-    for line in resume_terms.describe(cfg, ckpt["loop"]["step"], ckpt["metadata"].get("num_iterations"), num_iterations,
-                                      changes, "adaptive-SVD state" if ckpt.get("adaptive") else ""):
+    saved_horizon = ckpt["metadata"].get("num_iterations")
+    for line in resume_terms.describe(cfg, ckpt["loop"]["step"], saved_horizon, num_iterations, changes,
+                                      "adaptive-SVD state" if ckpt.get("adaptive") else ""):
         print0(line)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
@@ -668,7 +676,10 @@ def _restore(ckpt, cfg, model, muon, adamw, hook, rank, world_size, num_iteratio
     if model.get_device().type == "cuda" and ckpt["rng"]["cuda"].numel():
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], model.get_device())
     loop = ckpt["loop"]
-    return loop["step"], loop["smooth_loss"], loop["total_time"], loop["min_val_bpb"], loop["dataloader"][rank]
+    changed = {k: list(v) for k, v in changes.items()}  # {flag: [the checkpoint's value, this run's]}
+    if saved_horizon != num_iterations:
+        changed["horizon"] = [saved_horizon, num_iterations]
+    return loop["step"], loop["smooth_loss"], loop["total_time"], loop["min_val_bpb"], loop["dataloader"][rank], changed
 
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "The opposite of hot is",

@@ -123,10 +123,10 @@ def test_a_fresh_run_locks_the_folder_it_creates_and_checks_it_again(base, tmp_p
 @pytest.mark.slow
 def test_a_live_training_process_holds_its_folder_until_killed(base, tmp_path):
     """The same against a real training process, frozen (SIGSTOP) while the others try, then SIGKILLed."""
-    args = [f"--{k}={v}" for k, v in TINY.items()] + ["--num_iterations=400", "--save_every=2", f"--output_dir={tmp_path}",
-                                                      "--model_tag=d2"]
+    args = [f"--{k}={v}" for k, v in TINY.items()] + ["--save_every=2", f"--output_dir={tmp_path}", "--model_tag=d2"]
     log = open(tmp_path / "holder.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *args, "--num_iterations=400"], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
     run = run_dir(tmp_path)
     try:
         deadline = time.time() + 120
@@ -136,6 +136,7 @@ def test_a_live_training_process_holds_its_folder_until_killed(base, tmp_path):
         proc.send_signal(signal.SIGSTOP)
         before = files(run)
         for extra in (["--resume"], ["--overwrite=true"], []):
+            extra.append("--num_iterations=400")
             r = subprocess.run([sys.executable, "-m", "scripts.base_train", *args, *extra], cwd=ROOT, capture_output=True,
                                text=True, timeout=120)
             assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -144,10 +145,11 @@ def test_a_live_training_process_holds_its_folder_until_killed(base, tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    r = subprocess.run([sys.executable, "-m", "scripts.base_train", *args, "--resume", "--num_iterations=4"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    saved = json.load(open(os.path.join(run, CONFIG_NAME)))["step"]  # the holder's last save
+    r = subprocess.run([sys.executable, "-m", "scripts.base_train", *args, "--resume", f"--num_iterations={saved + 2}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert load_checkpoint(os.path.join(run, CHECKPOINT_NAME))["loop"]["step"] == 4
+    assert load_checkpoint(os.path.join(run, CHECKPOINT_NAME))["loop"]["step"] == saved + 2
 
 
 # -------------------------------------------------------------------- resume terms
@@ -189,6 +191,9 @@ def test_resume_refuses_a_changed_learning_rate_and_records_what_ran(base, tmp_p
     # what the optimizer ran with is what is recorded
     assert ckpt["optim"]["muon"]["group"]["initial_lr"] == config["train_config"]["matrix_lr"]
     assert config["num_iterations"] == 6
+    # and from which step the new values hold
+    changed = {"num_iterations": [4, 6], "eval_every": [-1, 3], "save_every": [-1, 5], "horizon": [4, 6]}
+    assert config["resumes"] == ckpt["metadata"]["resumes"] == [{"step": 2, "changed": changed}]
 
 
 # -------------------------------------------------------------------- a second signal during the stop's save
@@ -238,3 +243,23 @@ def test_under_torchrun_a_second_signal_during_the_save_waits_for_it(base, tmp_p
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
     stopped = int(out.split("Stopped by signal 15 at step ")[1].split(";")[0])
     assert load_checkpoint(os.path.join(run_dir(tmp_path), CHECKPOINT_NAME))["loop"]["step"] == stopped
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_alone_takes_the_lock_and_a_held_folder_stops_every_rank(base, tmp_path):
+    """A 2-rank run takes the lock on rank 0 only (rank 1 locking too would refuse its own run); into a folder
+    another process holds, rank 0 stops in one line and torchrun ends every rank, no rank waits forever."""
+    from tests.test_run_safety import finished, torchrun
+
+    finished(torchrun(base, tmp_path, ["--eval_every=-1"], tmp_path / "first.log"), tmp_path / "first.log")
+    holder = hold(run_dir(tmp_path))
+    try:
+        before = files(run_dir(tmp_path))
+        proc = torchrun(base, tmp_path, ["--eval_every=-1", "--num_iterations=8", "--resume"], tmp_path / "second.log")
+        proc.wait(timeout=120)
+        out = open(tmp_path / "second.log").read()
+        assert proc.returncode != 0 and out.count(f"is in use by a training process (pid {holder.pid}") == 1, out[-3000:]
+        assert files(run_dir(tmp_path)) == before
+    finally:
+        holder.kill()
+        holder.wait()

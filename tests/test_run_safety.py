@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from nanochat import adaptive_svd as asvd
+from nanochat import stopping
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, CONFIG_NAME, config_text, load_checkpoint, write_checkpoint
 from nanochat.common import UserError
@@ -484,10 +485,14 @@ def test_sigterm_during_core_evaluation_abandons_it_after_the_current_example(tm
     assert model.calls == 2 and stop.agreed == signal.SIGTERM  # one forward per example: none after the signal
 
 
-def test_sigint_saves_and_a_second_one_stops_at_once_without_saving(base, tmp_path):
+def test_sigint_saves_and_a_second_one_stops_at_once_without_saving(base, tmp_path, monkeypatch):
     first = baseline(tmp_path / "a", hook=SignalAt(3, signal.SIGINT), num_iterations=6)
     assert first["stopped_by_signal"] == signal.SIGINT and first["step"] == 3
     assert load_checkpoint(os.path.join(folder(tmp_path / "a"), CHECKPOINT_NAME))["loop"]["step"] == 3
+    # two at once are one Ctrl-C delivered twice (torchrun passes the terminal's on): a normal stop
+    again = baseline(tmp_path / "c", hook=SignalAt(3, signal.SIGINT, count=2), num_iterations=6)
+    assert again["stopped_by_signal"] == signal.SIGINT and again["step"] == 3
+    monkeypatch.setattr(stopping, "REPEAT_S", 0.0)  # a second press, later
     with pytest.raises(KeyboardInterrupt, match=r"stopped at once without saving; no checkpoint of this run had been saved yet"):
         baseline(tmp_path / "b", hook=SignalAt(3, signal.SIGINT, count=2), num_iterations=6)
     assert not os.path.exists(os.path.join(folder(tmp_path / "b"), CHECKPOINT_NAME))
