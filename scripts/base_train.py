@@ -4,6 +4,8 @@ Example (CPU, a few minutes):
   python -m scripts.base_train --depth=4 --max_seq_len=512 --device_batch_size=1 \\
       --total_batch_size=512 --num_iterations=100 --eval_tokens=512 --device_type=cpu
 Checkpoints go to <output_dir>/base_checkpoints/d<depth>_baseline/ unless --model_tag is given.
+Exit status: 0 finished; 128 + n stopped by signal n after saving (continue with --resume;
+0 under torchrun); 2 bad input or a refused start; 3 the run diverged or collapsed.
 """
 
 from nanochat.cli import parse_args

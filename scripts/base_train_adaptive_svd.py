@@ -10,6 +10,8 @@ training of their minor singular subspace. Phase 1 of the researcher's guide:
 
 Checkpoints and svd_metrics.jsonl go to <output_dir>/base_checkpoints/d<depth>/.
 Method, metrics and every threshold flag: experiments/ADAPTIVE_SVD_METHOD.md.
+Exit status: 0 finished; 128 + n stopped by signal n after saving (continue with --resume;
+0 under torchrun); 2 bad input or a refused start; 3 the run diverged or collapsed.
 """
 
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
