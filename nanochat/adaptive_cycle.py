@@ -19,26 +19,45 @@ import torch
 import torch.distributed as dist
 
 from nanochat import adaptive_svd as asvd
-from nanochat.cli import flag
+from nanochat.adaptive_svd import Action, Mode
+from nanochat.cli import Check, at_least, check_config, flag, one_of
 from nanochat.common import UserError, print0
 from nanochat.gpt import AdaptiveSVDLinear
-from nanochat.train import TrainConfig, TrainHook
+from nanochat.hooks import TrainHook
+from nanochat.train import TrainConfig
 
 ATTN = ("c_q", "c_k", "c_v", "c_proj")
 MLP = ("c_fc", "mlp.c_proj")
 TARGET_NAMES = ATTN + MLP + ("mlp.c_fc", "attn.c_proj")
+SVD_METRICS = "svd_metrics.jsonl"  # one row per layer-analysis, next to the checkpoint
+TARGET_GROUPS = {"attn": ATTN, "mlp": MLP, "all": ATTN + MLP}
+
+
+def _target_items(targets):
+    return [t.strip() for t in targets.split(",") if t.strip()]
+
+
+TARGETS = Check(lambda v: bool(_target_items(v)) and all(t in TARGET_NAMES or t in TARGET_GROUPS for t in _target_items(v)),
+                "a comma list of c_q, c_k, c_v, c_proj, c_fc, mlp.c_proj, attn, mlp or all")
 
 
 @dataclass
 class AdaptiveConfig(asvd.SVDPolicy, TrainConfig):
     """The training flags, every policy threshold (declared once, in adaptive_svd.SVDPolicy) and these."""
     adaptive_svd: bool = flag(True, "run the adaptive SVD analysis and switching (false = plain baseline loop)")
-    adaptive_svd_target_layer: int = flag(0, "block index whose matrices are analysed; -1 = all blocks")
+    adaptive_svd_target_layer: int = flag(0, "block index whose matrices are analysed; -1 = all blocks", at_least(0).or_(-1))
     svd_targets: str = flag("c_q", "comma list of matrices: c_q,c_k,c_v,c_proj (attention), c_fc, mlp.c_proj, "
-                                   "or attn / mlp / all")
-    svd_interval: int = flag(20, "analyse every N steps (and at the last step)")
+                                   "or attn / mlp / all", TARGETS)
+    svd_interval: int = flag(20, "analyse every N steps (and at the last step)", at_least(1))
     svd_method: str = flag("auto", "exact | warm | auto (exact for small matrices, certified warm-started "
-                                   "subspace iteration for large ones)")
+                                   "subspace iteration for large ones)", one_of("exact", "warm", "auto"))
+
+    # rules between flags (nanochat.cli.check_config); -1 = depth 20 on CUDA, whose blocks prepare_model checks
+    CHECKS = (
+        (lambda c: c.depth == -1 or c.adaptive_svd_target_layer < c.depth,
+         "--adaptive_svd_target_layer={adaptive_svd_target_layer} is out of range for --depth={depth}: use a block "
+         "index below the depth, or -1 for every block"),
+    )
 
 
 def policy_from(cfg):
@@ -46,17 +65,11 @@ def policy_from(cfg):
 
 
 def target_names(targets):
-    """The matrix paths inside a block named by --svd_targets, in order, without repeats."""
+    """The matrix paths inside a block named by --svd_targets (checked by its flag), in order, without repeats."""
     names = []
-    for item in (t.strip() for t in targets.split(",") if t.strip()):
-        for name in {"attn": ATTN, "mlp": MLP, "all": ATTN + MLP}.get(item, (item,)):
-            if name not in TARGET_NAMES:
-                raise UserError(f"unknown --svd_targets entry {item!r}; use c_q, c_k, c_v, c_proj, c_fc, mlp.c_proj, "
-                                f"attn, mlp or all")
-            path = name if "." in name else ("mlp." + name if name == "c_fc" else "attn." + name)
-            names.append(path)
-    if not names:
-        raise UserError("--svd_targets is empty; name at least one matrix, e.g. c_q")
+    for item in _target_items(targets):
+        for name in TARGET_GROUPS.get(item, (item,)):
+            names.append(name if "." in name else ("mlp." + name if name == "c_fc" else "attn." + name))
     return list(dict.fromkeys(names))
 
 
@@ -67,20 +80,6 @@ def target_blocks(target_layer, n_layer):
         return [target_layer]
     raise UserError(f"--adaptive_svd_target_layer={target_layer} is out of range for depth {n_layer}; "
                     f"use 0..{n_layer - 1} or -1")
-
-
-def validate_adaptive(cfg):
-    """Every adaptive flag, before anything slow starts (data, tokenizer, model)."""
-    problems = policy_from(cfg).problems()
-    if cfg.svd_interval < 1:
-        problems.append("--svd_interval must be >= 1")
-    if cfg.svd_method not in ("exact", "warm", "auto"):
-        problems.append("--svd_method must be exact, warm or auto")
-    if problems:
-        raise UserError("; ".join(problems))
-    target_names(cfg.svd_targets)
-    if cfg.depth != -1:  # -1 is resolved by the device later (20 on CUDA); prepare_model checks the block then
-        target_blocks(cfg.adaptive_svd_target_layer, cfg.depth)
 
 
 def _swap_in(block, path):
@@ -129,7 +128,7 @@ class Layer:
     seconds: float | None = None    # what its last analysis cost (balances the ranks)
 
 
-# the tensors of a plan, sent from the analysing rank to every other rank
+# the tensors of a plan (fields of asvd.Analysis), sent from the analysing rank to every other rank
 PLAN_TENSORS = ("U_k", "S_k", "V_k", "warm_V")
 
 
@@ -139,7 +138,7 @@ class Plan:
     (unless the analysis failed) the decision and the basis it chose."""
     lines: list
     record: dict
-    action: str | None = None
+    action: Action | None = None
     streaks: dict = field(default_factory=dict)
     tensors: dict = field(default_factory=dict)
     error: str | None = None
@@ -150,11 +149,11 @@ class AdaptiveSVDHook(TrainHook):
     name = "adaptive_svd"
 
     def __init__(self, cfg):
-        validate_adaptive(cfg)
+        check_config(cfg)
         self.cfg = cfg
         self.policy = policy_from(cfg)
         self.layers = {}  # name -> Layer
-        self.switches = {"to_lowrank": 0, "to_full": 0}
+        self.switches = {Action.TO_LOWRANK.value: 0, Action.TO_FULL.value: 0}
         self.metrics_log = None
 
     # -- setup -------------------------------------------------------------------------------
@@ -169,7 +168,7 @@ class AdaptiveSVDHook(TrainHook):
     def attach(self, run):
         self.run = run
         # rank 0 writes it; the loop empties it (fresh run) or drops rows after the checkpoint (resume)
-        self.metrics_log = run.jsonl("svd_metrics.jsonl")
+        self.metrics_log = run.jsonl(SVD_METRICS)
         self.distributed = run.world_size > 1 and dist.is_initialized()
         self.owner = assign_owners(self.layers, run.world_size if self.distributed else 1)
         if self.distributed:
@@ -267,48 +266,48 @@ class AdaptiveSVDHook(TrainHook):
         G = None if module.weight.grad is None else module.weight.grad.detach().float()
         record = {"step": step, "layer": layer.name, "mode": state.mode, "shape": list(W.shape)}
         out = asvd.analyze(W, G, state, self.policy, step, method=self.cfg.svd_method)
-        if "failed" in out:
-            record.update(action="skipped", reason=f"svd_failed: {out['failed']}", svd_notes=out["notes"])
-            return Plan([f"  [{layer.name}] SVD failed ({out['failed']}); layer skipped at this analysis"], record)
-        m, action, reason = out["metrics"], out["action"], out["reason"]
+        if not out.ok:
+            record.update(action=Action.SKIPPED, reason=f"svd_failed: {out.failure}", svd_notes=out.notes)
+            return Plan([f"  [{layer.name}] SVD failed ({out.failure}); layer skipped at this analysis"], record)
+        m, action, reason = out.metrics, out.action, out.reason
         g = min(W.shape)
-        mode_after = {asvd.TO_LOWRANK: "lowrank", asvd.TO_FULL: "full"}.get(action, state.mode)
+        mode_after = action.mode_after(state.mode)
         r_before = module.rank
-        r_after = g - m["k"] if mode_after == "lowrank" else g
+        r_after = g - m["k"] if mode_after == Mode.LOWRANK else g
         lines = []
-        if state.analyses == 0 and action == asvd.KEEP:
+        if state.analyses == 0 and action == Action.KEEP:
             lines.append(f"  [{layer.name}] Initial SVD computed (k={m['k']} learned directions above the bulk "
                          f"threshold {_fmt(m['bulk_threshold'])}, s_max={_fmt(m['s_max'])}, "
                          f"stable_rank={_fmt(m['stable_rank'], 1)}, effective_rank_95={_fmt(m['effective_rank_95'])})")
         else:
             lines += self._metric_lines(layer.name, state.mode, m)
-        if action == asvd.TO_LOWRANK:
+        if action == Action.TO_LOWRANK:
             lines.append(f"  [{layer.name}] SWITCHED TO LOW-RANK (r={r_after}) - Reason: {reason}")
-        elif action == asvd.TO_FULL:
+        elif action == Action.TO_FULL:
             lines.append(f"  [{layer.name}] SWITCHED TO FULL MATRIX - Reason: {reason}")
         else:
-            if mode_after == "lowrank" and r_after != r_before:
+            if mode_after == Mode.LOWRANK and r_after != r_before:
                 lines.append(f"  [{layer.name}] Updated r: {r_before} -> {r_after}")
             if state.analyses > 0:
                 lines.append(f"  [{layer.name}] Decision: {reason} (mode={mode_after}, r={r_after})")
         record.update(m, action=action, reason=reason, mode_after=mode_after, r_after=r_after,
-                      svd_method=out["method"], svd_notes=out["notes"])
-        tensors = {key: out[key] for key in PLAN_TENSORS}
-        return Plan(lines, record, action=action, streaks=out["streaks"], tensors=tensors)
+                      svd_method=out.method, svd_notes=out.notes)
+        tensors = {key: getattr(out, key) for key in PLAN_TENSORS}
+        return Plan(lines, record, action=action, streaks=out.streaks, tensors=tensors)
 
     def _apply(self, layer, plan):
         """Carry out one layer's plan on this rank: protect, refresh or release, and the new state."""
         if plan.action is None:
             return
         module, muon = layer.module, self.run.muon
-        out = dict(plan.tensors, action=plan.action, streaks=plan.streaks)
-        new_state = asvd.advance(layer.state, out, module.weight)
-        if new_state.mode == "lowrank":
-            widened = layer.state.mode == "full" or new_state.U_k.shape[1] != module.U_k.shape[1]
+        analysis = asvd.Analysis(action=plan.action, streaks=plan.streaks, **plan.tensors)
+        new_state = asvd.advance(layer.state, analysis, module.weight)
+        if new_state.mode == Mode.LOWRANK:
+            widened = layer.state.mode == Mode.FULL or new_state.U_k.shape[1] != module.U_k.shape[1]
             module.protect(new_state.U_k, new_state.V_k)
             if widened:  # entering, or new learned directions joined: the momentum leaves them once
                 muon.project_momentum(module.weight)
-        elif layer.state.mode == "lowrank":
+        elif layer.state.mode == Mode.LOWRANK:
             module.unprotect()
         if plan.action in self.switches:
             self.switches[plan.action] += 1
@@ -338,7 +337,7 @@ class AdaptiveSVDHook(TrainHook):
         clean = {k: (v.item() if torch.is_tensor(v) else v) for k, v in record.items()}
         self.metrics_log.write(clean)
         data = {f"svd/{name}/{k}": v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        data[f"svd/{name}/lowrank"] = int(clean.get("mode_after", clean["mode"]) == "lowrank")
+        data[f"svd/{name}/{Mode.LOWRANK}"] = int(clean.get("mode_after", clean["mode"]) == Mode.LOWRANK)
         self.run.log(data, step)
 
     # -- checkpoint --------------------------------------------------------------------------
@@ -357,12 +356,13 @@ class AdaptiveSVDHook(TrainHook):
             device = layer.module.weight.device
             entry = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in entry.items()}
             layer.state = asvd.LayerState(**entry)
-            if layer.state.mode == "lowrank":
+            if layer.state.mode == Mode.LOWRANK:
                 layer.module.protect(layer.state.U_k, layer.state.V_k)
             else:
                 layer.module.unprotect()
 
     def summary(self):
-        modes = {name: layer.module.mode for name, layer in self.layers.items()}
+        # plain strings: the checkpoint's metadata holds them, and torch.load(weights_only=True) reads no enum
+        modes = {name: layer.module.mode.value for name, layer in self.layers.items()}
         ranks = {name: layer.module.rank for name, layer in self.layers.items()}
         return {"modes": modes, "ranks": ranks, "switches": dict(self.switches)}

@@ -8,6 +8,7 @@ that trains in low-rank (protected) mode, where every update is confined to
 """
 
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass, field
 
@@ -36,8 +37,8 @@ def _linalg(fn, *tensors):
 
 
 def _thin_svd(A, **kwargs):
-    """Thin SVD; a wide matrix is factored through its transpose (A^T = V S U^T), which LAPACK's
-    CPU path does about 2.4x faster for d20's 1280 x 5120 than the wide matrix itself."""
+    """Thin SVD; a wide matrix is factored through its transpose (A^T = V S U^T): LAPACK's CPU path is
+    faster on the tall orientation (experiments/ADAPTIVE_SVD_METHOD.md, "SVD engine")."""
     if A.shape[0] < A.shape[1]:
         U, S, Vh = torch.linalg.svd(A.mT, full_matrices=False, **kwargs)
         return Vh.mT, S, U.mT
@@ -128,10 +129,10 @@ def svd(W, method="exact", prev_V=None, *, oversample=16, iters=2, auto_exact_ma
     method: 'exact' = full thin SVD (complete=True); 'warm' = the top l = j + oversample triples only
     (complete=False) by subspace iteration from `prev_V` (n_in x j, the previous analysis' top right
     vectors; j may be 0); 'auto' = warm when `prev_V` fits W, min(W.shape) > auto_exact_max_dim and
-    either prev_V holds learned directions or min(W.shape) > auto_random_min_dim; exact otherwise (a
-    certified warm analysis of a 256 x 256 layer costs a quarter of an exact one on CPU; below 128
-    the exact SVD is as cheap; without learned directions to start from, the exact SVD's full spectrum
-    is worth its cost up to 512). A warm result is only a candidate: `count_learned` and `certify_warm` decide
+    either prev_V holds learned directions or min(W.shape) > auto_random_min_dim; exact otherwise (below
+    auto_exact_max_dim the exact SVD costs no more than a certified warm one; without learned directions
+    to start from, the exact SVD's full spectrum is worth its cost up to auto_random_min_dim;
+    `python -m scripts.bench_svd` measures both). A warm result is only a candidate: `count_learned` and `certify_warm` decide
     whether it may be used (`spectrum` does both). Non-finite input gives a failed result;
     convergence errors retry with another driver, then float64 on CPU; if all fail, a failed result.
     Results are on W's device even where the SVD itself had to run on CPU (MPS).
@@ -318,10 +319,12 @@ def alignment_ratio(p, k, n_out):
 
 
 def project(X, U, V):
-    """(I - U U^T) X (I - V V^T): X with its components along the principal bases removed (fp32)."""
+    """(I - U U^T) X (I - V V^T): X with its components along the principal bases removed, in fp32.
+    The one projection of the method: protected training (the optimizer, through AdaptiveSVDLinear)
+    and the analysis both call it."""
     X = X.float()
     if U is None or U.shape[1] == 0:
-        return X
+        return X  # full mode, or nothing protected: X itself, so k = 0 trains exactly as full mode
     X = X - U @ (U.T @ X)
     return X - (X @ V) @ V.T
 
@@ -444,7 +447,9 @@ def layer_metrics(S, frob_sq, k, U_now, G=None, dW=None, U_prev=None, V_prev=Non
 
 # ---------------------------------------------------------------------------------------------
 # Policy: every threshold, declared once. Each field is also a command-line flag of the training
-# script (nanochat/adaptive_cycle.py derives them), with its help line and its valid range here.
+# script (nanochat/adaptive_cycle.py derives them), with its help line and its valid range here, in
+# the plain metadata nanochat.cli.flag writes (this module imports no command-line or training code):
+# the parser and nanochat.cli.check_config apply them and the CHECKS between fields.
 
 def _knob(default, help, valid, rule):
     return field(default=default, metadata={"help": help, "valid": valid, "rule": rule})
@@ -474,17 +479,14 @@ class SVDPolicy:
     svd_overlap_stable: float = _knob(0.9, "subspace overlap above chance that counts as stable (with --svd_stable_rule)",
                                       lambda v: 0 <= v <= 1, "in [0, 1]")
 
-    def problems(self):
-        """One line per invalid setting (empty when all are valid)."""
-        out = [f"--{f.name}={getattr(self, f.name)!r} is out of range: use {f.metadata['rule']}"
-               for f in dataclasses.fields(self) if not f.metadata["valid"](getattr(self, f.name))]
-        if not self.svd_ratio_exit < self.svd_ratio_enter:
-            out.append(f"--svd_ratio_exit={self.svd_ratio_exit} must be below --svd_ratio_enter={self.svd_ratio_enter} "
-                       f"(the band between them is what stops a layer from cycling)")
-        if self.svd_k_max_frac * self.svd_ratio_enter >= 1:
-            out.append(f"--svd_k_max_frac={self.svd_k_max_frac} makes the ratio's ceiling 1/{self.svd_k_max_frac:g} "
-                       f"no higher than --svd_ratio_enter={self.svd_ratio_enter}: the rule could never fire")
-        return out
+    CHECKS = (
+        (lambda p: p.svd_ratio_exit < p.svd_ratio_enter,
+         "--svd_ratio_exit={svd_ratio_exit} must be below --svd_ratio_enter={svd_ratio_enter} (the band between them "
+         "is what stops a layer from cycling)"),
+        (lambda p: p.svd_k_max_frac * p.svd_ratio_enter < 1,
+         "--svd_k_max_frac={svd_k_max_frac} makes the ratio's ceiling 1/{svd_k_max_frac:g} no higher than "
+         "--svd_ratio_enter={svd_ratio_enter}: the rule could never fire"),
+    )
 
 
 def k_max(g, policy):
@@ -492,7 +494,23 @@ def k_max(g, policy):
     return max(1, int(policy.svd_k_max_frac * g))
 
 
-TO_LOWRANK, TO_FULL, KEEP = "to_lowrank", "to_full", "keep"
+class Mode(enum.StrEnum):
+    """A layer's training mode. The values are what svd_metrics.jsonl and the console carry (a str enum
+    compares equal to its value, so readers of the JSONL compare with it directly)."""
+    FULL = "full"        # every direction trains
+    LOWRANK = "lowrank"  # protected: updates confined to the minor subspace, rank r = g - k
+
+
+class Action(enum.StrEnum):
+    """What an analysis does to a layer (the `action` of its svd_metrics.jsonl record)."""
+    TO_LOWRANK = "to_lowrank"
+    TO_FULL = "to_full"
+    KEEP = "keep"
+    SKIPPED = "skipped"  # no decision: the SVD failed, the layer stays as it was until the next analysis
+
+    def mode_after(self, mode):
+        """The layer's mode once this action is carried out on a layer in `mode`."""
+        return {Action.TO_LOWRANK: Mode.LOWRANK, Action.TO_FULL: Mode.FULL}.get(self, mode)
 
 
 @dataclass(frozen=True)
@@ -500,8 +518,8 @@ class Rule:
     """A switch: in `mode`, when any of `metrics` compares `op` the policy's `threshold` at
     svd_patience consecutive analyses, take `action`. `opt_in`: a policy flag that must be true."""
     reason: str
-    mode: str
-    action: str
+    mode: Mode
+    action: Action
     metrics: tuple
     op: str
     threshold: str
@@ -518,18 +536,18 @@ class Rule:
 
 # The rule table: decide() and scripts/monitor_svd.py both read it. Order = priority.
 RULES = (
-    Rule("gradient_clobbering_risk", "full", TO_LOWRANK, ("alignment_ratio", "update_alignment_ratio"), ">=",
+    Rule("gradient_clobbering_risk", Mode.FULL, Action.TO_LOWRANK, ("alignment_ratio", "update_alignment_ratio"), ">=",
          "svd_ratio_enter"),
-    Rule("optimal_lowrank_conditions", "full", TO_LOWRANK, ("subspace_overlap_above_chance",), ">=",
+    Rule("optimal_lowrank_conditions", Mode.FULL, Action.TO_LOWRANK, ("subspace_overlap_above_chance",), ">=",
          "svd_overlap_stable", opt_in="svd_stable_rule"),
-    Rule("clobbering_risk_passed", "lowrank", TO_FULL, ("alignment_ratio",), "<=", "svd_ratio_exit"),
+    Rule("clobbering_risk_passed", Mode.LOWRANK, Action.TO_FULL, ("alignment_ratio",), "<=", "svd_ratio_exit"),
 )
 
 
 @dataclass
 class LayerState:
     """What one layer carries from one analysis to the next (and into the checkpoint)."""
-    mode: str = "full"                 # 'full' or 'lowrank' (protected)
+    mode: Mode = Mode.FULL
     U_k: torch.Tensor | None = None    # left basis of the directions learned at the previous analysis (n_out x k);
     S_k: torch.Tensor | None = None    # while low-rank it is the protection in force
     V_k: torch.Tensor | None = None    # right basis (n_in x k)
@@ -538,8 +556,12 @@ class LayerState:
     streaks: dict = field(default_factory=dict)  # rule reason -> consecutive analyses it held
     analyses: int = 0                  # analyses recorded so far
 
+    def __post_init__(self):
+        self.mode = Mode(self.mode)  # a checkpoint holds the plain string
+
     def to_dict(self):
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # the mode as a plain string: torch.load(weights_only=True) reads no enum
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {"mode": self.mode.value}
 
 
 def decide(metrics, state, policy, step):
@@ -554,31 +576,50 @@ def decide(metrics, state, policy, step):
     'no_learned_directions'); otherwise keep 'continue_current_mode'. A missing or None metric never holds.
     """
     if policy.svd_policy == "static":
-        return (TO_LOWRANK if state.mode == "full" else KEEP), "static_protection", {}
+        return (Action.TO_LOWRANK if state.mode == Mode.FULL else Action.KEEP), "static_protection", {}
     if policy.svd_policy == "observe":
-        return KEEP, "observe_only", {}
+        return Action.KEEP, "observe_only", {}
     if state.analyses == 0:
-        return KEEP, "initial_svd_baseline", {}
+        return Action.KEEP, "initial_svd_baseline", {}
     if not metrics.get("k_prev"):
-        return KEEP, "no_learned_directions", {}
+        return Action.KEEP, "no_learned_directions", {}
     if step < policy.svd_warmup_steps:
-        return KEEP, "warmup", {}
+        return Action.KEEP, "warmup", {}
     streaks = {}
     for rule in RULES:
         if rule.mode == state.mode and rule.enabled(policy):
             streaks[rule.reason] = state.streaks.get(rule.reason, 0) + 1 if rule.holds(metrics, policy) else 0
     for rule in RULES:
         if streaks.get(rule.reason, 0) >= policy.svd_patience:
-            if rule.action == TO_LOWRANK and not metrics.get("k"):
-                return KEEP, "no_learned_directions", streaks
+            if rule.action == Action.TO_LOWRANK and not metrics.get("k"):
+                return Action.KEEP, "no_learned_directions", streaks
             return rule.action, rule.reason, {}
-    return KEEP, "continue_current_mode", streaks
+    return Action.KEEP, "continue_current_mode", streaks
+
+
+@dataclass
+class Analysis:
+    """Outcome of `analyze` for one layer. On failure (`failure` set: no SVD could be computed) only
+    `notes` is filled and nothing is decided."""
+    metrics: dict | None = None        # every metric of the write-up, plus noise_sigma and bulk_threshold
+    action: Action | None = None
+    reason: str | None = None          # the rule (or why none) behind the action
+    streaks: dict = field(default_factory=dict)  # rule reason -> consecutive analyses it held (empty after a switch)
+    U_k: torch.Tensor | None = None    # the basis chosen now (n_out x k), its singular values and right basis:
+    S_k: torch.Tensor | None = None    # the previous basis of the next analysis
+    V_k: torch.Tensor | None = None
+    warm_V: torch.Tensor | None = None # the analysed matrix's top right vectors (the next warm start)
+    method: str | None = None          # the SVD that produced it: 'exact' or 'warm'
+    notes: list = field(default_factory=list)  # the SVD's fallbacks, for the log
+    failure: str | None = None         # why no SVD could be computed
+
+    @property
+    def ok(self):
+        return self.failure is None
 
 
 def analyze(W, G, state, policy, step, method="exact"):
-    """One analysis of one layer; changes nothing. Returns a dict: 'metrics', 'action', 'reason',
-    'streaks', the basis chosen now ('U_k', 'S_k', 'V_k'), 'warm_V', the SVD 'method'/'notes' and the
-    noise estimate, or {'failed': reason, 'notes': ...} when no SVD could be computed.
+    """One analysis of one layer (an `Analysis`); changes nothing.
 
     Full mode: the spectrum of W; the chosen basis is its top-k learned directions. Low-rank mode: the
     protected triples (U_p, S_p, V_p) are exact singular triples of W, so W = U_p S_p V_p^T + W_m with
@@ -589,15 +630,15 @@ def analyze(W, G, state, policy, step, method="exact"):
     W = W.detach().float()
     n_out, n_in = W.shape
     g = min(n_out, n_in)
-    protected = state.mode == "lowrank" and state.U_k is not None and state.U_k.shape[1] > 0
+    protected = state.mode == Mode.LOWRANK and state.U_k is not None and state.U_k.shape[1] > 0
     kp = state.U_k.shape[1] if protected else 0
     target = project(W, state.U_k, state.V_k) if protected else W
     k_room = k_max(g, policy) - kp
     res, k_new, sigma, threshold = spectrum(target, method, state.warm_V, n_out - kp, n_in - kp,
                                             tw=policy.svd_edge_tw, k_max=max(k_room, 0), seed=step)
     if not res.ok:
-        return {"failed": res.reason, "notes": res.notes}
-    if policy.svd_policy == "static" and state.mode == "lowrank":
+        return Analysis(notes=res.notes, failure=res.reason)
+    if policy.svd_policy == "static" and state.mode == Mode.LOWRANK:
         k_new = 0  # OSFT: the basis chosen at the first step stays as it is
     if protected:
         U_p, V_p = state.U_k, state.V_k
@@ -618,15 +659,13 @@ def analyze(W, G, state, policy, step, method="exact"):
                             protected=protected, S_k=S_k)
     metrics.update(noise_sigma=sigma, bulk_threshold=threshold)
     action, reason, streaks = decide(metrics, state, policy, step)
-    return {"metrics": metrics, "action": action, "reason": reason, "streaks": streaks,
-            "U_k": U.contiguous(), "S_k": S_k.contiguous(), "V_k": V.contiguous(),
-            "warm_V": res.Vh[:k_new].T.contiguous(),
-            "method": res.method, "notes": res.notes}
+    return Analysis(metrics, action, reason, streaks, U.contiguous(), S_k.contiguous(), V.contiguous(),
+                    warm_V=res.Vh[:k_new].T.contiguous(), method=res.method, notes=res.notes)
 
 
-def advance(state, out, W):
-    """The layer's state after analysis `out` has been applied: the basis chosen now becomes the
-    previous basis of the next analysis; a switch sets the mode and clears the streaks."""
-    mode = {TO_LOWRANK: "lowrank", TO_FULL: "full"}.get(out["action"], state.mode)
-    return LayerState(mode=mode, U_k=out["U_k"], S_k=out["S_k"], V_k=out["V_k"], W_prev=W.detach().float().clone(),
-                      warm_V=out["warm_V"], streaks=dict(out["streaks"]), analyses=state.analyses + 1)
+def advance(state, analysis, W):
+    """The layer's state after `analysis` (a successful one) has been applied: the basis chosen now
+    becomes the previous basis of the next analysis; a switch sets the mode and clears the streaks."""
+    return LayerState(mode=analysis.action.mode_after(state.mode), U_k=analysis.U_k, S_k=analysis.S_k,
+                      V_k=analysis.V_k, W_prev=W.detach().float().clone(), warm_V=analysis.warm_V,
+                      streaks=dict(analysis.streaks), analyses=state.analyses + 1)

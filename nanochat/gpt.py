@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.adaptive_svd import Mode, project
+
 SOFTCAP = 15.0
 
 
@@ -67,7 +69,7 @@ class AdaptiveSVDLinear(nn.Module):
 
     @property
     def mode(self):
-        return "full" if self.U_k is None else "lowrank"
+        return Mode.FULL if self.U_k is None else Mode.LOWRANK
 
     @property
     def rank(self):
@@ -90,11 +92,7 @@ class AdaptiveSVDLinear(nn.Module):
 
     def project(self, X):
         """(I - U_k U_k^T) X (I - V_k V_k^T) in fp32; X itself (as fp32) in full mode."""
-        X = X.float()
-        if self.U_k is None:
-            return X
-        X = X - self.U_k @ (self.U_k.T @ X)
-        return X - (X @ self.V_k) @ self.V_k.T
+        return project(X, self.U_k, self.V_k)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, r={self.rank}"

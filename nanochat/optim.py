@@ -10,6 +10,8 @@ momentum and scaling as a full step.
 
 import torch
 
+from nanochat.adaptive_svd import Mode
+
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
@@ -63,7 +65,7 @@ class Muon(torch.optim.Optimizer):
 
     def _protected(self, p):
         layer = self.layers.get(p)
-        return layer if layer is not None and layer.mode == "lowrank" else None
+        return layer if layer is not None and layer.mode == Mode.LOWRANK else None
 
     @torch.no_grad()
     def step(self):

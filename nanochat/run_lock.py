@@ -105,3 +105,12 @@ class RunLock:
             pass
         os.close(self.fd)  # closing drops the lock
         self.fd = None
+
+
+def ensure_free(folder):
+    """UserError naming the holder if a process holds `folder` (for a tool about to write next to a run, e.g.
+    its console log); nothing if the folder does not exist."""
+    if os.path.isdir(folder):
+        lock = RunLock(folder)
+        lock.acquire()
+        lock.release()

@@ -6,7 +6,8 @@
 
 Four checks, one table, exit status 1 when any check fails:
   phase1    the researcher's Phase 1 command on this device (d4, 100 steps), its checklist read from the
-            output, then the guide's generation snippet on the checkpoint it wrote
+            run's files (and the guide's console lines), then the guide's generation snippet on the
+            checkpoint it wrote
   svd       exact vs certified warm SVD on d20 shapes (1280x1280, 5120x1280): time, captured energy, same k
   d20       ~30 steps of d20 (seq 2048, device batch 32) as the baseline and as adaptive SVD on every matrix
             with an analysis every 10 steps: MFU, tok/s, analysis time and share, compiled graphs (a switch
@@ -23,7 +24,6 @@ import io
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -34,15 +34,15 @@ import torch
 import torch._dynamo
 
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
-from nanochat.cli import flag, parse_args
-from nanochat.common import UserError, check_device_type, device_peak_flops, peak_memory_mib, run_cli
+from nanochat.checkpoint_manager import CHECKPOINT_NAME, checkpoint_dir
+from nanochat.cli import Check, at_least, flag, one_of, parse_args
+from nanochat.common import DEVICE_TYPES, check_device_type, device_peak_flops, peak_memory_mib, run_cli
 from nanochat.gpt import GPT, AdaptiveSVDLinear, GPTConfig
 from nanochat.optim import Muon
+from nanochat.runs import analysis_seconds, evaluations, read_jsonl, svd_records, svd_summary
+from nanochat.synthetic import bench_shape, planted
 from nanochat.tokenizer import get_tokenizer
 from nanochat.train import TRAIN_METRICS, train
-from scripts.bench_svd import bench_shape
-from scripts.method_checks import planted
-from scripts.runs import analysis_seconds, read_jsonl, svd_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNIPPET = os.path.join(ROOT, "experiments", "guide_snippet.py")
@@ -53,16 +53,24 @@ PHASE1_TINY = ["--depth=4", "--max_seq_len=64", "--device_batch_size=1", "--eval
                "--total_batch_size=64", f"--num_iterations={PHASE1_TINY_STEPS}"]
 
 
+CHECK_NAMES = ("phase1", "svd", "d20", "bf16")
+
+
+def check_names(text):
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
 @dataclasses.dataclass
 class CheckConfig:
-    device_type: str = flag("cuda", "device to check: cuda | cpu | mps")
+    device_type: str = flag("cuda", "device to check: cuda | cpu | mps", one_of(*DEVICE_TYPES))
     tiny: bool = flag(False, "toy sizes everywhere (a CPU test of this script), not a measurement")
-    depth: int = flag(20, "depth of the step check (tiny: 2)")
-    max_seq_len: int = flag(2048, "sequence length of the step check (tiny: 64)")
-    device_batch_size: int = flag(32, "sequences per forward of the step check (tiny: 2); 16 for 40 GB A100s")
-    steps: int = flag(30, "steps per run of the step check (tiny: 8)")
-    svd_interval: int = flag(10, "analysis interval of the adaptive step run (tiny: 4)")
-    only: str = flag("", "comma list of checks to run (phase1, svd, d20, bf16); empty = all")
+    depth: int = flag(20, "depth of the step check (tiny: 2)", at_least(1))
+    max_seq_len: int = flag(2048, "sequence length of the step check (tiny: 64)", at_least(2))
+    device_batch_size: int = flag(32, "sequences per forward of the step check (tiny: 2); 16 for 40 GB A100s", at_least(1))
+    steps: int = flag(30, "steps per run of the step check (tiny: 8)", at_least(1))
+    svd_interval: int = flag(10, "analysis interval of the adaptive step run (tiny: 4)", at_least(1))
+    only: str = flag("", "comma list of checks to run; empty = all",
+                     Check(lambda v: all(c in CHECK_NAMES for c in check_names(v)), f"empty or a comma list of {', '.join(CHECK_NAMES)}"))
     out: str = flag("", "folder for the runs (kept); empty = a temporary folder, removed at the end")
 
 
@@ -72,8 +80,15 @@ def row(check, ok, result, details):
 
 # -- phase1 ----------------------------------------------------------------------------------------
 
+def switch_count(records):
+    """Switches (either way) in a run's svd_metrics.jsonl records."""
+    svd = svd_summary(records)
+    return svd["to_lowrank"] + svd["to_full"] if svd else 0
+
+
 def check_phase1(cfg, out):
-    """The guide's command (device swapped), the checklist from its output, then the snippet."""
+    """The guide's command (device swapped), the checklist from the run's files and the guide's console
+    lines, then the snippet."""
     run_dir = os.path.join(out, "phase1")
     os.makedirs(run_dir, exist_ok=True)
     flags = (PHASE1_TINY if cfg.tiny else PHASE1) + [f"--device_type={cfg.device_type}"]
@@ -86,20 +101,24 @@ def check_phase1(cfg, out):
         last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
         return row("phase1", False, f"exit {r.returncode}", last)
     out_text = r.stdout
-    steps = [int(s) for s in re.findall(r"=== SVD Analysis at step (\d+) ===", out_text)]
+    ckpt_dir = checkpoint_dir(run_dir, "d4")
+    records = svd_records(ckpt_dir)
+    steps = sorted({rec["step"] for rec in records})
     expected = list(range(20, (PHASE1_TINY_STEPS if cfg.tiny else PHASE1_STEPS) + 1, 20))  # --svd_interval's default
-    vals = [float(v) for v in re.findall(r"Validation bpb: ([0-9.]+)", out_text)]
+    first = {rec["reason"] for rec in records if rec["step"] == expected[0]}
+    vals = [v for _, v in evaluations(read_jsonl(os.path.join(ckpt_dir, TRAIN_METRICS)))]
     checklist = {
         "analyses at " + ",".join(map(str, expected)): steps == expected,
-        "initial SVD at 20": "Initial SVD computed" in out_text.split("=== SVD Analysis at step 40")[0],
+        # the guide's console line, and in the records every layer's first analysis taking its baseline
+        "initial SVD at 20": "Initial SVD computed" in out_text and first == {"initial_svd_baseline"},
         "metrics printed": "alignment_ratio=" in out_text and "subspace_angle=" in out_text,
         "val bpb fell": len(vals) >= 2 and vals[-1] < vals[0],
-        "checkpoint saved": os.path.exists(os.path.join(run_dir, "base_checkpoints", "d4", "checkpoint.pt")),
+        "checkpoint saved": os.path.exists(os.path.join(ckpt_dir, CHECKPOINT_NAME)),
     }
     snippet = subprocess.run([sys.executable, "-c", open(SNIPPET).read()], cwd=run_dir, env=env, capture_output=True,
                              text=True)
     checklist["snippet generates"] = snippet.returncode == 0 and snippet.stdout.startswith("<|bos|>")
-    switches = out_text.count("SWITCHED")
+    switches = switch_count(records)
     failed = [k for k, v in checklist.items() if not v]
     details = (f"{seconds:.0f} s; {len(steps)} analyses, {switches} switches (a switch needs learned directions: "
                f"none is not a failure), val bpb {vals[0]:.3f} -> {vals[-1]:.3f}" if vals else f"{seconds:.0f} s")
@@ -135,9 +154,8 @@ def step_run(cfg, out, adaptive):
         torch.cuda.reset_peak_memory_stats()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log):
+        with contextlib.redirect_stdout(io.StringIO()):
             result = train(run_cfg, hook=AdaptiveSVDHook(run_cfg) if adaptive else None)
     except torch.OutOfMemoryError:
         return None, f"out of memory at device batch {batch}: try --device_batch_size={max(1, batch // 2)}"
@@ -150,7 +168,7 @@ def step_run(cfg, out, adaptive):
         model = GPT(GPTConfig.from_depth(depth, get_tokenizer().get_vocab_size(), seq))
     return {"median_dt": median_dt, "tok_per_sec": batch * seq / median_dt, "flops_per_token": model.estimate_flops(),
             "tokens_per_step": batch * seq, "total_time": result["total_time"], "analysis_s": analysis_seconds(records),
-            "analyses": len({r["step"] for r in records}), "switches": log.getvalue().count("SWITCHED"), "graphs": graphs,
+            "analyses": len({r["step"] for r in records}), "switches": switch_count(records), "graphs": graphs,
             "peak_mib": peak_memory_mib(cfg.device_type), "losses_finite": all(map(math.isfinite, result["losses"]))}, None
 
 
@@ -217,10 +235,7 @@ def main(argv):
     cfg = parse_args(CheckConfig, argv, "python -m scripts.gpu_check", __doc__)
     device_type = check_device_type(cfg.device_type)
     device = torch.device(device_type)
-    wanted = [c.strip() for c in cfg.only.split(",") if c.strip()] or ["phase1", "svd", "d20", "bf16"]
-    unknown = set(wanted) - {"phase1", "svd", "d20", "bf16"}
-    if unknown:
-        raise UserError(f"--only: unknown check(s) {sorted(unknown)}; use phase1, svd, d20, bf16")
+    wanted = check_names(cfg.only) or list(CHECK_NAMES)
     if not cfg.tiny and device_type != "cuda":
         print(f"note: full-size checks on {device_type} take far longer than on a GPU; --tiny=true is the quick test")
     name = torch.cuda.get_device_name(device) if device_type == "cuda" else device_type

@@ -33,6 +33,7 @@ from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.cli import parse_args
 from nanochat.common import get_dist_info, run_cli
 from nanochat.dataloader import DataLoader
+from nanochat.hooks import TrainHook
 from nanochat.stopping import exit_status
 
 OUT = os.environ.get("DIST_RUN_OUT", ".")
@@ -112,7 +113,7 @@ def main(argv):
         asvd.svd = slowed(asvd.svd, float(os.environ["DIST_RUN_SLOW_SVD"]))
     if os.environ.get("DIST_RUN_SLOW_SAVE"):
         train_module.save_checkpoint = slow_save(train_module.save_checkpoint, float(os.environ["DIST_RUN_SLOW_SAVE"]))
-    hook = RecordingHook(cfg) if cfg.adaptive_svd else train_module.TrainHook()
+    hook = RecordingHook(cfg) if cfg.adaptive_svd else TrainHook()
     state = {}
 
     def attach(run, _attach=hook.attach):

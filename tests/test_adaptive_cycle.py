@@ -1,8 +1,10 @@
 """AdaptiveSVDLinear with Muon (identity at k = 0, exact protected triples) and the analysis cycle on a live model:
 switches that change nothing structural, optimizer state, compile, resume, fallbacks, the guide's Phase 1 run."""
 
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,11 +14,15 @@ import torch
 
 from nanochat import adaptive_svd as asvd
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
+from nanochat.adaptive_svd import Action, Mode
+from nanochat.checkpoint_manager import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from nanochat.common import UserError
 from nanochat.gpt import GPT, AdaptiveSVDLinear, GPTConfig
+from nanochat.hooks import Run
 from nanochat.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
-from nanochat.train import Run, train
-from scripts.method_checks import planted
+from nanochat.run_files import JsonlLog
+from nanochat.synthetic import planted
+from nanochat.train import train
 from tests.conftest import ROOT, tiny_model
 
 
@@ -143,8 +149,8 @@ def step(model, muon, adamw, hook, n, seed, forward=None):
 def flip_every_analysis(metrics, state, policy, step):
     """A stand-in for decide(): every layer switches at every analysis after its first."""
     if state.analyses == 0:
-        return asvd.KEEP, "initial_svd_baseline", {}
-    return (asvd.TO_LOWRANK if state.mode == "full" else asvd.TO_FULL), "scripted", {}
+        return asvd.Action.KEEP, "initial_svd_baseline", {}
+    return (asvd.Action.TO_LOWRANK if state.mode == Mode.FULL else asvd.Action.TO_FULL), "scripted", {}
 
 
 def test_switch_projects_momentum_once_and_touches_nothing_else(monkeypatch):
@@ -194,6 +200,54 @@ def test_failed_svd_skips_the_layer_without_crashing(monkeypatch):
     assert all(layer.module.mode == "full" and layer.state.analyses == 0 for layer in hook.layers.values())
 
 
+def test_the_mode_and_action_words_are_what_the_jsonl_and_the_console_carry(monkeypatch, tmp_path, capsys):
+    """Readers compare svd_metrics.jsonl fields with the enums and people read the console: both must carry
+    exactly the enum values (and the guide's SWITCHED wording), through a switch each way and a failed SVD."""
+    assert [m.value for m in Mode] == ["full", "lowrank"]
+    assert [a.value for a in Action] == ["to_lowrank", "to_full", "keep", "skipped"]
+    cfg, model, hook, muon, adamw = small_run({"svd_interval": 1})
+    hook.metrics_log = JsonlLog(str(tmp_path / "svd_metrics.jsonl"))
+    monkeypatch.setattr(asvd, "decide", flip_every_analysis)
+    for n in (1, 2, 3):  # baseline, to low rank, back to full
+        step(model, muon, adamw, hook, n, n)
+    monkeypatch.setattr(asvd, "decide", lambda *a: (Action.KEEP, "scripted", {}))
+    step(model, muon, adamw, hook, 4, 4)
+    monkeypatch.setattr(asvd, "svd", lambda *a, **k: asvd.SVDResult(reason="injected failure"))
+    step(model, muon, adamw, hook, 5, 5)
+    hook.metrics_log.close()
+    lines = (tmp_path / "svd_metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["action"] for r in records[::len(hook.layers)]] == ["keep", "to_lowrank", "to_full", "keep", "skipped"]
+    assert [r["mode"] for r in records[::len(hook.layers)]] == ["full", "full", "lowrank", "full", "full"]
+    for r in records[:-len(hook.layers)]:
+        assert r["mode_after"] == Action(r["action"]).mode_after(Mode(r["mode"]))
+    assert '"mode": "lowrank"' in "".join(lines) and '"mode_after": "lowrank"' in "".join(lines)
+    out = capsys.readouterr().out
+    assert "SWITCHED TO LOW-RANK (r=" in out and "SWITCHED TO FULL MATRIX" in out
+    assert " mode=full k=" in out and " mode=lowrank k=" in out and "Decision: scripted (mode=full, r=" in out
+    assert "Mode." not in out and "Action." not in out
+
+
+def test_the_checkpointed_layer_state_is_plain_strings_and_loads(monkeypatch):
+    """A checkpoint holds the mode as a plain string (torch.load(weights_only=True) reads no enum, and
+    checkpoints written before the enum hold one); loading it restores the mode and the protection."""
+    cfg, model, hook, muon, adamw = small_run({"svd_interval": 1})
+    monkeypatch.setattr(asvd, "decide", flip_every_analysis)
+    for n in (1, 2):
+        step(model, muon, adamw, hook, n, n)
+    buf = io.BytesIO()
+    torch.save(hook.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    assert {type(entry["mode"]) for entry in sd["layers"].values()} == {str}
+    assert {entry["mode"] for entry in sd["layers"].values()} == {"lowrank"}
+    _, _, fresh, _, _ = small_run()
+    fresh.load_state_dict(sd)
+    for name, layer in fresh.layers.items():
+        assert layer.state.mode is Mode.LOWRANK and layer.module.mode is Mode.LOWRANK
+        assert torch.equal(layer.module.U_k, hook.layers[name].module.U_k)
+
+
 def test_svd_falls_back_to_cpu_when_the_device_has_none(monkeypatch, capsys):
     """What MPS does: the first linalg.svd call (on the model's device) raises NotImplementedError.
     The engine remembers such a device in a module-level set: a private one here, so the rest of the
@@ -236,8 +290,8 @@ def test_bad_targets_stop_the_script_before_anything_slow(tmp_path, cli):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path))
     r = subprocess.run([sys.executable, "-m", "scripts.base_train_adaptive_svd", "--depth=2", "--svd_targets=c_x"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and r.stderr == "error: unknown --svd_targets entry 'c_x'; use c_q, c_k, c_v, c_proj, c_fc, " \
-                                             "mlp.c_proj, attn, mlp or all\n", r.stderr
+    assert r.returncode == 2 and r.stderr == "error: --svd_targets=c_x is not valid: use a comma list of c_q, c_k, c_v, " \
+                                             "c_proj, c_fc, mlp.c_proj, attn, mlp or all\n", r.stderr
     code, _, err = cli("scripts.base_train_adaptive_svd", "--depth=2", "--svd_ratio_exit=5")
     assert code == 2 and err.count("\n") == 1 and "must be below --svd_ratio_enter" in err and "tokenizer" not in err
 
@@ -252,7 +306,7 @@ count = [0]
 def backend(gm, example_inputs):
     count[0] += 1
     return gm.forward
-cfg, model, hook, muon, adamw = small_run(dict(svd_interval=1, svd_targets="all", compile="true"))
+cfg, model, hook, muon, adamw = small_run(dict(svd_interval=1, svd_targets="all", compile=True))
 compiled = torch.compile(model, backend=backend, dynamic=False)
 params = [id(p) for p in model.parameters()]
 counts, modes = [], []
@@ -293,22 +347,38 @@ class StopAt(AdaptiveSVDHook):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def test_lowrank_checkpoint_resume_is_exact(base, tmp_path):
+def as_older_checkpoint(run_dir):
+    """Rewrite a run's checkpoint as the loop wrote it before its state was one LoopState and the hook's key
+    neutral: the hook's state under "adaptive", the latest val bpb and CORE result only in the metadata."""
+    ckpt = load_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME))
+    ckpt["adaptive"] = ckpt.pop("hook")
+    for key in ("val_bpb", "core"):
+        del ckpt["loop"][key]
+    config = ckpt.pop("config")
+    config["adaptive"] = config.pop("hook")
+    save_checkpoint(run_dir, ckpt, config)
+
+
+def test_lowrank_checkpoint_resume_is_exact_also_from_an_older_checkpoint(base, tmp_path):
     cfg = dict(TINY, num_iterations=10)
     full = train(AdaptiveConfig(**cfg, output_dir=str(tmp_path / "a")), hook=AdaptiveSVDHook(AdaptiveConfig(**cfg)))
     hook = StopAt(AdaptiveConfig(**cfg))
     hook.at = 7
     first = train(AdaptiveConfig(**cfg, output_dir=str(tmp_path / "b")), hook=hook)
     assert first["step"] == 7 and any(layer.module.mode == "lowrank" for layer in hook.layers.values()), "the test needs a low-rank layer at the stop"
-    resumed_cfg = AdaptiveConfig(**cfg, output_dir=str(tmp_path / "b"), resume=True)
-    rest = train(resumed_cfg, hook=AdaptiveSVDHook(resumed_cfg))
-    assert first["losses"] + rest["losses"] == full["losses"]
+    shutil.copytree(tmp_path / "b", tmp_path / "old")
+    as_older_checkpoint(tmp_path / "old/base_checkpoints/d2")
     a = [json.loads(line) for line in open(tmp_path / "a/base_checkpoints/d2/svd_metrics.jsonl")]
-    b = [json.loads(line) for line in open(tmp_path / "b/base_checkpoints/d2/svd_metrics.jsonl")]
-    assert [(r["step"], r["layer"], r["action"], r.get("r_after"), r.get("alignment_ratio")) for r in a] == \
-           [(r["step"], r["layer"], r["action"], r.get("r_after"), r.get("alignment_ratio")) for r in b]
-    ckpt = torch.load(tmp_path / "b/base_checkpoints/d2/checkpoint.pt")
-    GPT(GPTConfig(**ckpt["metadata"]["model_config"])).load_state_dict(ckpt["model"])
+    for run in ("b", "old"):
+        resumed_cfg = AdaptiveConfig(**cfg, output_dir=str(tmp_path / run), resume=True)
+        rest = train(resumed_cfg, hook=AdaptiveSVDHook(resumed_cfg))
+        assert first["losses"] + rest["losses"] == full["losses"], run
+        b = [json.loads(line) for line in open(tmp_path / run / "base_checkpoints/d2/svd_metrics.jsonl")]
+        assert [(r["step"], r["layer"], r["action"], r.get("r_after"), r.get("alignment_ratio")) for r in a] == \
+               [(r["step"], r["layer"], r["action"], r.get("r_after"), r.get("alignment_ratio")) for r in b], run
+        ckpt = torch.load(tmp_path / run / "base_checkpoints/d2/checkpoint.pt")
+        assert "adaptive" not in ckpt and set(ckpt["hook"]["layers"]) == set(hook.layers)
+        GPT(GPTConfig(**ckpt["metadata"]["model_config"])).load_state_dict(ckpt["model"])
 
 
 def test_phase1_style_run_and_the_guides_snippet(base, tmp_path, cli, capsys):

@@ -12,7 +12,7 @@ import scipy.linalg
 import torch
 
 from nanochat import adaptive_svd as asvd
-from scripts.method_checks import planted
+from nanochat.synthetic import planted
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -376,13 +376,13 @@ def test_a_warm_analysis_that_finds_nothing_learned_logs_no_spectrum_shape():
     policy = asvd.SVDPolicy()
     first = asvd.analyze(W, None, asvd.LayerState(), policy, 1, method="exact")
     s = np.linalg.svd(W.double().numpy(), compute_uv=False)
-    assert first["metrics"]["k"] == 0 and first["metrics"]["s_max"] == pytest.approx(s[0], rel=1e-5)
-    assert first["metrics"]["stable_rank"] == pytest.approx(np.sum(s ** 2) / s[0] ** 2, rel=1e-4)
+    assert first.metrics["k"] == 0 and first.metrics["s_max"] == pytest.approx(s[0], rel=1e-5)
+    assert first.metrics["stable_rank"] == pytest.approx(np.sum(s ** 2) / s[0] ** 2, rel=1e-4)
     state = asvd.advance(asvd.LayerState(), first, W)
     warm = asvd.analyze(W, None, state, policy, 2, method="warm")
-    assert warm["method"] == "warm" and warm["metrics"]["k"] == 0
-    assert warm["metrics"]["s_max"] is None and warm["metrics"]["stable_rank"] is None
-    assert warm["metrics"]["reconstruction_error"] == 1.0
+    assert warm.method == "warm" and warm.metrics["k"] == 0
+    assert warm.metrics["s_max"] is None and warm.metrics["stable_rank"] is None
+    assert warm.metrics["reconstruction_error"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,64 +445,73 @@ def state(**kwargs):
 
 def test_no_decision_without_baseline_learned_directions_or_during_warmup():
     danger = {**QUIET, "alignment_ratio": 5.0}
-    assert asvd.decide(danger, state(analyses=0), POLICY, 100)[:2] == (asvd.KEEP, "initial_svd_baseline")
-    assert asvd.decide({**danger, "k_prev": 0}, state(), POLICY, 100)[:2] == (asvd.KEEP, "no_learned_directions")
+    assert asvd.decide(danger, state(analyses=0), POLICY, 100)[:2] == (asvd.Action.KEEP, "initial_svd_baseline")
+    assert asvd.decide({**danger, "k_prev": 0}, state(), POLICY, 100)[:2] == (asvd.Action.KEEP, "no_learned_directions")
     warm = asvd.SVDPolicy(svd_warmup_steps=50)
-    assert asvd.decide(danger, state(), warm, 40)[:2] == (asvd.KEEP, "warmup")
+    assert asvd.decide(danger, state(), warm, 40)[:2] == (asvd.Action.KEEP, "warmup")
 
 
 @pytest.mark.parametrize("key", ["alignment_ratio", "update_alignment_ratio"])
 def test_enter_needs_patience_on_gradient_or_update_ratio(key):
     danger = {**QUIET, key: 2.0}
     action, reason, streaks = asvd.decide(danger, state(), POLICY, 100)
-    assert (action, streaks) == (asvd.KEEP, {"gradient_clobbering_risk": 1})
+    assert (action, streaks) == (asvd.Action.KEEP, {"gradient_clobbering_risk": 1})
     action, reason, streaks = asvd.decide(danger, state(streaks=streaks), POLICY, 120)
-    assert (action, reason, streaks) == (asvd.TO_LOWRANK, "gradient_clobbering_risk", {})
+    assert (action, reason, streaks) == (asvd.Action.TO_LOWRANK, "gradient_clobbering_risk", {})
     # one quiet analysis in between resets the streak
     assert asvd.decide(QUIET, state(streaks={"gradient_clobbering_risk": 1}), POLICY, 120)[2] == {"gradient_clobbering_risk": 0}
     # nothing to protect now: hold
     assert asvd.decide({**danger, "k": 0}, state(streaks={"gradient_clobbering_risk": 1}), POLICY, 120)[:2] == \
-        (asvd.KEEP, "no_learned_directions")
+        (asvd.Action.KEEP, "no_learned_directions")
 
 
 def test_exit_reads_only_the_gradient_ratio_in_the_band():
     low = state(mode="lowrank", streaks={"clobbering_risk_passed": 1})
-    assert asvd.decide({**QUIET, "alignment_ratio": 1.25}, low, POLICY, 100)[:2] == (asvd.TO_FULL, "clobbering_risk_passed")
+    assert asvd.decide({**QUIET, "alignment_ratio": 1.25}, low, POLICY, 100)[:2] == (asvd.Action.TO_FULL, "clobbering_risk_passed")
     # inside the band (1.25, 2.0): stays, whatever the update ratio (it is ~0 while protected)
     action, _, streaks = asvd.decide({**QUIET, "alignment_ratio": 1.6, "update_alignment_ratio": 0.0}, low, POLICY, 100)
-    assert action == asvd.KEEP and streaks == {"clobbering_risk_passed": 0}
-    assert asvd.decide({**QUIET, "alignment_ratio": None}, low, POLICY, 100)[0] == asvd.KEEP
+    assert action == asvd.Action.KEEP and streaks == {"clobbering_risk_passed": 0}
+    assert asvd.decide({**QUIET, "alignment_ratio": None}, low, POLICY, 100)[0] == asvd.Action.KEEP
 
 
 def test_stable_rule_is_opt_in_and_static_policy_protects_at_once():
     stable = {**QUIET, "subspace_overlap_above_chance": 0.95}
-    assert asvd.decide(stable, state(streaks={"optimal_lowrank_conditions": 5}), POLICY, 100)[0] == asvd.KEEP
+    assert asvd.decide(stable, state(streaks={"optimal_lowrank_conditions": 5}), POLICY, 100)[0] == asvd.Action.KEEP
     opt_in = asvd.SVDPolicy(svd_stable_rule=True)
     assert asvd.decide(stable, state(streaks={"optimal_lowrank_conditions": 1}), opt_in, 100)[:2] == \
-        (asvd.TO_LOWRANK, "optimal_lowrank_conditions")
+        (asvd.Action.TO_LOWRANK, "optimal_lowrank_conditions")
     static = asvd.SVDPolicy(svd_policy="static")
-    assert asvd.decide({}, state(analyses=0), static, 1)[:2] == (asvd.TO_LOWRANK, "static_protection")
-    assert asvd.decide({**QUIET, "alignment_ratio": 0.1}, state(mode="lowrank"), static, 50)[0] == asvd.KEEP
+    assert asvd.decide({}, state(analyses=0), static, 1)[:2] == (asvd.Action.TO_LOWRANK, "static_protection")
+    assert asvd.decide({**QUIET, "alignment_ratio": 0.1}, state(mode="lowrank"), static, 50)[0] == asvd.Action.KEEP
 
 
 def test_decide_reads_the_rule_table(monkeypatch):
     """decide() has no thresholds of its own: changing the table changes the decision."""
     danger = {**QUIET, "alignment_ratio": 3.0}
-    assert asvd.decide(danger, state(streaks={"gradient_clobbering_risk": 1}), POLICY, 100)[0] == asvd.TO_LOWRANK
+    assert asvd.decide(danger, state(streaks={"gradient_clobbering_risk": 1}), POLICY, 100)[0] == asvd.Action.TO_LOWRANK
     stricter = tuple(dataclasses.replace(r, threshold="svd_overlap_stable") if r.reason == "gradient_clobbering_risk" else r
                      for r in asvd.RULES)
     monkeypatch.setattr(asvd, "RULES", stricter)
     # now the rule compares 3.0 with svd_overlap_stable = 0.9 ... and the update ratio 1.1 too: still fires
-    assert asvd.decide(danger, state(streaks={"gradient_clobbering_risk": 1}), POLICY, 100)[0] == asvd.TO_LOWRANK
+    assert asvd.decide(danger, state(streaks={"gradient_clobbering_risk": 1}), POLICY, 100)[0] == asvd.Action.TO_LOWRANK
     monkeypatch.setattr(asvd, "RULES", tuple(r for r in asvd.RULES if r.reason != "gradient_clobbering_risk"))
-    assert asvd.decide(danger, state(streaks={"gradient_clobbering_risk": 1}), POLICY, 100)[0] == asvd.KEEP
+    assert asvd.decide(danger, state(streaks={"gradient_clobbering_risk": 1}), POLICY, 100)[0] == asvd.Action.KEEP
 
 
 def test_policy_ranges_are_checked_in_one_place():
-    assert asvd.SVDPolicy().problems() == []
-    assert any("--svd_ratio_enter" in p for p in asvd.SVDPolicy(svd_ratio_enter=0.5).problems())
-    assert any("below --svd_ratio_enter" in p for p in asvd.SVDPolicy(svd_ratio_exit=2.5).problems())
-    assert any("could never fire" in p for p in asvd.SVDPolicy(svd_k_max_frac=0.5).problems())
-    assert any("--svd_policy" in p for p in asvd.SVDPolicy(svd_policy="sometimes").problems())
-    assert any("--svd_patience" in p for p in asvd.SVDPolicy(svd_patience=0).problems())
+    """The policy declares its ranges and rules as plain data; nanochat.cli applies them (the maths imports no cli)."""
+    from nanochat.cli import UserError, check_config
+
+    def problem(**overrides):
+        with pytest.raises(UserError) as e:
+            check_config(asvd.SVDPolicy(**overrides))
+        return str(e.value)
+
+    check_config(asvd.SVDPolicy())
+    assert "--svd_ratio_enter=0.5 is out of range: use > 1" in problem(svd_ratio_enter=0.5)
+    assert "below --svd_ratio_enter" in problem(svd_ratio_exit=2.5)
+    assert "could never fire" in problem(svd_k_max_frac=0.5)
+    assert "--svd_policy=sometimes is not valid: use adaptive, static or observe" in problem(svd_policy="sometimes")
+    assert "--svd_patience=0 is out of range: use >= 1" in problem(svd_patience=0)
+    assert "--svd_edge_tw=nan is not a finite number" in problem(svd_edge_tw=float("nan"))
     assert asvd.k_max(256, POLICY) == 25 and asvd.k_max(5, POLICY) == 1

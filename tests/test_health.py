@@ -11,7 +11,8 @@ from nanochat import health
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from nanochat.health import DEAD_GRAD_STEPS, STALL_MARGIN, STALL_STEPS, Diverged, Health
 from nanochat import train as train_module
-from nanochat.train import TrainConfig, TrainHook, train
+from nanochat.hooks import TrainHook
+from nanochat.train import TrainConfig, train
 from tests.conftest import tiny_model
 
 TINY = dict(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=256, eval_tokens=1024, sample_every=-1,

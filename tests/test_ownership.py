@@ -23,10 +23,12 @@ import torch
 from nanochat.adaptive_cycle import AdaptiveConfig
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, CONFIG_NAME, load_checkpoint
 from nanochat.common import UserError, run_cli
+from nanochat.jobs import Job, run_jobs
 from nanochat.resume_terms import MAY_CHANGE, MUST_MATCH, TERMS
 from nanochat.run_lock import LOCK_NAME, RunLock
 from nanochat.run_files import RunFolder
-from nanochat.train import TrainConfig, TrainHook, train
+from nanochat.hooks import TrainHook
+from nanochat.train import TrainConfig, train
 from tests.conftest import ROOT, StopAt
 
 TINY = dict(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=256, eval_tokens=1024, sample_every=-1,
@@ -78,6 +80,11 @@ def test_a_second_process_into_a_held_folder_stops_in_one_line_and_changes_nothi
                                       f"nothing was changed"), message
             assert "\n" not in message
             assert files(run) == before  # --overwrite removed nothing, --resume trimmed nothing
+        # an experiment runner (scripts.compare_runs, scripts.forgetting) refuses before writing its command or log
+        job = Job("d2", run, [f"--{k}={v}" for k, v in TINY.items()], complete=lambda d: False)
+        with pytest.raises(UserError, match=rf"in use by a training process \(pid {holder.pid} on host"):
+            run_jobs([job], slots=1)
+        assert files(run) == before
     finally:
         holder.kill()  # SIGKILL: the kernel drops the lock with the process
         holder.wait()
@@ -168,8 +175,8 @@ def test_resume_refuses_a_changed_learning_rate_and_records_what_ran(base, tmp_p
     before = files(run)
     for flags, match in ((dict(matrix_lr=0.05), r"--matrix_lr=0\.02, not 0\.05 \(the learning rates and weight decay are "
                                                 r"part of the checkpoint's optimizer state\); a resumed run continues"),
-                         (dict(matrix_lr=float("inf"), grad_clip=2.0), r"--matrix_lr=0\.02, not inf and --grad_clip=1\.0, "
-                                                                       r"not 2\.0"),
+                         (dict(matrix_lr=0.03, grad_clip=2.0), r"--matrix_lr=0\.02, not 0\.03 and --grad_clip=1\.0, "
+                                                               r"not 2\.0"),
                          (dict(num_iterations=1), r"the checkpoint is at step 2, after the end of a 1-step run")):
         with pytest.raises(UserError, match=match) as e:
             train(TrainConfig(**{**TINY, "num_iterations": 4, **flags}, output_dir=str(tmp_path), resume=True))
