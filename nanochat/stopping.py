@@ -34,8 +34,7 @@ import torch.distributed as dist
 
 from nanochat.common import get_dist_info
 
-
-REPEAT_S = 1.0
+REPEAT_S = 1.0  # seconds: a second SIGINT sooner than this is the first one, delivered again
 
 
 class StopTraining(Exception):
