@@ -38,7 +38,7 @@ from nanochat.train import TrainConfig, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "tests", "dist_run.py")
 TINY = dict(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=256, eval_tokens=1024, sample_every=-1,
-            device_type="cpu")
+            device_type="cpu", dtype="float32")  # runs compared here must not each time bf16 against fp32 (--dtype=auto) on their own
 ADAPTIVE = dict(svd_interval=2, adaptive_svd_target_layer=-1, svd_targets="attn")
 TIMING = ("dt", "tok_per_sec", "total_time", "layer_seconds", "analysis_seconds")  # they measure the machine, not the run
 
