@@ -330,7 +330,8 @@ def build(s, hook):
     num_iterations = _resolve_horizon(cfg, model.num_params(), flops_per_token)
     muon, adamw = build_optimizers(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.weight_decay,
                                    ns_dtype=DTYPES[dtype])
-    health = Health(model_config.vocab_size, round(cfg.warmup_ratio * num_iterations), note=lambda: s.folder.kept(resume=False))
+    health = Health(model_config.vocab_size, round(cfg.warmup_ratio * num_iterations),
+                    note=lambda: s.folder.kept(resume=False))
     print0(health.describe())
     t = Trainer(cfg, hook, s, device, ddp, rank, world_size, model_config, model, muon, adamw,
                 autocast_for(s.device_type, dtype), num_iterations, tokens_per_fwdbwd, grad_accum_steps, eval_steps,
