@@ -113,13 +113,9 @@ def main(argv):
     if os.environ.get("DIST_RUN_FAIL_SVD_RANK") == str(RANK):
         torch.linalg.svd = failing_svd
     if os.environ.get("DIST_RUN_SLOW_SVD"):
-<<<<<<< HEAD
         torch.linalg.svd = slowed(torch.linalg.svd, float(os.environ["DIST_RUN_SLOW_SVD"]))
-=======
-        asvd.svd = slowed(asvd.svd, float(os.environ["DIST_RUN_SLOW_SVD"]))
     if os.environ.get("DIST_RUN_SLOW_SAVE"):
         train_module.save_checkpoint = slow_save(train_module.save_checkpoint, float(os.environ["DIST_RUN_SLOW_SAVE"]))
->>>>>>> main
     hook = RecordingHook(cfg) if cfg.adaptive_svd else TrainHook()
     state = {}
 
