@@ -77,9 +77,10 @@ def bench_shape(n_out, n_in, rel, analyses, spikes, seed, device):
     gen = torch.Generator().manual_seed(seed)
     W, U_s = trained_matrix(n_out, n_in, spikes, gen, device)
     k_max = max(1, min(n_out, n_in) // 10)
-    count = dict(tw=3.3, k_max=k_max)
-    first, k, _, _ = asvd.spectrum(W, "exact", None, n_out, n_in, **count)
-    asvd.spectrum(W, "warm", first.Vh[:k].T, n_out, n_in, **count)  # untimed: first-call overheads of the kernels
+    g = min(n_out, n_in)
+    count = dict(gap=asvd.SVDPolicy().svd_gap, k_max=k_max)
+    first, k, _, _ = asvd.spectrum(W, "exact", None, g, **count)
+    asvd.spectrum(W, "warm", first.Vh[:k].T, g, **count)  # untimed: first-call overheads of the kernels
     prev_V, momentum = first.Vh[:k].T, torch.zeros_like(W)
     exact_t, warm_t, captured, methods, ks = [], [], [], [], []
     for _ in range(analyses):
@@ -88,8 +89,8 @@ def bench_shape(n_out, n_in, rel, analyses, spikes, seed, device):
         momentum = 0.95 * momentum + grad
         update = newton_schulz(momentum)
         W = W + update * (rel * W.norm() / update.norm())
-        (exact, k, _, _), t_exact = timed(lambda: asvd.spectrum(W, "exact", None, n_out, n_in, **count), device)
-        (warm, k_warm, _, _), t_warm = timed(lambda: asvd.spectrum(W, "warm", prev_V, n_out, n_in, **count), device)
+        (exact, k, _, _), t_exact = timed(lambda: asvd.spectrum(W, "exact", None, g, **count), device)
+        (warm, k_warm, _, _), t_warm = timed(lambda: asvd.spectrum(W, "warm", prev_V, g, **count), device)
         true_top = float(exact.S[:k].double().square().sum())
         captured.append(float((warm.U[:, :k].T @ W).double().square().sum()) / true_top if k else 1.0)
         methods.append(warm.method)
