@@ -20,27 +20,44 @@ import torch.distributed as dist
 
 from nanochat import adaptive_svd as asvd
 from nanochat.adaptive_svd import Action, Mode
-from nanochat.cli import flag
+from nanochat.cli import Check, at_least, check_config, flag, one_of
 from nanochat.common import UserError, print0
 from nanochat.gpt import AdaptiveSVDLinear
-from nanochat.train import TrainConfig, TrainHook
+from nanochat.hooks import TrainHook
+from nanochat.train import TrainConfig
 
 ATTN = ("c_q", "c_k", "c_v", "c_proj")
 MLP = ("c_fc", "mlp.c_proj")
 TARGET_NAMES = ATTN + MLP + ("mlp.c_fc", "attn.c_proj")
 SVD_METRICS = "svd_metrics.jsonl"  # one row per layer-analysis, next to the checkpoint
+TARGET_GROUPS = {"attn": ATTN, "mlp": MLP, "all": ATTN + MLP}
+
+
+def _target_items(targets):
+    return [t.strip() for t in targets.split(",") if t.strip()]
+
+
+TARGETS = Check(lambda v: bool(_target_items(v)) and all(t in TARGET_NAMES or t in TARGET_GROUPS for t in _target_items(v)),
+                "a comma list of c_q, c_k, c_v, c_proj, c_fc, mlp.c_proj, attn, mlp or all")
 
 
 @dataclass
 class AdaptiveConfig(asvd.SVDPolicy, TrainConfig):
     """The training flags, every policy threshold (declared once, in adaptive_svd.SVDPolicy) and these."""
     adaptive_svd: bool = flag(True, "run the adaptive SVD analysis and switching (false = plain baseline loop)")
-    adaptive_svd_target_layer: int = flag(0, "block index whose matrices are analysed; -1 = all blocks")
+    adaptive_svd_target_layer: int = flag(0, "block index whose matrices are analysed; -1 = all blocks", at_least(0).or_(-1))
     svd_targets: str = flag("c_q", "comma list of matrices: c_q,c_k,c_v,c_proj (attention), c_fc, mlp.c_proj, "
-                                   "or attn / mlp / all")
-    svd_interval: int = flag(20, "analyse every N steps (and at the last step)")
+                                   "or attn / mlp / all", TARGETS)
+    svd_interval: int = flag(20, "analyse every N steps (and at the last step)", at_least(1))
     svd_method: str = flag("auto", "exact | warm | auto (exact for small matrices, certified warm-started "
-                                   "subspace iteration for large ones)")
+                                   "subspace iteration for large ones)", one_of("exact", "warm", "auto"))
+
+    # rules between flags (nanochat.cli.check_config); -1 = depth 20 on CUDA, whose blocks prepare_model checks
+    CHECKS = (
+        (lambda c: c.depth == -1 or c.adaptive_svd_target_layer < c.depth,
+         "--adaptive_svd_target_layer={adaptive_svd_target_layer} is out of range for --depth={depth}: use a block "
+         "index below the depth, or -1 for every block"),
+    )
 
 
 def policy_from(cfg):
@@ -48,17 +65,11 @@ def policy_from(cfg):
 
 
 def target_names(targets):
-    """The matrix paths inside a block named by --svd_targets, in order, without repeats."""
+    """The matrix paths inside a block named by --svd_targets (checked by its flag), in order, without repeats."""
     names = []
-    for item in (t.strip() for t in targets.split(",") if t.strip()):
-        for name in {"attn": ATTN, "mlp": MLP, "all": ATTN + MLP}.get(item, (item,)):
-            if name not in TARGET_NAMES:
-                raise UserError(f"unknown --svd_targets entry {item!r}; use c_q, c_k, c_v, c_proj, c_fc, mlp.c_proj, "
-                                f"attn, mlp or all")
-            path = name if "." in name else ("mlp." + name if name == "c_fc" else "attn." + name)
-            names.append(path)
-    if not names:
-        raise UserError("--svd_targets is empty; name at least one matrix, e.g. c_q")
+    for item in _target_items(targets):
+        for name in TARGET_GROUPS.get(item, (item,)):
+            names.append(name if "." in name else ("mlp." + name if name == "c_fc" else "attn." + name))
     return list(dict.fromkeys(names))
 
 
@@ -69,20 +80,6 @@ def target_blocks(target_layer, n_layer):
         return [target_layer]
     raise UserError(f"--adaptive_svd_target_layer={target_layer} is out of range for depth {n_layer}; "
                     f"use 0..{n_layer - 1} or -1")
-
-
-def validate_adaptive(cfg):
-    """Every adaptive flag, before anything slow starts (data, tokenizer, model)."""
-    problems = policy_from(cfg).problems()
-    if cfg.svd_interval < 1:
-        problems.append("--svd_interval must be >= 1")
-    if cfg.svd_method not in ("exact", "warm", "auto"):
-        problems.append("--svd_method must be exact, warm or auto")
-    if problems:
-        raise UserError("; ".join(problems))
-    target_names(cfg.svd_targets)
-    if cfg.depth != -1:  # -1 is resolved by the device later (20 on CUDA); prepare_model checks the block then
-        target_blocks(cfg.adaptive_svd_target_layer, cfg.depth)
 
 
 def _swap_in(block, path):
@@ -161,7 +158,7 @@ class AdaptiveSVDHook(TrainHook):
     name = "adaptive_svd"
 
     def __init__(self, cfg):
-        validate_adaptive(cfg)
+        check_config(cfg)
         self.cfg = cfg
         self.policy = policy_from(cfg)
         self.layers = {}  # name -> Layer

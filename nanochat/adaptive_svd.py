@@ -38,8 +38,8 @@ def _linalg(fn, *tensors):
 
 
 def _thin_svd(A, **kwargs):
-    """Thin SVD; a wide matrix is factored through its transpose (A^T = V S U^T), which LAPACK's
-    CPU path does about 2.4x faster for d20's 1280 x 5120 than the wide matrix itself."""
+    """Thin SVD; a wide matrix is factored through its transpose (A^T = V S U^T): LAPACK's CPU path is
+    faster on the tall orientation (experiments/ADAPTIVE_SVD_METHOD.md, "SVD engine")."""
     if A.shape[0] < A.shape[1]:
         U, S, Vh = torch.linalg.svd(A.mT, full_matrices=False, **kwargs)
         return Vh.mT, S, U.mT
@@ -130,10 +130,10 @@ def svd(W, method="exact", prev_V=None, *, oversample=16, iters=2, auto_exact_ma
     method: 'exact' = full thin SVD (complete=True); 'warm' = the top l = j + oversample triples only
     (complete=False) by subspace iteration from `prev_V` (n_in x j, the previous analysis' top right
     vectors; j may be 0); 'auto' = warm when `prev_V` fits W, min(W.shape) > auto_exact_max_dim and
-    either prev_V holds learned directions or min(W.shape) > auto_random_min_dim; exact otherwise (a
-    certified warm analysis of a 256 x 256 layer costs a quarter of an exact one on CPU; below 128
-    the exact SVD is as cheap; without learned directions to start from, the exact SVD's full spectrum
-    is worth its cost up to 512). A warm result is only a candidate: `count_learned` and `certify_warm` decide
+    either prev_V holds learned directions or min(W.shape) > auto_random_min_dim; exact otherwise (below
+    auto_exact_max_dim the exact SVD costs no more than a certified warm one; without learned directions
+    to start from, the exact SVD's full spectrum is worth its cost up to auto_random_min_dim;
+    `python -m scripts.bench_svd` measures both). A warm result is only a candidate: `count_learned` and `certify_warm` decide
     whether it may be used (`spectrum` does both). Non-finite input gives a failed result;
     convergence errors retry with another driver, then float64 on CPU; if all fail, a failed result.
     Results are on W's device even where the SVD itself had to run on CPU (MPS).
@@ -579,7 +579,9 @@ def layer_metrics(S, frob_sq, k, U_now, G=None, dW=None, U_prev=None, V_prev=Non
 
 # ---------------------------------------------------------------------------------------------
 # Policy: every threshold, declared once. Each field is also a command-line flag of the training
-# script (nanochat/adaptive_cycle.py derives them), with its help line and its valid range here.
+# script (nanochat/adaptive_cycle.py derives them), with its help line and its valid range here, in
+# the plain metadata nanochat.cli.flag writes (this module imports no command-line or training code):
+# the parser and nanochat.cli.check_config apply them and the CHECKS between fields.
 
 def _knob(default, help, valid, rule):
     return field(default=default, metadata={"help": help, "valid": valid, "rule": rule})
@@ -626,17 +628,14 @@ class SVDPolicy:
     svd_overlap_stable: float = _knob(0.9, "subspace overlap above chance that counts as stable (with --svd_stable_rule)",
                                       lambda v: 0 <= v <= 1, "in [0, 1]")
 
-    def problems(self):
-        """One line per invalid setting (empty when all are valid)."""
-        out = [f"--{f.name}={getattr(self, f.name)!r} is out of range: use {f.metadata['rule']}"
-               for f in dataclasses.fields(self) if not f.metadata["valid"](getattr(self, f.name))]
-        if not self.svd_alpha < self.svd_exit_p:
-            out.append(f"--svd_exit_p={self.svd_exit_p} must be above --svd_alpha={self.svd_alpha} "
-                       f"(the band between them is what stops a layer from cycling)")
-        if not self.svd_shift_exit < self.svd_shift_enter:
-            out.append(f"--svd_shift_exit={self.svd_shift_exit} must be below --svd_shift_enter={self.svd_shift_enter} "
-                       f"(the band between them is what stops a layer from cycling)")
-        return out
+    CHECKS = (
+        (lambda p: p.svd_alpha < p.svd_exit_p,
+         "--svd_exit_p={svd_exit_p} must be above --svd_alpha={svd_alpha} (the band between them is what stops a "
+         "layer from cycling)"),
+        (lambda p: p.svd_shift_exit < p.svd_shift_enter,
+         "--svd_shift_exit={svd_shift_exit} must be below --svd_shift_enter={svd_shift_enter} (the band between them "
+         "is what stops a layer from cycling)"),
+    )
 
 
 def k_max(g, policy):

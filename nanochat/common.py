@@ -1,4 +1,5 @@
-"""Shared utilities: base directory, device and process-group setup, logging, one-line user errors."""
+"""Shared utilities: base directory, device and process-group setup, logging, running an entry point
+so that bad input (nanochat.cli.UserError, importable from here too) is one line."""
 
 import os
 import resource
@@ -9,9 +10,7 @@ import urllib.request
 import torch
 import torch.distributed as dist
 
-
-class UserError(Exception):
-    """Bad input from the user. Entry points print it as one line and exit non-zero, no traceback."""
+from nanochat.cli import UserError
 
 
 def run_cli(main, argv=None):

@@ -86,14 +86,3 @@ class Engine:
                 break
             logits = model(nxt, kv_cache=cache)[:, -1, :]
         return results, masks
-
-
-@torch.inference_mode()
-def generate_no_cache(model, tokens, max_tokens):
-    """Greedy generation by re-running the whole sequence each step (the reference for the cache)."""
-    device = model.get_device()
-    seq = list(tokens)
-    for _ in range(max_tokens):
-        logits = model(torch.tensor([seq], dtype=torch.long, device=device))[:, -1, :]
-        seq.append(int(logits.argmax(dim=-1)))
-    return seq

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, checkpoint_dir, load_checkpoint
-from nanochat.cli import flag, parse_args
-from nanochat.common import UserError, check_device_type, compute_cleanup, compute_init, first_sentence, print0, run_cli
+from nanochat.cli import at_least, flag, one_of, parse_args
+from nanochat.common import DEVICE_TYPES, UserError, check_device_type, compute_cleanup, compute_init, first_sentence, print0, run_cli
 from nanochat.core_eval import EVAL_BUNDLE_URL, download_bundle, evaluate_core, get_bundle_dir, load_bundle
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
@@ -29,13 +29,14 @@ from nanochat.tokenizer import get_tokenizer
 class EvalConfig:
     model_tag: str = flag("", "checkpoint folder under <output_dir>/base_checkpoints/; empty = the most recently written one")
     output_dir: str = flag(".", "directory that holds base_checkpoints/")
-    max_per_task: int = flag(-1, "examples per task (after the fixed shuffle); -1 = all")
-    max_seq_len: int = flag(-1, "keep only the last N tokens of longer prompts; -1 = what the model can forward (as upstream)")
-    device_type: str = flag("", "cpu | cuda | mps; empty = autodetect (CUDA > MPS > CPU)")
+    max_per_task: int = flag(-1, "examples per task (after the fixed shuffle); -1 = all", at_least(1).or_(-1))
+    max_seq_len: int = flag(-1, "keep only the last N tokens of longer prompts; -1 = what the model can forward (as upstream)",
+                            at_least(2).or_(-1))
+    device_type: str = flag("", "cpu | cuda | mps; empty = autodetect (CUDA > MPS > CPU)", one_of("", *DEVICE_TYPES))
     bundle_dir: str = flag("", "eval bundle folder; empty = $NANOCHAT_BASE_DIR/eval_bundle")
     download_bundle: bool = flag(False, "download and unzip the eval bundle (needs internet), then exit")
     bundle_url: str = flag("", f"where --download_bundle fetches from; empty = $NANOCHAT_EVAL_BUNDLE_URL, else {EVAL_BUNDLE_URL}")
-    download_retries: int = flag(5, "tries before --download_bundle gives up")
+    download_retries: int = flag(5, "tries before --download_bundle gives up", at_least(1))
 
 
 def find_model_tag(output_dir):
@@ -89,14 +90,8 @@ def main(argv):
     cfg = parse_args(EvalConfig, argv, prog="python -m scripts.base_eval", description=__doc__)
     bundle_dir = get_bundle_dir(cfg.bundle_dir or None)
     if cfg.download_bundle:
-        if cfg.download_retries < 1:
-            raise UserError("--download_retries must be >= 1")
         download_bundle(bundle_dir, url=cfg.bundle_url or None, retries=cfg.download_retries)
         return
-    if cfg.max_per_task == 0 or cfg.max_per_task < -1:
-        raise UserError("--max_per_task must be >= 1 or -1 (all)")
-    if cfg.max_seq_len == 0 or cfg.max_seq_len < -1:
-        raise UserError("--max_seq_len must be >= 2 or -1")
     device_type = check_device_type(cfg.device_type)
     tasks = load_bundle(bundle_dir, cfg.max_per_task)  # before anything slow: a missing bundle is a one-line error
     tokenizer = get_tokenizer()

@@ -24,21 +24,22 @@ from dataclasses import dataclass
 import torch._dynamo
 
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
-from nanochat.cli import flag, parse_args
-from nanochat.common import run_cli
+from nanochat.cli import at_least, flag, one_of, parse_args
+from nanochat.common import DEVICE_TYPES, run_cli
+from nanochat.precision import DTYPES
+from nanochat.runs import analysis_seconds, read_jsonl, svd_records, svd_summary
 from nanochat.train import TRAIN_METRICS, train
-from scripts.runs import analysis_seconds, read_jsonl, svd_records, svd_summary
 
 
 @dataclass
 class BenchConfig:
-    steps: int = flag(100, "training steps per run")
-    repeats: int = flag(2, "alternating repetitions of the three runs")
-    depth: int = flag(4, "model depth")
-    svd_interval: int = flag(20, "analysis interval of the adaptive runs")
-    device_type: str = flag("cpu", "cpu | cuda | mps")
-    compile: str = flag("false", "torch.compile every run: true | false")
-    dtype: str = flag("auto", "matmul dtype of every run: auto | float32 | bfloat16")
+    steps: int = flag(100, "training steps per run", at_least(1))
+    repeats: int = flag(2, "alternating repetitions of the three runs", at_least(1))
+    depth: int = flag(4, "model depth", at_least(1))
+    svd_interval: int = flag(20, "analysis interval of the adaptive runs", at_least(1))
+    device_type: str = flag("cpu", "cpu | cuda | mps", one_of(*DEVICE_TYPES))
+    compile: bool = flag(False, "torch.compile every run")
+    dtype: str = flag("auto", "matmul dtype of every run: auto | float32 | bfloat16", one_of("auto", *DTYPES))
 
 
 def timed_run(cfg, variant, out_dir):
@@ -73,17 +74,17 @@ def main(argv):
                 runs[v].append(r)
                 print(f"repeat {rep + 1}/{cfg.repeats} {v:<20} {r['total']:7.2f} s of step time ({cfg.steps} steps, "
                       f"median step {r['median_dt'] * 1e3:.1f} ms, analyses {r['analysis']:.2f} s, {r['switches']} switches"
-                      + (f", {r['graphs']} compiled graphs)" if cfg.compile == "true" else ")"), flush=True)
+                      + (f", {r['graphs']} compiled graphs)" if cfg.compile else ")"), flush=True)
     mean = {v: {k: statistics.mean(r[k] for r in runs[v]) for k in ("total", "median_dt", "analysis", "switches")}
             for v in variants}
     base_total, base_estimate = mean["baseline"]["total"], cfg.steps * mean["baseline"]["median_dt"]
     print(f"\ndepth {cfg.depth}, seq 512, batch 512 tokens, {cfg.steps} steps, svd_interval {cfg.svd_interval}, "
-          f"{cfg.device_type}, compile {cfg.compile}, --dtype={cfg.dtype}, {cfg.repeats} repeat(s)")
+          f"{cfg.device_type}, compile {'on' if cfg.compile else 'off'}, --dtype={cfg.dtype}, {cfg.repeats} repeat(s)")
     for v in variants:
         m = mean[v]
         estimate = (cfg.steps * m["median_dt"] + m["analysis"]) / base_estimate
         extra = (f", compiled graphs {max(r['graphs'] for r in runs[v])} (baseline "
-                 f"{max(r['graphs'] for r in runs['baseline'])})") if cfg.compile == "true" else ""
+                 f"{max(r['graphs'] for r in runs['baseline'])})") if cfg.compile else ""
         print(f"  {v:<20} summed step time ratio {m['total'] / base_total:.3f} | robust estimate ratio {estimate:.3f} "
               f"(median step {m['median_dt'] * 1e3:.1f} ms, analyses {m['analysis']:.2f} s = "
               f"{100 * m['analysis'] / base_estimate:.2f}% of the baseline's time) | switches/run {m['switches']:.1f}{extra}")

@@ -27,17 +27,22 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from nanochat.cli import flag, parse_args
+from nanochat.cli import Check, at_least, flag, one_of, parse_args
 from nanochat.common import run_cli
+
+WORLD_SIZES = Check(lambda v: all(x.strip().isdigit() and int(x) >= 1 for x in v.split(",")),
+                    "a comma list of integers >= 1")
 
 
 @dataclass
 class BenchConfig:
-    blocks: int = flag(1, "d20 blocks whose six matrices are analysed (20 = the whole d20 set)")
-    ranks: str = flag("1,2", "comma list of world sizes to compare")
-    analyses: int = flag(3, "analyses per configuration (the first one is the baseline)")
-    svd_method: str = flag("exact", "exact | warm | auto (as --svd_method of the training script)")
-    model_dim: int = flag(1280, "model width (1280 = d20)")
+    blocks: int = flag(1, "d20 blocks whose six matrices are analysed (20 = the whole d20 set)", at_least(1))
+    ranks: str = flag("1,2", "comma list of world sizes to compare", WORLD_SIZES)
+    analyses: int = flag(3, "analyses per configuration (the first one is the baseline)", at_least(1))
+    svd_method: str = flag("exact", "exact | warm | auto (as --svd_method of the training script)",
+                           one_of("exact", "warm", "auto"))
+    model_dim: int = flag(1280, "model width (1280 = d20); heads of 128", Check(lambda v: v >= 128 and v % 128 == 0,
+                                                                             "a multiple of 128"))
     worker: bool = flag(False, "internal: run as one torchrun rank")
 
 
@@ -49,7 +54,7 @@ def worker(cfg):
     from nanochat.common import compute_init
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.optim import build_optimizers
-    from nanochat.train import Run
+    from nanochat.hooks import Run
 
     ddp, rank, _, world, device = compute_init("cpu")
     d = cfg.model_dim

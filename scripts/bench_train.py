@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nanochat.cli import flag, parse_args
-from nanochat.common import check_device_type, run_cli
+from nanochat.cli import at_least, flag, one_of, parse_args
+from nanochat.common import DEVICE_TYPES, check_device_type, run_cli
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
 from nanochat.precision import DTYPES, autocast_for, resolve_dtype
@@ -36,14 +36,15 @@ SAME = 0.05  # step times this close are a tie on a shared machine
 
 @dataclass
 class BenchConfig:
-    steps: int = flag(20, "timed training steps of each variant (after 3 warm-up steps)")
-    depth: int = flag(4, "model depth")
-    seq: int = flag(512, "sequence length")
-    batch: int = flag(1, "device batch size")
-    vocab: int = flag(65536, "vocabulary size")
-    device_type: str = flag("cpu", "cpu | cuda | mps")
+    steps: int = flag(20, "timed training steps of each variant (after 3 warm-up steps)", at_least(1))
+    depth: int = flag(4, "model depth", at_least(1))
+    seq: int = flag(512, "sequence length", at_least(2))
+    batch: int = flag(1, "device batch size", at_least(1))
+    vocab: int = flag(65536, "vocabulary size", at_least(2))
+    device_type: str = flag("cpu", "cpu | cuda | mps", one_of(*DEVICE_TYPES))
     compile_check: bool = flag(True, "also time the torch.compile'd step against eager (compiling takes minutes on CPU)")
-    threads: int = flag(0, "CPU threads; 0 = torch's default (all cores). 1 is steadier on a machine shared with other jobs")
+    threads: int = flag(0, "CPU threads; 0 = torch's default (all cores). 1 is steadier on a machine shared with other jobs",
+                        at_least(0))
 
 
 def sync(device):

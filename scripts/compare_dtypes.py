@@ -14,18 +14,19 @@ import dataclasses
 import os
 
 from nanochat.checkpoint_manager import checkpoint_dir
-from nanochat.cli import flag, parse_args, passthrough, required
+from nanochat.cli import above, at_least, flag, parse_args, passthrough, required
 from nanochat.common import UserError, run_cli
 from nanochat.precision import DTYPES
-from scripts.runs import Job, check_reserved, finished, run_jobs, step_rows
+from nanochat.jobs import Job, check_reserved, run_jobs
+from nanochat.runs import finished, step_rows
 
 
 @dataclasses.dataclass
 class CompareDtypesConfig:
     out: str = required("output dir of the two runs")
-    after: int = flag(10, "compare the loss at every step after this one")
-    max_loss_diff: float = flag(0.02, "largest allowed relative loss difference")
-    max_bpb_diff: float = flag(0.01, "largest allowed relative final val bpb difference")
+    after: int = flag(10, "compare the loss at every step after this one", at_least(0))
+    max_loss_diff: float = flag(0.02, "largest allowed relative loss difference", above(0))
+    max_bpb_diff: float = flag(0.01, "largest allowed relative final val bpb difference", above(0))
     force: bool = flag(False, "repeat runs that already finished")
     train_flags: list[str] = passthrough("flags of scripts.base_train_adaptive_svd, the same for both runs")
 
@@ -51,7 +52,7 @@ def main(argv):
     jobs = [Job(dtype, checkpoint_dir(out, dtype), [*args.train_flags, f"--dtype={dtype}", f"--model_tag={dtype}",
                                                     f"--output_dir={out}"], finished) for dtype in DTYPES]
     run_jobs(jobs, slots=1, force=args.force)
-    result = compare(*(step_rows(job.run_dir)[0] for job in jobs), args.after)
+    result = compare(*(step_rows(job.run_dir) for job in jobs), args.after)
     worst = max(result["loss_diffs"], key=result["loss_diffs"].get)
     loss_ok = result["loss_diffs"][worst] <= args.max_loss_diff
     bpb_ok = result["bpb_diff"] <= args.max_bpb_diff

@@ -18,19 +18,22 @@ val bpb, the bpb ratio adaptive/baseline with a 95% t-interval over seeds, the t
 summed step time, and steps x median + analysis time, which is robust to pauses of a shared machine),
 switch counts, the share of layer-analyses in protected mode and the mean number of learned
 directions k; and whether the research target (bpb ratio <= 1.005 with its interval including 1) is met.
-With --figures=true (default) the figures of scripts.plot_svd for every seed go to <out>/figures/.
+With --figures=true (default) the figures of scripts.plot_svd for every seed go to <out>/figures/ (they
+need the `plots` extra, matplotlib).
 """
 
 import dataclasses
 import json
 import os
 
+from nanochat import stats
 from nanochat.checkpoint_manager import checkpoint_dir
-from nanochat.cli import flag, parse_args, passthrough, required
+from nanochat.cli import flag, one_of, parse_args, passthrough, required
 from nanochat.common import UserError, run_cli
-from scripts import stats
-from scripts.runs import (Job, check_reserved, command_line, finished, fmt, fmt_interval, fmt_pm, markdown_table, run_jobs,
-                          summarize, training_argv)
+from nanochat.jobs import Job, check_reserved, command_line, parse_seeds, run_jobs, training_argv
+from nanochat.plots import make_figures, pyplot
+from nanochat.report import fmt, fmt_interval, fmt_pm, markdown_table
+from nanochat.runs import finished, summarize
 
 KINDS = ("baseline", "adaptive")
 RESERVED = ("adaptive_svd", "model_tag", "output_dir", "seed", "overwrite", "resume")
@@ -41,7 +44,8 @@ BPB_RATIO_TARGET = 1.005
 class CompareConfig:
     out: str = required("output dir: runs, comparison.json, comparison.md, figures/")
     seeds: str = flag("42,43,44", "comma list of seeds; one baseline + one adaptive run each")
-    jobs: int = flag(1, "runs at a time, each with one thread: 2 runs a seed's baseline and adaptive run together", choices=(1, 2))
+    jobs: int = flag(1, "runs at a time, each with one thread: 2 runs a seed's baseline and adaptive run together",
+                     one_of(1, 2))
     force: bool = flag(False, "repeat runs that already finished (replacing their files)")
     table_only: bool = flag(False, "run nothing; tabulate the runs in --out")
     figures: bool = flag(True, "also write scripts.plot_svd's figures of every seed to <out>/figures")
@@ -55,16 +59,6 @@ def run_tag(kind, seed):
 def run_argv(kind, seed, out, train_argv):
     own = {"adaptive_svd": "true" if kind == "adaptive" else "false", "model_tag": run_tag(kind, seed), "output_dir": out}
     return training_argv(own, train_argv) + [f"--seed={seed}"]
-
-
-def parse_seeds(text):
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds must be a comma list of integers, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds must name at least one seed, each once; got {text!r}")
-    return seeds
 
 
 def jobs_for(seeds, out, train_argv, slots):
@@ -165,11 +159,11 @@ def main(argv):
     seeds = parse_seeds(args.seeds)
     train_argv = args.train_flags
     check_reserved(train_argv, RESERVED, "the comparison runner")
-    from nanochat.adaptive_cycle import AdaptiveConfig, validate_adaptive
-    from nanochat.train import validate
-    cfg = parse_args(AdaptiveConfig, train_argv, prog="python -m scripts.compare_runs -- [training flags]", description="")
-    validate(cfg)
-    validate_adaptive(cfg)  # a bad flag fails here, not in the middle of the runs
+    from nanochat.adaptive_cycle import AdaptiveConfig
+    # every training flag is checked here, not in the middle of the runs
+    parse_args(AdaptiveConfig, train_argv, prog="python -m scripts.compare_runs -- [training flags]", description="")
+    if args.figures:
+        pyplot()  # so does a missing matplotlib, not after the runs
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     jobs = jobs_for(seeds, out, train_argv, args.jobs)
@@ -190,7 +184,6 @@ def main(argv):
         f.write(text)
     print(text)
     if args.figures:
-        from scripts.plot_svd import make_figures
         for seed in seeds:
             written = make_figures(checkpoint_dir(out, run_tag("adaptive", seed)), os.path.join(out, "figures"),
                                    baseline=checkpoint_dir(out, run_tag("baseline", seed)), prefix=f"s{seed}_")

@@ -29,23 +29,24 @@ experiment continues where it was; --force=true repeats them. --table_only=true 
 Writes <out>/forgetting.json (every measurement per variant and seed, the statistics, the exact commands),
 <out>/forgetting.md (tables: mean ± std per variant, the paired difference to baseline with a 95%
 t-interval, and whether the research target is met), and with --figures=true (default) forgetting.png,
-pareto.png and detector.png (see scripts.plot_svd).
+pareto.png and detector.png (see scripts.plot_svd; they need the `plots` extra, matplotlib).
 """
 
 import dataclasses
 import json
 import os
 
+from nanochat import stats
 from nanochat.adaptive_svd import Action
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, checkpoint_dir, load_checkpoint
-from nanochat.cli import flag, parse_args, passthrough, required
+from nanochat.cli import Check, at_least, between, flag, one_of, parse_args, passthrough, required
 from nanochat.common import UserError, run_cli
 from nanochat.dataset import list_shards
-from scripts import stats
-from scripts.compare_runs import parse_seeds
-from scripts.runs import (LAYER_TYPES, TRAIN_METRICS, Job, check_reserved, command_line, evaluations, finished, fmt, fmt_interval, fmt_pm,
-                          markdown_table, layer_type, read_config, read_jsonl, run_jobs, summarize, svd_records, training_argv,
-                          with_defaults)
+from nanochat.jobs import Job, check_reserved, command_line, parse_seeds, run_jobs, training_argv, with_defaults
+from nanochat.plots import forgetting_figures, pyplot
+from nanochat.report import fmt, fmt_interval, fmt_pm, markdown_table
+from nanochat.runs import (LAYER_TYPES, evaluations, finished, layer_type, read_config, step_rows, summarize,
+                           svd_records)
 
 VARIANTS = {  # phase B: the analysis policy, and whether A's data is replayed
     "baseline": ("observe", False),
@@ -62,19 +63,29 @@ FORGETTING_DROP_TARGET = 0.30  # a protected variant lowers forgetting by at lea
 B_BPB_RISE_LIMIT = 0.01        # ... at no more than this relative rise of the final B bpb
 
 
+def variant_names(text):
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+VARIANT_LIST = Check(lambda v: all(n in VARIANTS for n in variant_names(v)) and len(set(variant_names(v))) == len(variant_names(v)),
+                     f"a comma list of {', '.join(VARIANTS)}, each once")
+
+
 @dataclasses.dataclass
 class ForgettingConfig:
     data_a: str = required("domain A's data dir (train + val shards)")
     data_b: str = required("domain B's data dir")
-    steps_a: int = required("optimizer steps of phase A")
-    steps_b: int = required("optimizer steps of phase B")
+    steps_a: int = required("optimizer steps of phase A", at_least(1))
+    steps_b: int = required("optimizer steps of phase B", at_least(1))
     out: str = required("output dir (runs, forgetting.json, forgetting.md, figures)")
     seeds: str = flag("42,43,44", "comma list of seeds; one phase A and one phase B run per variant each")
-    variants: str = flag(",".join(VARIANTS), f"comma list of {', '.join(VARIANTS)} (baseline is always run)")
-    measure_every: int = flag(50, "measure A's and B's val bpb every N steps of phase B (and before and after it)")
-    replay_fraction: float = flag(0.05, "share of phase-B sequences from A's train data in the replay variants")
-    eval_every_a: int = flag(250, "phase A evaluates A's val bpb every N steps (and at the end); -1 = only at the end")
-    jobs: int = flag(1, "runs at a time, each with one thread (at most two: the machine rule)", choices=(1, 2))
+    variants: str = flag(",".join(VARIANTS), "the variants to run (baseline is always run)", VARIANT_LIST)
+    measure_every: int = flag(50, "measure A's and B's val bpb every N steps of phase B (and before and after it)", at_least(1))
+    replay_fraction: float = flag(0.05, "share of phase-B sequences from A's train data in the replay variants",
+                                  between(0, 1, open_lo=True, open_hi=True))
+    eval_every_a: int = flag(250, "phase A evaluates A's val bpb every N steps (and at the end); -1 = only at the end",
+                             at_least(1).or_(-1))
+    jobs: int = flag(1, "runs at a time, each with one thread (at most two: the machine rule)", one_of(1, 2))
     force: bool = flag(False, "repeat runs that already finished (replacing their files)")
     table_only: bool = flag(False, "run nothing; tabulate the runs in --out")
     figures: bool = flag(True, "also write forgetting.png, pareto.png and detector.png to --out")
@@ -135,14 +146,14 @@ def phase_a_result(out, seed):
     run_dir = checkpoint_dir(out, a_tag(seed))
     summary = summarize(run_dir)
     return {"seed": seed, "run_dir": run_dir, "final_val_bpb": summary["final_val_bpb"],
-            "curve": evaluations(read_jsonl(os.path.join(run_dir, TRAIN_METRICS))), "steps": summary["steps"],
+            "curve": evaluations(step_rows(run_dir)), "steps": summary["steps"],
             "loop_s": summary["loop_s"], "median_step_s": summary["median_step_s"]}
 
 
 def phase_b_result(out, variant, seed, a_final):
     """One phase B run from its files: the curves of A and B, forgetting, B learning, the detector's readings."""
     run_dir = checkpoint_dir(out, b_tag(variant, seed))
-    rows = read_jsonl(os.path.join(run_dir, TRAIN_METRICS))
+    rows = step_rows(run_dir)
     curve = [{"step": r["step"], "A_val_bpb": r["extra_val_bpb"], "B_val_bpb": r["val_bpb"]} for r in rows if "extra_val_bpb" in r]
     first, last = curve[0], curve[-1]
     records = svd_records(run_dir)
@@ -272,28 +283,18 @@ def markdown(data):
 def parse_own(argv):
     args = parse_args(ForgettingConfig, argv, prog="python -m scripts.forgetting", description=__doc__)
     seeds = parse_seeds(args.seeds)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad or len(set(variants)) != len(variants):
-        raise UserError(f"--variants: {'unknown ' + ', '.join(bad) if bad else 'a variant is named twice'}; use {', '.join(VARIANTS)}")
-    variants = ["baseline"] + [v for v in variants if v != "baseline"]  # every comparison is against it
-    if args.steps_a < 1 or args.steps_b < 1 or args.measure_every < 1:
-        raise UserError("--steps_a, --steps_b and --measure_every must be >= 1")
-    if not 0 < args.replay_fraction < 1:
-        raise UserError("--replay_fraction must lie in (0, 1)")
-    if not (args.eval_every_a == -1 or args.eval_every_a >= 1):
-        raise UserError("--eval_every_a must be >= 1 or -1")
+    variants = ["baseline"] + [v for v in variant_names(args.variants) if v != "baseline"]  # every comparison is against it
     check_reserved(args.train_flags, RESERVED, "the forgetting experiment")
     for d in (args.data_a, args.data_b):
         list_shards(d, "train"), list_shards(d, "val")
     if os.path.realpath(args.data_a) == os.path.realpath(args.data_b):
         raise UserError("--data_a and --data_b are the same directory; give two domains")
-    from nanochat.adaptive_cycle import AdaptiveConfig, validate_adaptive
-    from nanochat.train import validate
+    from nanochat.adaptive_cycle import AdaptiveConfig
     train_argv = with_defaults(args.train_flags, DEFAULTS)
+    # every training flag is checked now, not after phase A
     cfg = parse_args(AdaptiveConfig, train_argv, prog="python -m scripts.forgetting -- [training flags]", description="")
-    validate(cfg)
-    validate_adaptive(cfg)  # a bad training flag fails now, not after phase A
+    if args.figures:
+        pyplot()  # so does a missing matplotlib
     args.out = os.path.abspath(args.out)
     args.data_a, args.data_b = os.path.abspath(args.data_a), os.path.abspath(args.data_b)
     return args, seeds, variants, cfg
@@ -325,7 +326,6 @@ def main(argv):
         f.write(text)
     print(text)
     if args.figures:
-        from scripts.plot_svd import forgetting_figures
         print("\n".join(forgetting_figures(data, args.out)))
 
 

@@ -35,15 +35,14 @@ import torch._dynamo
 
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, checkpoint_dir
-from nanochat.cli import flag, parse_args
-from nanochat.common import UserError, check_device_type, device_peak_flops, peak_memory_mib, run_cli
+from nanochat.cli import Check, at_least, flag, one_of, parse_args
+from nanochat.common import DEVICE_TYPES, check_device_type, device_peak_flops, peak_memory_mib, run_cli
 from nanochat.gpt import GPT, AdaptiveSVDLinear, GPTConfig
 from nanochat.optim import Muon
+from nanochat.runs import analysis_seconds, evaluations, read_jsonl, svd_records, svd_summary
+from nanochat.synthetic import bench_shape, planted
 from nanochat.tokenizer import get_tokenizer
 from nanochat.train import TRAIN_METRICS, train
-from scripts.bench_svd import bench_shape
-from scripts.method_checks import planted
-from scripts.runs import analysis_seconds, evaluations, read_jsonl, svd_records, svd_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNIPPET = os.path.join(ROOT, "experiments", "guide_snippet.py")
@@ -54,16 +53,24 @@ PHASE1_TINY = ["--depth=4", "--max_seq_len=64", "--device_batch_size=1", "--eval
                "--total_batch_size=64", f"--num_iterations={PHASE1_TINY_STEPS}"]
 
 
+CHECK_NAMES = ("phase1", "svd", "d20", "bf16")
+
+
+def check_names(text):
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
 @dataclasses.dataclass
 class CheckConfig:
-    device_type: str = flag("cuda", "device to check: cuda | cpu | mps")
+    device_type: str = flag("cuda", "device to check: cuda | cpu | mps", one_of(*DEVICE_TYPES))
     tiny: bool = flag(False, "toy sizes everywhere (a CPU test of this script), not a measurement")
-    depth: int = flag(20, "depth of the step check (tiny: 2)")
-    max_seq_len: int = flag(2048, "sequence length of the step check (tiny: 64)")
-    device_batch_size: int = flag(32, "sequences per forward of the step check (tiny: 2); 16 for 40 GB A100s")
-    steps: int = flag(30, "steps per run of the step check (tiny: 8)")
-    svd_interval: int = flag(10, "analysis interval of the adaptive step run (tiny: 4)")
-    only: str = flag("", "comma list of checks to run (phase1, svd, d20, bf16); empty = all")
+    depth: int = flag(20, "depth of the step check (tiny: 2)", at_least(1))
+    max_seq_len: int = flag(2048, "sequence length of the step check (tiny: 64)", at_least(2))
+    device_batch_size: int = flag(32, "sequences per forward of the step check (tiny: 2); 16 for 40 GB A100s", at_least(1))
+    steps: int = flag(30, "steps per run of the step check (tiny: 8)", at_least(1))
+    svd_interval: int = flag(10, "analysis interval of the adaptive step run (tiny: 4)", at_least(1))
+    only: str = flag("", "comma list of checks to run; empty = all",
+                     Check(lambda v: all(c in CHECK_NAMES for c in check_names(v)), f"empty or a comma list of {', '.join(CHECK_NAMES)}"))
     out: str = flag("", "folder for the runs (kept); empty = a temporary folder, removed at the end")
 
 
@@ -228,10 +235,7 @@ def main(argv):
     cfg = parse_args(CheckConfig, argv, "python -m scripts.gpu_check", __doc__)
     device_type = check_device_type(cfg.device_type)
     device = torch.device(device_type)
-    wanted = [c.strip() for c in cfg.only.split(",") if c.strip()] or ["phase1", "svd", "d20", "bf16"]
-    unknown = set(wanted) - {"phase1", "svd", "d20", "bf16"}
-    if unknown:
-        raise UserError(f"--only: unknown check(s) {sorted(unknown)}; use phase1, svd, d20, bf16")
+    wanted = check_names(cfg.only) or list(CHECK_NAMES)
     if not cfg.tiny and device_type != "cuda":
         print(f"note: full-size checks on {device_type} take far longer than on a GPU; --tiny=true is the quick test")
     name = torch.cuda.get_device_name(device) if device_type == "cuda" else device_type

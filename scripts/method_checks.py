@@ -15,83 +15,12 @@ import torch
 
 from nanochat import adaptive_svd as asvd
 from nanochat.checkpoint_manager import load_checkpoint
-from nanochat.cli import flag, parse_args
+from nanochat.cli import at_least, flag, parse_args
 from nanochat.common import run_cli
 from nanochat.gpt import AdaptiveSVDLinear
 from nanochat.optim import Muon
-
-
-def planted(n_out, n_in, j, seed, ratios=None):
-    """A Gaussian bulk with the model's init std plus j learned directions at `ratios` x the bulk edge
-    (default 4x down to 1.5x). Returns (W float32, planted left basis, planted right basis)."""
-    gen = torch.Generator().manual_seed(seed)
-    std = n_in ** -0.5 * min(1.0, (n_out / n_in) ** 0.5)
-    W = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64) * std
-    edge = std * (n_out ** 0.5 + n_in ** 0.5)
-    U = torch.linalg.qr(torch.randn(n_out, j, generator=gen, dtype=torch.float64))[0]
-    V = torch.linalg.qr(torch.randn(n_in, j, generator=gen, dtype=torch.float64))[0]
-    s = edge * (torch.linspace(4.0, 1.5, j, dtype=torch.float64) if ratios is None
-                else torch.tensor(ratios, dtype=torch.float64))
-    return (W + (U * s) @ V.T).float(), U.float(), V.float()
-
-
-def random_gradient(shape, rank, seed):
-    """A Gaussian gradient (rank None) or a random rank-`rank` one, independent of W."""
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    if rank is None:
-        return torch.randn(*shape, generator=gen)
-    return torch.randn(shape[0], rank, generator=gen) @ torch.randn(rank, shape[1], generator=gen)
-
-
-def concentrated_gradient(U, V, shape, share, seed):
-    """A gradient with `share` of its squared norm inside span(U) x span(V), the rest Gaussian."""
-    gen = torch.Generator().manual_seed(20_000 + seed)
-    inside = U @ torch.randn(U.shape[1], V.shape[1], generator=gen) @ V.T
-    noise = torch.randn(*shape, generator=gen)
-    inside = inside / inside.norm() * share ** 0.5
-    return inside + noise / noise.norm() * (1 - share) ** 0.5
-
-
-def simulate(W, gradient, analyses, policy=None, rel=0.01, keep_states=False, method="warm"):
-    """`analyses` analyses of one layer: analyse W with this step's gradient, apply the decision,
-    then step W by rel * ||W|| along the gradient (projected while protected). gradient(t, W, U_k, V_k).
-    The SVD is warm-started from the previous analysis (certified, else exact), as a large layer's
-    is in a run. Returns (mode after each analysis, the record of each analysis)."""
-    policy = policy or asvd.SVDPolicy()
-    state = asvd.LayerState()
-    modes, records = [], []
-    for t in range(analyses):
-        G = gradient(t, W, state.U_k, state.V_k)
-        out = asvd.analyze(W, G, state, policy, step=t + 1, method=method)
-        state = asvd.advance(state, out, W)
-        record = dict(out.metrics, action=out.action, reason=out.reason, mode=state.mode, svd_method=out.method)
-        if keep_states:
-            record.update(state=state, W=W.clone())
-        modes.append(state.mode)
-        records.append(record)
-        step = asvd.project(G, state.U_k, state.V_k) if state.mode == asvd.Mode.LOWRANK else G
-        W = W - rel * W.norm() * step / step.norm()
-    return modes, records
-
-
-def update_ratio_of_random_updates(shape, rank, rel, draws, seed, against_new=False):
-    """Update alignment ratios of random rank-`rank` updates of size rel * ||W||, independent of W:
-    measured against the previous analysis' basis (v2), or, with against_new, against the top-k of
-    the updated W (what v1 did)."""
-    W, _, _ = planted(*shape, j=10, seed=seed)
-    policy = asvd.SVDPolicy()
-    state = asvd.advance(asvd.LayerState(), asvd.analyze(W, None, asvd.LayerState(), policy, 1), W)
-    ratios = []
-    for d in range(draws):
-        dW = random_gradient(shape, rank, seed=seed * 1000 + d)
-        W2 = W + rel * W.norm() * dW / dW.norm()
-        if against_new:
-            k = state.U_k.shape[1]
-            U_new = torch.linalg.svd(W2, full_matrices=False)[0][:, :k]
-            ratios.append(asvd.alignment_ratio(asvd.alignment(W2 - W, U_new), k, shape[0]))
-        else:
-            ratios.append(asvd.analyze(W2, None, state, policy, 2, method="warm").metrics["update_alignment_ratio"])
-    return ratios
+from nanochat.synthetic import (concentrated_gradient, planted, random_gradient, simulate,
+                                update_ratio_of_random_updates)
 
 
 def muon_step_sizes(shape, k, seed):
@@ -139,7 +68,7 @@ def checkpoint_spectra(path, policy):
 
 @dataclass
 class ChecksConfig:
-    seed: int = flag(0, "seed of the synthetic layers and gradients")
+    seed: int = flag(0, "seed of the synthetic layers and gradients", at_least(0))
     checkpoint: str = flag("", "instead: count the learned directions of every matrix in this checkpoint")
 
 

@@ -19,24 +19,24 @@ run measures a second validation set, e.g. domain A during a forgetting experime
 """
 
 import dataclasses
-import json
 import os
-import sys
 import time
 from types import SimpleNamespace
 
+from nanochat.adaptive_cycle import SVD_METRICS
 from nanochat.adaptive_svd import RULES, Action
-from nanochat.cli import flag, parse_args, positional
+from nanochat.cli import above, at_least, flag, parse_args, positional
 from nanochat.common import UserError, run_cli
-from scripts.runs import SVD_METRICS, TRAIN_METRICS, run_settings
+from nanochat.runs import Follower, run_settings
+from nanochat.train import TRAIN_METRICS
 
 
 @dataclasses.dataclass
 class MonitorConfig:
     run_dir: str = positional("the run's checkpoint folder (holds svd_metrics.jsonl)")
     once: bool = flag(False, "print what is there and exit")
-    poll: float = flag(2.0, "seconds between looks at the file")
-    idle_exit: float = flag(0.0, "exit after this many seconds without a new line (0 = never)")
+    poll: float = flag(2.0, "seconds between looks at the file", above(0))
+    idle_exit: float = flag(0.0, "exit after this many seconds without a new line (0 = never)", at_least(0))
     quiet_analyses: bool = flag(False, "do not print a line per analysis step")
 
 
@@ -83,36 +83,6 @@ class Monitor:
                     events.append(f"{head}: {metric}={rec[metric]:.4g} crossed {threshold}={t} {side}")
         self.prev[layer] = rec
         return events
-
-
-class Follower:
-    """Reads complete new lines of a growing file; starts over if the file is replaced or truncated."""
-
-    def __init__(self, path):
-        self.path, self.offset, self.buffer, self.inode = path, 0, "", None
-
-    def new_records(self):
-        if not os.path.exists(self.path):
-            return []
-        st = os.stat(self.path)
-        if self.inode is not None and (st.st_ino != self.inode or st.st_size < self.offset):
-            self.offset, self.buffer = 0, ""  # a new run rewrote the file
-        self.inode = st.st_ino
-        with open(self.path) as f:
-            f.seek(self.offset)
-            chunk = f.read()
-            self.offset = f.tell()
-        self.buffer += chunk
-        lines = self.buffer.split("\n")
-        self.buffer = lines.pop()  # an incomplete last line waits for its end
-        out = []
-        for line in lines:
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    print(f"(unreadable line skipped: {line[:60]}...)", file=sys.stderr)
-        return out
 
 
 def evaluation_line(row):

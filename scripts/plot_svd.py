@@ -1,11 +1,11 @@
 """Figures of a run (finished, still running, or copied back from the cluster) from its files.
 
-    python -m scripts.plot_svd RUN_DIR [--baseline BASELINE_RUN_DIR] [--out DIR] [--log FILE] [--spectra]
+    python -m scripts.plot_svd RUN_DIR [--baseline BASELINE_RUN_DIR] [--out DIR] [--spectra]
     python -m scripts.plot_svd --forgetting OUT/forgetting.json --out DIR
 
 RUN_DIR is an adaptive run's checkpoint folder (train_metrics.jsonl, svd_metrics.jsonl, config.json or
-command.txt). A folder without train_metrics.jsonl is read from its console log instead (train.log, or
---log, e.g. a SLURM .out file). Writes PNGs to --out (default RUN_DIR/figures):
+command.txt). Writes PNGs to --out (default RUN_DIR/figures), drawn by
+nanochat.plots (needs the `plots` extra, matplotlib):
   loss_bpb.png            training loss (debiased EMA) and val bpb over steps, adaptive vs baseline
   mode_rank.png           per layer: r after each analysis, low-rank periods shaded, switches marked
   alignment_ratio.png     per layer: gradient and update alignment_ratio, random baseline (1) and the
@@ -24,304 +24,21 @@ command.txt). A folder without train_metrics.jsonl is read from its console log 
 
 import dataclasses
 import json
-import math
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from nanochat.adaptive_cycle import SVD_METRICS  # noqa: E402
-from nanochat.adaptive_svd import Action, Mode  # noqa: E402
-from nanochat.checkpoint_manager import CHECKPOINT_NAME  # noqa: E402
-from nanochat.cli import flag, parse_args, positional  # noqa: E402
-from nanochat.common import UserError, run_cli  # noqa: E402
-from scripts.runs import LAYER_TYPES, evaluations, layer_records, read_jsonl, run_settings, step_rows  # noqa: E402
-
-DPI = 90
+from nanochat.cli import flag, parse_args, positional
+from nanochat.common import UserError, run_cli
+from nanochat.plots import forgetting_figures, make_figures
 
 
 @dataclasses.dataclass
 class PlotConfig:
     run_dir: str = positional("an adaptive run's checkpoint folder", default="")
     baseline: str = flag("", "the baseline run's checkpoint folder (loss/bpb and spectra comparison)")
-    log: str = flag("", "console log of RUN_DIR if it is not RUN_DIR/train.log (e.g. a SLURM .out file)")
     out: str = flag("", "where the PNGs go; empty = RUN_DIR/figures (for --forgetting: next to its file)")
     prefix: str = flag("", "prefix of every file name")
     spectra: bool = flag(False, "also plot singular-value spectra from checkpoint.pt")
     forgetting: str = flag("", "forgetting.json of scripts.forgetting: its curves, Pareto and detector figures")
-
-
-def _grid(n, title, sharey=False):
-    ncols = min(4, n)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.3 * nrows + 0.6), squeeze=False, sharex=True, sharey=sharey)
-    fig.suptitle(title)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat[:n])
-
-
-def _short(layer):
-    return layer.replace("block", "b").replace(".attn.", ".").replace(".mlp.", ".mlp.")
-
-
-def _save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
-
-
-def _series(recs, key):
-    pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def plot_loss(runs, path):
-    """runs: [(label, per-step rows)]."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    losses = []
-    for label, rows in runs:
-        steps, loss = _series(rows, "loss")
-        losses += loss
-        if steps:
-            a1.plot(steps, loss, label=label, lw=1)
-        vals = evaluations(rows)
-        if vals:
-            a2.plot([s for s, _ in vals], [v for _, v in vals], marker="o", ms=3, label=label)
-    a1.set(xlabel="step", ylabel="training loss (EMA, nats)", title="training loss")
-    a2.set(xlabel="step", ylabel="val bits per byte", title="validation bpb")
-    for ax in (a1, a2):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if losses:
-        a1.set_ylim(min(losses) - 0.2, min(losses) + 3.0)
-    return _save(fig, path)
-
-
-def plot_mode_rank(layers, path):
-    fig, axes = _grid(len(layers), "rank r after each analysis (shaded: low-rank mode; ^ to low-rank, v to full)")
-    for ax, (name, recs) in zip(axes, layers.items()):
-        steps, r = _series(recs, "r_after")
-        ax.plot(steps, r, lw=1.2, color="C0")
-        for rec in recs:
-            if rec["mode_after"] == Mode.LOWRANK:
-                ax.axvspan(rec["step"] - 0.5 * _interval(recs), rec["step"] + 0.5 * _interval(recs), color="C1", alpha=0.15, lw=0)
-            if rec["action"] == Action.TO_LOWRANK:
-                ax.plot(rec["step"], rec["r_after"], "^", color="C3", ms=5)
-            elif rec["action"] == Action.TO_FULL:
-                ax.plot(rec["step"], rec["r_after"], "v", color="k", ms=5)
-        g = min(recs[0]["shape"])
-        ax.set_ylim(0, g)
-        ax.set_title(_short(name), fontsize=9)
-        ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def _interval(recs):
-    steps = sorted({r["step"] for r in recs})
-    return min((b - a for a, b in zip(steps, steps[1:])), default=1)
-
-
-def plot_alignment_ratio(layers, thresholds, path):
-    enter, exit_ = thresholds
-    fig, axes = _grid(len(layers), f"alignment ratio p^2/(k/n_out): gradient and update (random = 1, enter = {enter}, "
-                                   f"exit = {exit_})", sharey=True)
-    for ax, (name, recs) in zip(axes, layers.items()):
-        ax.plot(*_series(recs, "alignment_ratio"), lw=1.2, label="gradient")
-        ax.plot(*_series(recs, "update_alignment_ratio"), lw=1.2, label="update dW")
-        ax.axhline(1.0, color="gray", ls="--", lw=1, label="random")
-        if enter is not None:
-            ax.axhline(enter, color="C3", ls=":", lw=1.2, label="svd_ratio_enter")
-        if exit_ is not None:
-            ax.axhline(exit_, color="C2", ls=":", lw=1.2, label="svd_ratio_exit")
-        ax.set_title(_short(name), fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    return _save(fig, path)
-
-
-def plot_principal_alignment(layers, path):
-    fig, axes = _grid(len(layers), "principal alignment ||U_k^T G||/||G|| (previous analysis' basis) vs its random baseline sqrt(k/n_out)", sharey=True)
-    for ax, (name, recs) in zip(axes, layers.items()):
-        ax.plot(*_series(recs, "principal_alignment"), lw=1.2, label="gradient")
-        ax.plot(*_series(recs, "update_principal_alignment"), lw=1.0, alpha=0.8, label="update dW")
-        pts = [(r["step"], math.sqrt(r["k_prev"] / r["shape"][0])) for r in recs if isinstance(r.get("k_prev"), int)]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color="gray", ls="--", lw=1, label="random sqrt(k/n_out)")
-        ax.set_ylim(0, 1.02)
-        ax.set_title(_short(name), fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    return _save(fig, path)
-
-
-def plot_subspace(layers, path):
-    fig, axes = _grid(len(layers), "principal subspace overlap with the previous analysis, and reconstruction error at r", sharey=True)
-    for ax, (name, recs) in zip(axes, layers.items()):
-        ax.plot(*_series(recs, "subspace_overlap"), lw=1.2, label="overlap (mean cos^2)")
-        ax.plot(*_series(recs, "subspace_overlap_above_chance"), lw=1.0, label="overlap above chance")
-        ax.plot(*_series(recs, "reconstruction_error"), lw=1.2, label="reconstruction error")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(_short(name), fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    return _save(fig, path)
-
-
-def _spectra_of(run_dir):
-    """{layer display name: (S at step 0, S at the checkpoint)} for the analysed layers of a run folder."""
-    import torch
-
-    from nanochat.checkpoint_manager import load_checkpoint
-    from nanochat.gpt import GPT, GPTConfig
-    ckpt = load_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME))
-    meta = ckpt["metadata"]
-    torch.manual_seed(meta["train_config"]["seed"])  # the same init the run started from
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**meta["model_config"]))
-    model.to_empty(device="cpu")
-    model.init_weights()
-    init = model.state_dict()
-    out = {}
-    for key, W in ckpt["model"].items():
-        if W.ndim == 2 and key.startswith("transformer.h."):
-            parts = key.split(".")  # transformer.h.<b>.<attn|mlp>.<name>.weight
-            name = f"block{parts[2]}.{parts[3]}.{parts[4]}"
-            out[name] = (torch.linalg.svdvals(init[key].float()).numpy(), torch.linalg.svdvals(W.float()).numpy())
-    return out, meta["step"]
-
-
-def plot_spectra(run_dir, baseline_dir, layer_names, path):
-    mine, step = _spectra_of(run_dir)
-    base = _spectra_of(baseline_dir)[0] if baseline_dir else {}
-    names = [n for n in layer_names if n in mine] or list(mine)
-    fig, axes = _grid(len(names), f"singular values (log scale) at step 0 and step {step}")
-    for ax, name in zip(axes, names):
-        s0, s1 = mine[name]
-        if s0.max() > 0:
-            ax.semilogy(s0, color="gray", ls="--", lw=1, label="step 0")
-        ax.semilogy(s1, lw=1.3, label=f"this run, step {step}")
-        if name in base:
-            ax.semilogy(base[name][1], lw=1.1, alpha=0.8, label=f"baseline, step {step}")
-        ax.set_title(_short(name), fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    return _save(fig, path)
-
-
-def _variant_colors(data):
-    return {v: f"C{i}" for i, v in enumerate(data["settings"]["variants"])}
-
-
-def _mean_curve(curves):
-    """Pointwise mean of [(xs, ys)] over the x values every curve has."""
-    common = sorted(set.intersection(*(set(xs) for xs, _ in curves)))
-    by = [dict(zip(xs, ys)) for xs, ys in curves]
-    return common, [sum(d[x] for d in by) / len(by) for x in common]
-
-
-def plot_forgetting_curves(data, path):
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    colors = _variant_colors(data)
-    for v, color in colors.items():
-        runs = [r for r in data["results"] if r["variant"] == v]
-        for ax, key in ((a1, "A_val_bpb"), (a2, "B_val_bpb")):
-            curves = [([c["step"] for c in r["curve"]], [c[key] for c in r["curve"]]) for r in runs]
-            for xs, ys in curves:
-                ax.plot(xs, ys, color=color, lw=0.6, alpha=0.35)
-            ax.plot(*_mean_curve(curves), color=color, lw=1.8, marker="o", ms=3, label=f"{v} (mean of {len(runs)})")
-    a1.set(xlabel="steps on domain B", ylabel="val bpb on A", title="domain A during B (forgetting: up is worse)")
-    a2.set(xlabel="steps on domain B", ylabel="val bpb on B", title="domain B during B (learning: down is better)")
-    for ax in (a1, a2):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def plot_pareto(data, path):
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    colors = _variant_colors(data)
-    for v, color in colors.items():
-        runs = [r for r in data["results"] if r["variant"] == v]
-        ax.scatter([r["b_bpb_after"] for r in runs], [r["forgetting"] for r in runs], color=color, s=18, alpha=0.6)
-        st = data["stats"][v]
-        f, b = st["forgetting"], st["b_bpb_after"]
-        ax.errorbar(b["mean"], f["mean"], xerr=b["sd"] or 0, yerr=f["sd"] or 0, color=color, marker="D", ms=8,
-                    mec="k", capsize=3, label=f"{v} (mean ± std, {f['n']} seeds)")
-    ax.set(xlabel="final val bpb on B (lower is better)", ylabel="forgetting: rise of A's val bpb during B (lower is better)",
-           title="forgetting vs learning B: one point per variant and seed")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def plot_detector(data, path):
-    """Per variant (row): A's bpb during B, then the gradient and the update alignment ratio per layer type."""
-    variants = data["settings"]["variants"]
-    enter, exit_ = data["thresholds"].get("svd_ratio_enter"), data["thresholds"].get("svd_ratio_exit")
-    fig, axes = plt.subplots(len(variants), 3, figsize=(14, 2.6 * len(variants) + 0.6), squeeze=False, sharex=True)
-    fig.suptitle("where the detector stands during B: A's bpb next to the clobbering ratios per layer type "
-                 "(mean over blocks and seeds; random = 1)")
-    for row, v in zip(axes, variants):
-        runs = [r for r in data["results"] if r["variant"] == v]
-        curves = [([c["step"] for c in r["curve"]], [c["A_val_bpb"] for c in r["curve"]]) for r in runs]
-        row[0].plot(*_mean_curve(curves), color="k", marker="o", ms=3)
-        row[0].set(ylabel=f"{v}\nA's val bpb")
-        for ax, key, title in ((row[1], "alignment_ratio", "gradient alignment ratio"),
-                               (row[2], "update_alignment_ratio", "update alignment ratio")):
-            for i, (t, label) in enumerate(LAYER_TYPES.items()):
-                series = []
-                for r in runs:
-                    pts = [(p["step"], p[key]) for p in r["detector"].get(t, []) if p[key] is not None]
-                    if pts:
-                        series.append(([p[0] for p in pts], [p[1] for p in pts]))
-                if series:
-                    ax.plot(*_mean_curve(series), color=f"C{i}", lw=1.2, label=label)
-            ax.axhline(1.0, color="gray", ls="--", lw=1)
-            if enter is not None:
-                ax.axhline(enter, color="C3", ls=":", lw=1.2)
-            if exit_ is not None and key == "alignment_ratio":
-                ax.axhline(exit_, color="C2", ls=":", lw=1.2)
-            ax.set_title(title, fontsize=9)
-        for ax in row:
-            ax.grid(alpha=0.3)
-    axes[0][1].legend(fontsize=7, ncol=2)
-    for ax in axes[-1]:
-        ax.set_xlabel("steps on domain B")
-    return _save(fig, path)
-
-
-def forgetting_figures(data, out, prefix=""):
-    """The forgetting experiment's figures from its forgetting.json data; returns the paths written."""
-    os.makedirs(out, exist_ok=True)
-    return [plot_forgetting_curves(data, os.path.join(out, prefix + "forgetting.png")),
-            plot_pareto(data, os.path.join(out, prefix + "pareto.png")),
-            plot_detector(data, os.path.join(out, prefix + "detector.png"))]
-
-
-def make_figures(run_dir, out, baseline=None, log=None, spectra=False, prefix=""):
-    """All figures of one run; returns the paths written. Works while the run is still writing."""
-    os.makedirs(out, exist_ok=True)
-    written = []
-    runs = [("adaptive" if baseline else os.path.basename(os.path.normpath(run_dir)), step_rows(run_dir, log)[0])]
-    if baseline:
-        runs.insert(0, ("baseline", step_rows(baseline)[0]))
-    if any(rows for _, rows in runs):
-        written.append(plot_loss(runs, os.path.join(out, prefix + "loss_bpb.png")))
-    layers = layer_records(read_jsonl(os.path.join(run_dir, SVD_METRICS)))
-    if layers:
-        settings, _ = run_settings(run_dir)
-        thresholds = (settings.get("svd_ratio_enter"), settings.get("svd_ratio_exit")) if settings else (None, None)
-        written.append(plot_mode_rank(layers, os.path.join(out, prefix + "mode_rank.png")))
-        written.append(plot_alignment_ratio(layers, thresholds, os.path.join(out, prefix + "alignment_ratio.png")))
-        written.append(plot_principal_alignment(layers, os.path.join(out, prefix + "principal_alignment.png")))
-        written.append(plot_subspace(layers, os.path.join(out, prefix + "subspace.png")))
-    if spectra and os.path.exists(os.path.join(run_dir, CHECKPOINT_NAME)):
-        written.append(plot_spectra(run_dir, baseline, list(layers), os.path.join(out, prefix + "spectra.png")))
-    return written
 
 
 def main(argv):
@@ -339,12 +56,12 @@ def main(argv):
     if args.run_dir:
         if not os.path.isdir(args.run_dir):
             raise UserError(f"{args.run_dir} is not a folder; give a run's checkpoint folder")
-        written += make_figures(args.run_dir, args.out or os.path.join(args.run_dir, "figures"), args.baseline, args.log,
+        written += make_figures(args.run_dir, args.out or os.path.join(args.run_dir, "figures"), args.baseline,
                                 args.spectra, args.prefix)
     if not args.run_dir and not args.forgetting:
         raise UserError("give a run folder and/or --forgetting FILE")
     if not written:
-        raise UserError(f"nothing to plot yet in {args.run_dir} (no train_metrics.jsonl rows or step lines, no svd_metrics.jsonl)")
+        raise UserError(f"nothing to plot yet in {args.run_dir} (no train_metrics.jsonl rows, no svd_metrics.jsonl)")
     for path in written:
         print(path)
 

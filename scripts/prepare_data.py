@@ -11,7 +11,7 @@ import dataclasses
 import os
 import time
 
-from nanochat.cli import flag, parse_flags
+from nanochat.cli import at_least, between, flag, one_of, parse_flags
 from nanochat.common import UserError, run_cli
 from nanochat.dataset import (DOMAINS, LICENCES, download_fineweb, file_documents, get_data_dir, hf_disk_documents,
                               offline_documents, write_shards)
@@ -27,21 +27,21 @@ SHARD_FLAGS = {"docs_per_shard", "val_docs", "val_fraction", "seed"}  # the shar
 
 @dataclasses.dataclass
 class PrepareConfig:
-    source: str = flag("offline", "where the text comes from", choices=list(SOURCE_FLAGS))
+    source: str = flag("offline", "where the text comes from", one_of(*SOURCE_FLAGS))
     data_dir: str = flag("", "output directory; empty = <base>/base_data")
     domains: str = flag(",".join(DOMAINS), "offline: comma-separated domains")
-    max_chars_per_domain: int = flag(0, "offline: cap each domain's characters; 0 = no cap")
+    max_chars_per_domain: int = flag(0, "offline: cap each domain's characters; 0 = no cap", at_least(0))
     files: list[str] = flag([], "files: .txt, .jsonl (field 'text') or .parquet (column 'text')")
     txt_split: str = flag("file", "files: a .txt file is one document, or one per blank-line-separated paragraph",
-                          choices=["file", "paragraphs"])
+                          one_of("file", "paragraphs"))
     dataset_path: str = flag("", "hf_disk: directory written by Dataset.save_to_disk")
     hf_split: str = flag("train", "hf_disk: split of a saved DatasetDict")
-    num_shards: int = flag(8, "fineweb: train shards to download (max 1822)")
-    retries: int = flag(5, "fineweb: tries per shard")
-    workers: int = flag(4, "fineweb: parallel downloads")
-    docs_per_shard: int = flag(2000, "documents per train shard")
-    val_docs: int = flag(0, "documents in the val shard; 0 = --val_fraction of all")
-    val_fraction: float = flag(0.05, "fraction of documents for val")
+    num_shards: int = flag(8, "fineweb: train shards to download", between(1, 1822))
+    retries: int = flag(5, "fineweb: tries per shard", at_least(1))
+    workers: int = flag(4, "fineweb: parallel downloads", at_least(1))
+    docs_per_shard: int = flag(2000, "documents per train shard", at_least(1))
+    val_docs: int = flag(0, "documents in the val shard; 0 = --val_fraction of all", at_least(0))
+    val_fraction: float = flag(0.05, "fraction of documents for val", between(0, 1, open_lo=True, open_hi=True))
     seed: int = flag(42, "shuffle seed that also fixes the val documents")
 
 
@@ -54,11 +54,6 @@ def parse_args(argv):
         raise UserError(f"--{misplaced[0]} does not apply to --source={cfg.source}")
     if "val_docs" in given and "val_fraction" in given:
         raise UserError("give --val_docs or --val_fraction, not both")
-    if not 0 < cfg.val_fraction < 1:
-        raise UserError(f"--val_fraction must be between 0 and 1, got {cfg.val_fraction}")
-    for name in ("max_chars_per_domain", "num_shards", "retries", "workers", "docs_per_shard", "val_docs"):
-        if name in given and given[name] < 1:
-            raise UserError(f"--{name} must be >= 1, got {given[name]}")
     if cfg.source == "files" and not cfg.files:
         raise UserError("--source=files needs --files PATH [PATH ...]")
     if cfg.source == "hf_disk" and not cfg.dataset_path:

@@ -9,28 +9,25 @@ import time
 
 import pyarrow.parquet as pq
 
-from nanochat.cli import flag, parse_args
+from nanochat.cli import at_least, flag, parse_args
 from nanochat.common import UserError, run_cli
 from nanochat.dataset import get_data_dir, list_shards
-from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
+from nanochat.tokenizer import MIN_VOCAB_SIZE, Tokenizer, get_tokenizer_dir
 
 SAMPLE_TEXT = "Hello world! The year 2025 has 365 days; naïve café, 東京, emoji 🙂.\n\n\tdef f(x):\n        return x ** 2"
 
 
 @dataclasses.dataclass
 class TokTrainConfig:
-    max_chars: int = flag(2_000_000_000, "stop reading the train shards after this many characters")
-    doc_cap: int = flag(10_000, "use at most this many characters of each document")
-    vocab_size: int = flag(65536, "vocabulary size including the 9 special tokens (a small corpus may give fewer)")
+    max_chars: int = flag(2_000_000_000, "stop reading the train shards after this many characters", at_least(1))
+    doc_cap: int = flag(10_000, "use at most this many characters of each document", at_least(1))
+    vocab_size: int = flag(65536, "vocabulary size including the 9 special tokens (a small corpus may give fewer)",
+                           at_least(MIN_VOCAB_SIZE))
     data_dir: str = flag("", "shard directory; empty = <base>/base_data")
 
 
 def parse_config(argv):
-    cfg = parse_args(TokTrainConfig, argv, prog="python -m scripts.tok_train", description=__doc__)
-    for name in ("max_chars", "doc_cap"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    return cfg
+    return parse_args(TokTrainConfig, argv, prog="python -m scripts.tok_train", description=__doc__)
 
 
 def text_iterator(paths, max_chars, doc_cap, stats):

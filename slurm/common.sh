@@ -191,27 +191,27 @@ nanochat_setup() {
     nanochat_resume "$OUTPUT_DIR/base_checkpoints/$MODEL_TAG"
 }
 
-# Extra arguments win over the job's own flags: the training scripts reject a flag given twice, so
-# every --name=value of the training script (after its `-m scripts.X`) that an extra argument sets
-# again is left out. The job's command ends with the extra arguments ("$@"), which are kept whole.
-# Sets NANOCHAT_CMD to the command to run.
+# Extra arguments win over the job's own flags (the last flag wins): the words after the training
+# script's `-m scripts.X` are its own flags, and nanochat.cli's merge (the one the Python runners use)
+# leaves out each that an extra argument gives again, in either form (--a_b/--a-b, --x=v/--x v), and
+# appends the extra arguments whole; the script rejects a flag the user repeats. Sets NANOCHAT_CMD to
+# the command to run.
 nanochat_override() {
-    local own=$(($# - ${#NANOCHAT_EXTRA[@]})) i=0 script=0 word name extra
-    NANOCHAT_CMD=()
-    for word in "$@"; do
-        i=$((i + 1))
-        if [ "$script" = 1 ] && [ "$i" -le "$own" ] && [[ $word == --*=* ]]; then
-            name=${word%%=*}
-            for extra in ${NANOCHAT_EXTRA[@]+"${NANOCHAT_EXTRA[@]}"}; do
-                extra=${extra%%=*}
-                [ "${extra//-/_}" = "${name//-/_}" ] && continue 2
-            done
+    local own=$(($# - ${#NANOCHAT_EXTRA[@]})) word merged script=0
+    local -a launcher=() flags=()
+    for word in "${@:1:$own}"; do
+        if [ "$script" = 1 ]; then
+            flags+=("$word")
+        else
+            launcher+=("$word")
         fi
         if [[ $word == scripts.* ]]; then
             script=1
         fi
-        NANOCHAT_CMD+=("$word")
     done
+    merged=$("$PY" -m nanochat.cli merge "${#flags[@]}" ${flags[@]+"${flags[@]}"} \
+        ${NANOCHAT_EXTRA[@]+"${NANOCHAT_EXTRA[@]}"}) || nanochat_die "could not merge the extra arguments into the job's command"
+    eval "NANOCHAT_CMD=(\"\${launcher[@]}\" $merged)"  # merged is shell-quoted (shlex.join)
 }
 
 nanochat_forward() {

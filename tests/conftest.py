@@ -26,7 +26,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from nanochat.dataset import offline_documents, write_shards  # noqa: E402 (after the path above)
-from nanochat.train import TrainHook  # noqa: E402
+from nanochat.hooks import TrainHook  # noqa: E402
 
 
 def free_port():

@@ -31,6 +31,7 @@ from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.cli import parse_args
 from nanochat.common import get_dist_info, run_cli
 from nanochat.dataloader import DataLoader
+from nanochat.hooks import TrainHook
 
 OUT = os.environ.get("DIST_RUN_OUT", ".")
 RANK = get_dist_info()[1]
@@ -99,7 +100,7 @@ def main(argv):
         asvd.svd = lambda *a, **k: asvd.SVDResult(reason="injected failure")
     if os.environ.get("DIST_RUN_SLOW_SVD"):
         asvd.svd = slowed(asvd.svd, float(os.environ["DIST_RUN_SLOW_SVD"]))
-    hook = RecordingHook(cfg) if cfg.adaptive_svd else train_module.TrainHook()
+    hook = RecordingHook(cfg) if cfg.adaptive_svd else TrainHook()
     state = {}
 
     def attach(run, _attach=hook.attach):

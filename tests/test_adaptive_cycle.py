@@ -4,6 +4,7 @@ switches that change nothing structural, optimizer state, compile, resume, fallb
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +15,14 @@ import torch
 from nanochat import adaptive_svd as asvd
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.adaptive_svd import Action, Mode
+from nanochat.checkpoint_manager import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from nanochat.common import UserError
 from nanochat.gpt import GPT, AdaptiveSVDLinear, GPTConfig
+from nanochat.hooks import Run
 from nanochat.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
 from nanochat.run_files import JsonlLog
-from nanochat.train import Run, train
-from scripts.method_checks import planted
+from nanochat.synthetic import planted
+from nanochat.train import train
 from tests.conftest import ROOT, tiny_model
 
 
@@ -287,8 +290,8 @@ def test_bad_targets_stop_the_script_before_anything_slow(tmp_path, cli):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path))
     r = subprocess.run([sys.executable, "-m", "scripts.base_train_adaptive_svd", "--depth=2", "--svd_targets=c_x"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and r.stderr == "error: unknown --svd_targets entry 'c_x'; use c_q, c_k, c_v, c_proj, c_fc, " \
-                                             "mlp.c_proj, attn, mlp or all\n", r.stderr
+    assert r.returncode == 2 and r.stderr == "error: --svd_targets=c_x is not valid: use a comma list of c_q, c_k, c_v, " \
+                                             "c_proj, c_fc, mlp.c_proj, attn, mlp or all\n", r.stderr
     code, _, err = cli("scripts.base_train_adaptive_svd", "--depth=2", "--svd_ratio_exit=5")
     assert code == 2 and err.count("\n") == 1 and "must be below --svd_ratio_enter" in err and "tokenizer" not in err
 
@@ -303,7 +306,7 @@ count = [0]
 def backend(gm, example_inputs):
     count[0] += 1
     return gm.forward
-cfg, model, hook, muon, adamw = small_run(dict(svd_interval=1, svd_targets="all", compile="true"))
+cfg, model, hook, muon, adamw = small_run(dict(svd_interval=1, svd_targets="all", compile=True))
 compiled = torch.compile(model, backend=backend, dynamic=False)
 params = [id(p) for p in model.parameters()]
 counts, modes = [], []
@@ -344,22 +347,38 @@ class StopAt(AdaptiveSVDHook):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def test_lowrank_checkpoint_resume_is_exact(base, tmp_path):
+def as_older_checkpoint(run_dir):
+    """Rewrite a run's checkpoint as the loop wrote it before its state was one LoopState and the hook's key
+    neutral: the hook's state under "adaptive", the latest val bpb and CORE result only in the metadata."""
+    ckpt = load_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME))
+    ckpt["adaptive"] = ckpt.pop("hook")
+    for key in ("val_bpb", "core"):
+        del ckpt["loop"][key]
+    config = ckpt.pop("config")
+    config["adaptive"] = config.pop("hook")
+    save_checkpoint(run_dir, ckpt, config)
+
+
+def test_lowrank_checkpoint_resume_is_exact_also_from_an_older_checkpoint(base, tmp_path):
     cfg = dict(TINY, num_iterations=10)
     full = train(AdaptiveConfig(**cfg, output_dir=str(tmp_path / "a")), hook=AdaptiveSVDHook(AdaptiveConfig(**cfg)))
     hook = StopAt(AdaptiveConfig(**cfg))
     hook.at = 7
     first = train(AdaptiveConfig(**cfg, output_dir=str(tmp_path / "b")), hook=hook)
     assert first["step"] == 7 and any(layer.module.mode == "lowrank" for layer in hook.layers.values()), "the test needs a low-rank layer at the stop"
-    resumed_cfg = AdaptiveConfig(**cfg, output_dir=str(tmp_path / "b"), resume=True)
-    rest = train(resumed_cfg, hook=AdaptiveSVDHook(resumed_cfg))
-    assert first["losses"] + rest["losses"] == full["losses"]
+    shutil.copytree(tmp_path / "b", tmp_path / "old")
+    as_older_checkpoint(tmp_path / "old/base_checkpoints/d2")
     a = [json.loads(line) for line in open(tmp_path / "a/base_checkpoints/d2/svd_metrics.jsonl")]
-    b = [json.loads(line) for line in open(tmp_path / "b/base_checkpoints/d2/svd_metrics.jsonl")]
-    assert [(r["step"], r["layer"], r["action"], r.get("r_after"), r.get("alignment_ratio")) for r in a] == \
-           [(r["step"], r["layer"], r["action"], r.get("r_after"), r.get("alignment_ratio")) for r in b]
-    ckpt = torch.load(tmp_path / "b/base_checkpoints/d2/checkpoint.pt")
-    GPT(GPTConfig(**ckpt["metadata"]["model_config"])).load_state_dict(ckpt["model"])
+    for run in ("b", "old"):
+        resumed_cfg = AdaptiveConfig(**cfg, output_dir=str(tmp_path / run), resume=True)
+        rest = train(resumed_cfg, hook=AdaptiveSVDHook(resumed_cfg))
+        assert first["losses"] + rest["losses"] == full["losses"], run
+        b = [json.loads(line) for line in open(tmp_path / run / "base_checkpoints/d2/svd_metrics.jsonl")]
+        assert [(r["step"], r["layer"], r["action"], r.get("r_after"), r.get("alignment_ratio")) for r in a] == \
+               [(r["step"], r["layer"], r["action"], r.get("r_after"), r.get("alignment_ratio")) for r in b], run
+        ckpt = torch.load(tmp_path / run / "base_checkpoints/d2/checkpoint.pt")
+        assert "adaptive" not in ckpt and set(ckpt["hook"]["layers"]) == set(hook.layers)
+        GPT(GPTConfig(**ckpt["metadata"]["model_config"])).load_state_dict(ckpt["model"])
 
 
 def test_phase1_style_run_and_the_guides_snippet(base, tmp_path, cli, capsys):

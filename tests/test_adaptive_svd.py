@@ -12,7 +12,7 @@ import scipy.linalg
 import torch
 
 from nanochat import adaptive_svd as asvd
-from scripts.method_checks import planted
+from nanochat.synthetic import planted
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -499,10 +499,19 @@ def test_decide_reads_the_rule_table(monkeypatch):
 
 
 def test_policy_ranges_are_checked_in_one_place():
-    assert asvd.SVDPolicy().problems() == []
-    assert any("--svd_ratio_enter" in p for p in asvd.SVDPolicy(svd_ratio_enter=0.5).problems())
-    assert any("below --svd_ratio_enter" in p for p in asvd.SVDPolicy(svd_ratio_exit=2.5).problems())
-    assert any("could never fire" in p for p in asvd.SVDPolicy(svd_k_max_frac=0.5).problems())
-    assert any("--svd_policy" in p for p in asvd.SVDPolicy(svd_policy="sometimes").problems())
-    assert any("--svd_patience" in p for p in asvd.SVDPolicy(svd_patience=0).problems())
+    """The policy declares its ranges and rules as plain data; nanochat.cli applies them (the maths imports no cli)."""
+    from nanochat.cli import UserError, check_config
+
+    def problem(**overrides):
+        with pytest.raises(UserError) as e:
+            check_config(asvd.SVDPolicy(**overrides))
+        return str(e.value)
+
+    check_config(asvd.SVDPolicy())
+    assert "--svd_ratio_enter=0.5 is out of range: use > 1" in problem(svd_ratio_enter=0.5)
+    assert "below --svd_ratio_enter" in problem(svd_ratio_exit=2.5)
+    assert "could never fire" in problem(svd_k_max_frac=0.5)
+    assert "--svd_policy=sometimes is not valid: use adaptive, static or observe" in problem(svd_policy="sometimes")
+    assert "--svd_patience=0 is out of range: use >= 1" in problem(svd_patience=0)
+    assert "--svd_edge_tw=nan is not a finite number" in problem(svd_edge_tw=float("nan"))
     assert asvd.k_max(256, POLICY) == 25 and asvd.k_max(5, POLICY) == 1

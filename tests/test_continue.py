@@ -16,9 +16,9 @@ from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, load_checkpoint
 from nanochat.common import UserError
 from nanochat.dataloader import DataLoader
+from nanochat.runs import read_jsonl
 from nanochat.tokenizer import get_tokenizer
 from nanochat.train import TrainConfig, train
-from scripts.runs import read_jsonl
 from tests.conftest import ROOT, StopAt
 
 TINY = dict(depth=2, max_seq_len=64, device_batch_size=1, total_batch_size=64, eval_tokens=640, sample_every=-1,
@@ -157,7 +157,7 @@ def test_init_from_and_replay_refusals(base, domains, phase_a, tmp_path):
         (dict(init_from=str(own / CHECKPOINT_NAME)), "in this run's own folder"),
         (dict(replay_fraction=0.1), "--replay_data_dir and --replay_fraction go together"),
         (dict(replay_data_dir=domains["wiki"]), "--replay_data_dir and --replay_fraction go together"),
-        (dict(replay_data_dir=domains["wiki"], replay_fraction=1.0), r"--replay_fraction must lie in \[0, 1\)"),
+        (dict(replay_data_dir=domains["wiki"], replay_fraction=1.0), r"--replay_fraction=1.0 is out of range: use in \[0, 1\)"),
         (dict(replay_data_dir=str(tmp_path / "nowhere"), replay_fraction=0.1), "no train shards"),
         (dict(extra_val_dir=str(tmp_path / "nowhere")), "no val shards"),
     ]

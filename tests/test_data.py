@@ -190,10 +190,10 @@ def test_prepare_data_cli_checks():
     for bad, message in ((["--files", "a.txt"], "does not apply to --source=offline"),
                          (["--source=files"], "needs --files"),
                          (["--source=hf_disk"], "needs --dataset_path"),
-                         (["--val_fraction=1.5"], "between 0 and 1"),
+                         (["--val_fraction=1.5"], r"--val_fraction=1.5 is out of range: use in \(0, 1\)"),
                          (["--docs_per_shard=0"], ">= 1"),
                          (["--source=fineweb", "--seed=1"], "does not apply"),
-                         (["--source=web"], "--source must be one of offline, files, hf_disk, fineweb"),
+                         (["--source=web"], "--source=web is not valid: use offline, files, hf_disk or fineweb"),
                          (["--num_shards=x"], "--num_shards expects int"),
                          (["--seed=1", "--seed=2"], "--seed is given twice")):
         with pytest.raises(UserError, match=message):

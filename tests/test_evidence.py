@@ -1,10 +1,12 @@
 """Evidence tooling: the Phase 2 and forgetting runners on tiny real runs (d2, seq 64), their tables checked
-against an independent reading of the runs' JSONL files; the statistics on known numbers (t quantiles against
-scipy); figures, the console-log fallback, the monitor, and reusing and continuing runs."""
+against an independent reading of the runs' JSONL files; the statistics on known numbers (t-table values,
+scipy) and by simulation (coverage); figures, the monitor, and reusing and continuing runs."""
 
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -12,13 +14,17 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import scipy.stats
 
+from nanochat import stats
 from nanochat.checkpoint_manager import load_checkpoint, write_checkpoint
 from nanochat.common import UserError
-from scripts import compare_runs, forgetting, monitor_svd, plot_svd, stats
-from scripts.runs import Job, finished, read_jsonl, run_settings, step_rows, summarize
+from nanochat.jobs import Job
+from nanochat.plots import forgetting_figures, make_figures
+from nanochat.runs import Follower, finished, read_jsonl, run_settings, step_rows, summarize
+from scripts import compare_runs, forgetting, monitor_svd, plot_svd
 from tests.conftest import ROOT
 
 TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=1", "--total_batch_size=64", "--eval_tokens=640",
@@ -40,15 +46,21 @@ def scipy_interval(values):
 
 # ------------------------------------------------------------------------------------------------ statistics
 
-def test_t_quantiles_match_scipy():
-    for df in [*range(1, 41), 60, 120, 500]:
-        for p in (0.5, 0.6, 0.9, 0.95, 0.975, 0.99, 0.999):
-            assert stats.t_quantile(p, df) == pytest.approx(scipy.stats.t.ppf(p, df), rel=1e-9, abs=1e-12), (p, df)
-    for bad in ((0.4, 3), (1.0, 3)):
-        with pytest.raises(ValueError):
-            stats.t_quantile(*bad)
-    with pytest.raises(ValueError):
-        stats.t_two_sided(1.0, 0)
+def test_t_interval_takes_the_t_table_quantile_and_covers_the_mean_as_often_as_its_level():
+    # t((1 + level) / 2, n - 1) as printed in any t table, for n values 0, 1, ..., n-1
+    for n, level, t in ((2, 0.95, 12.7062), (3, 0.95, 4.3027), (6, 0.99, 4.0321), (11, 0.90, 1.8125), (31, 0.95, 2.0423)):
+        iv = stats.t_interval([float(i) for i in range(n)], level)
+        assert iv["t"] == pytest.approx(t, abs=1e-4), (n, level)
+        assert (iv["lo"], iv["hi"]) == pytest.approx((iv["mean"] - t * iv["sd"] / math.sqrt(n),
+                                                      iv["mean"] + t * iv["sd"] / math.sqrt(n)), rel=1e-4)
+    # 4000 samples of three normal values: the 95% interval holds the true mean about 95% of the time
+    # (the normal quantile 1.96 in place of t would cover only about 81%)
+    samples = np.random.default_rng(0).normal(1.0, 2.0, size=(4000, 3))
+    intervals = [stats.t_interval(list(s)) for s in samples]
+    assert np.mean([iv["lo"] <= 1.0 <= iv["hi"] for iv in intervals]) == pytest.approx(0.95, abs=0.015)
+    for bad in (0.0, 1.0, 95):
+        with pytest.raises(ValueError, match="level must lie in"):
+            stats.t_interval([1.0, 2.0], bad)
 
 
 def test_interval_arithmetic_on_known_numbers():
@@ -158,7 +170,7 @@ def test_comparison_reuses_finished_runs_and_refuses_another_command(comparison,
     # a run folder's state from its files: finished, stopped part-way (checkpoint, not at the end), another command
     copy = tmp_path / "adaptive_s42"
     shutil.copytree(runs / "adaptive_s42", copy)
-    argv_run = compare_runs.run_argv("adaptive", 42, str(out), argv[argv.index("--") + 1:])
+    argv_run = shlex.split((copy / "command.txt").read_text())[3:]  # after python -m scripts.base_train_adaptive_svd
     job = Job("adaptive_s42", str(copy), argv_run, finished)
     assert job.state(force=False) == "done" and job.state(force=True) == "fresh"
     config = json.loads((copy / "config.json").read_text())
@@ -175,11 +187,11 @@ def test_comparison_reuses_finished_runs_and_refuses_another_command(comparison,
         compare_runs.main([f"--out={tmp_path}", "--", *TINY, "--seed=1"])
 
 
-def test_figures_from_the_per_step_file_a_running_run_and_a_console_log(comparison, tmp_path):
+def test_figures_from_the_per_step_file_and_a_running_run_and_none_without_it(comparison, tmp_path):
     out, _ = comparison
     runs = out / "base_checkpoints"
     adaptive = runs / "adaptive_s42"
-    written = plot_svd.make_figures(str(adaptive), str(tmp_path / "f"), baseline=str(runs / "baseline_s42"))
+    written = make_figures(str(adaptive), str(tmp_path / "f"), baseline=str(runs / "baseline_s42"))
     names = {os.path.basename(p) for p in written}
     assert names == {"loss_bpb.png", "mode_rank.png", "alignment_ratio.png", "principal_alignment.png", "subspace.png"}
     for p in written:
@@ -191,24 +203,31 @@ def test_figures_from_the_per_step_file_a_running_run_and_a_console_log(comparis
     for name, keep in (("svd_metrics.jsonl", 9), ("train_metrics.jsonl", 5)):
         lines = (adaptive / name).read_text().splitlines(True)
         (live / name).write_text("".join(lines[:keep]) + lines[keep][:30])
-    assert len(read_jsonl(str(live / "svd_metrics.jsonl"))) == 9 and len(step_rows(str(live))[0]) == 5
-    assert {os.path.basename(p) for p in plot_svd.make_figures(str(live), str(tmp_path / "g"))} == names
-    # a SLURM job's folder without train_metrics.jsonl: the rows come from its console log (.out file)
-    slurm = tmp_path / "slurm"
-    slurm.mkdir()
-    for name in ("svd_metrics.jsonl", "config.json"):
-        shutil.copy(adaptive / name, slurm)
-    shutil.copy(adaptive / "train.log", tmp_path / "job.out")
-    rows, source = step_rows(str(slurm), str(tmp_path / "job.out"))
-    truth = jsonl(adaptive / "train_metrics.jsonl")
-    assert source == str(tmp_path / "job.out") and [r["step"] for r in rows] == [r["step"] for r in truth]
-    for got, want in zip(rows, truth):
-        assert set(got) <= set(want)
-        for key in got:  # the console prints loss to 6 decimals, dt in ms to 2, bpb to 4
-            assert got[key] == pytest.approx(want[key], abs={"loss": 1e-6, "dt": 1e-5, "lrm": 5e-3}.get(key, 1e-4)), key
-    summary = summarize(str(slurm), str(tmp_path / "job.out"))
-    assert summary["final_val_bpb"] == pytest.approx(independent_run(str(adaptive))["final_val_bpb"], abs=1e-4)
-    assert summary["svd"]["to_lowrank"] == independent_run(str(adaptive))["to_lowrank"]
+    assert len(read_jsonl(str(live / "svd_metrics.jsonl"))) == 9 and len(step_rows(str(live))) == 5
+    assert {os.path.basename(p) for p in make_figures(str(live), str(tmp_path / "g"))} == names
+    # a folder without train_metrics.jsonl (its console log is for people, never read): one line naming the file
+    no_rows = tmp_path / "no_rows"
+    no_rows.mkdir()
+    for name in ("svd_metrics.jsonl", "config.json", "train.log"):
+        shutil.copy(adaptive / name, no_rows)
+    missing = f"{no_rows / 'train_metrics.jsonl'} does not exist"
+    for read in (step_rows, summarize, lambda d: make_figures(d, str(tmp_path / "h")),
+                 lambda d: plot_svd.main([d, f"--out={tmp_path / 'h'}"])):
+        with pytest.raises(UserError, match=re.escape(missing)) as e:
+            read(str(no_rows))
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "h").exists()
+
+
+def test_without_matplotlib_figures_fail_in_one_line_before_anything_runs(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` sees when it is not installed
+    for draw in (lambda: make_figures(str(tmp_path / "run"), str(tmp_path / "figs")),
+                 lambda: forgetting_figures({}, str(tmp_path / "figs")),
+                 lambda: compare_runs.main([f"--out={tmp_path / 'p2'}", "--seeds=42", "--", *TINY])):
+        with pytest.raises(UserError, match=r"^matplotlib is not installed; install the plots extra") as e:
+            draw()
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "p2").exists() and not (tmp_path / "figs").exists()  # stopped before its runs, no folder made
 
 
 # ------------------------------------------------------------------------------------------------ monitor
@@ -228,36 +247,50 @@ def test_monitor_follows_growing_files(tmp_path, capsys):
         r.update(kw)
         return json.dumps(r) + "\n"
 
-    follower = monitor_svd.Follower(str(path))
-    mon = monitor_svd.Monitor(monitor_svd.thresholds_of(str(run))[0])
-    assert follower.new_records() == []  # not created yet
+    def monitor():
+        """The lines `monitor_svd RUN --once` prints now, after its thresholds line (it reads the files from the start)."""
+        monitor_svd.main([str(run), "--once"])
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith(f"thresholds from {run / 'config.json'}: ") and "svd_ratio_enter=3.0" in out[0]
+        return out[1:]
+
+    assert monitor() == []  # nothing written yet
     path.write_text(rec(10, alignment_ratio=2.5))  # above the default 2.0, below this run's 3.0
-    events = [e for r in follower.new_records() for e in mon.feed(r)]
-    assert events == []  # and the stable rule (overlap 0.9 >= 0.5) is off in this run: no event for it
+    assert monitor() == ["--- analysis at step 10"]  # and the stable rule (overlap 0.9 >= 0.5) is off in this run
     full = rec(20, alignment_ratio=3.5, action="to_lowrank", reason="gradient_clobbering_risk", mode_after="lowrank",
                r_after=6)
     with open(path, "a") as f:
         f.write(full[:30])  # half a line: not read yet
-    assert follower.new_records() == []
+    assert monitor() == ["--- analysis at step 10"]
     with open(path, "a") as f:
         f.write(full[30:])
-    events = [e for r in follower.new_records() for e in mon.feed(r)]
+    events = monitor()
     assert any("SWITCH full -> lowrank" in e and "gradient_clobbering_risk" in e for e in events)
     assert any("alignment_ratio=3.5 crossed svd_ratio_enter=3.0 -> gradient_clobbering_risk" in e for e in events)
     with open(path, "a") as f:
         f.write(rec(30, mode="lowrank", mode_after="lowrank", r_after=4, alignment_ratio=1.2))
-    events = [e for r in follower.new_records() for e in mon.feed(r)]
+    events = monitor()
     assert any("r 6 -> 4" in e for e in events)
     # the first low-rank analysis is already on the exit side of this run's 1.5: reported once
-    assert any("alignment_ratio=1.2 crossed svd_ratio_exit=1.5 -> clobbering_risk_passed" in e for e in events)
+    assert sum("alignment_ratio=1.2 crossed svd_ratio_exit=1.5 -> clobbering_risk_passed" in e for e in events) == 1
     path.write_text(rec(5))  # a new run replaced the file
-    assert [r["step"] for r in follower.new_records()] == [5]
     (run / "train_metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 3.0}) + "\n" +
                                              json.dumps({"step": 5, "loss": 2.9, "val_bpb": 1.25, "extra_val_bpb": 1.5}) + "\n")
-    monitor_svd.main([str(run), "--once"])
-    out = capsys.readouterr().out
-    assert "svd_ratio_enter=3.0" in out and "--- analysis at step 5" in out
-    assert "step      5 evaluation: val bpb 1.2500 | extra val bpb 1.5000" in out and "step      4 evaluation" not in out
+    assert monitor() == ["step      5 evaluation: val bpb 1.2500 | extra val bpb 1.5000", "--- analysis at step 5"]
+
+
+def test_follower_reads_complete_new_lines_and_starts_over_on_a_new_file(tmp_path):
+    path = tmp_path / "svd_metrics.jsonl"
+    follower = Follower(str(path))
+    assert follower.new_records() == []  # not created yet
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    assert follower.new_records() == [{"step": 1}, {"step": 2}]  # the torn last line waits for its end
+    assert follower.new_records() == []
+    with open(path, "a") as f:
+        f.write('ep": 3}\n{"step": 4}\n')
+    assert follower.new_records() == [{"step": 3}, {"step": 4}]
+    path.write_text('{"step": 1}\n')  # a new run replaced the file
+    assert follower.new_records() == [{"step": 1}]
 
 
 # ------------------------------------------------------------------------------------------------ forgetting runner
@@ -382,7 +415,7 @@ def test_forgetting_statistics_and_verdicts_on_known_numbers(domains, tmp_path):
     assert f"| static | {0.3233333:.4f} ± {statistics.stdev(forgetting_by['static']):.4f} |" in md
     assert "- adaptive (protected): forgetting" in md and "target **not met**." in md
     assert data["results"][0]["detector"]["attn.c_q"] == [{"step": 2, "alignment_ratio": 1.5, "update_alignment_ratio": None}]
-    written = plot_svd.forgetting_figures(data, str(tmp_path / "figs"))
+    written = forgetting_figures(data, str(tmp_path / "figs"))
     assert [os.path.basename(p) for p in written] == ["forgetting.png", "pareto.png", "detector.png"]
     assert all(open(p, "rb").read(8) == PNG for p in written)
 
@@ -421,18 +454,20 @@ def test_forgetting_all_variants_two_seeds_interrupted_and_continued(base, domai
     two = json.loads((whole / "forgetting.json").read_text())
     check_forgetting_against_the_files(str(whole), domains, two)
     assert set(two["stats"]) == set(variants.split(",")) and two["stats"]["static"]["diff_forgetting"]["lo"] is not None
-    written = plot_svd.forgetting_figures(two, str(tmp_path / "figs"))
+    written = forgetting_figures(two, str(tmp_path / "figs"))
     assert all(open(p, "rb").read(8) == PNG for p in written)
 
 
-def test_settings_from_command_txt_before_the_first_checkpoint(comparison, tmp_path):
+def test_settings_from_command_txt_before_the_first_checkpoint(comparison, tmp_path, capsys):
     out, _ = comparison
     only_cmd = tmp_path / "only_cmd"
     only_cmd.mkdir()
     shutil.copy(out / "base_checkpoints" / "adaptive_s42" / "command.txt", only_cmd)
     settings, source = run_settings(str(only_cmd))
     assert source.endswith("command.txt") and settings["svd_targets"] == "attn" and settings["seed"] == 42
-    assert monitor_svd.thresholds_of(str(only_cmd))[0]["svd_ratio_enter"] == 1.01  # the run's own, not the default
+    monitor_svd.main([str(only_cmd), "--once"])
+    out = capsys.readouterr().out  # the run's own threshold, not the default
+    assert out.startswith(f"thresholds from {only_cmd / 'command.txt'}: ") and "svd_ratio_enter=1.01" in out
 
 
 @pytest.mark.slow

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.engine import Engine, generate_no_cache
+from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig, SOFTCAP, SoftcapCrossEntropyMean, apply_rotary_emb, softcap_cross_entropy_chunks
 from tests.conftest import perturb_zero_inits, tiny_model
+from tests.helpers import generate_no_cache
 
 
 @pytest.mark.parametrize("depth,params", [(4, 36_700_160), (20, 560_988_160)])

@@ -3,9 +3,10 @@ gradient concentrated on the learned directions switches it within svd_patience 
 in a run), the layer leaves once the pressure is gone, and no deterministic cycle appears. Also the
 update metric's bias: an update independent of W scores 1 on average.
 
-The simulation (scripts/method_checks.py, which prints the same scenarios as numbers) runs the real
-per-layer analysis (`adaptive_svd.analyze` / `advance`) on a W with planted learned directions,
-applying after each analysis an update of 1% of ||W|| along the (projected, while protected) gradient.
+The simulation (nanochat/synthetic.py; scripts/method_checks.py prints the same scenarios as numbers)
+runs the real per-layer analysis (`adaptive_svd.analyze` / `advance`) on a W with planted learned
+directions, applying after each analysis an update of 1% of ||W|| along the (projected, while
+protected) gradient.
 """
 
 import numpy as np
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from nanochat import adaptive_svd as asvd
-from scripts.method_checks import concentrated_gradient, planted, random_gradient, simulate, update_ratio_of_random_updates
+from nanochat.synthetic import (concentrated_gradient, planted, random_gradient, simulate,
+                                update_ratio_of_random_updates)
 
 # the square shape runs by default, the tall and wide ones with the slow tests (CI runs both)
 SHAPES = [(256, 256), pytest.param((1024, 256), marks=pytest.mark.slow), pytest.param((256, 1024), marks=pytest.mark.slow)]

@@ -13,6 +13,7 @@ from nanochat import precision
 from nanochat.checkpoint_manager import CHECKPOINT_NAME
 from nanochat.common import UserError
 from nanochat.gpt import GPT, SOFTCAP, GPTConfig, SoftcapCrossEntropyMean
+from nanochat.jobs import write_command
 from nanochat.optim import Muon, zeropower_via_newtonschulz5
 from nanochat.train import TrainConfig, train
 from tests.conftest import StopAt
@@ -113,7 +114,7 @@ def test_auto_dtype_is_recorded_and_resume_reuses_it(base, tmp_path, monkeypatch
 def test_bad_dtype_flag_is_one_line(base, cli):
     code, _, err = cli("scripts.base_train", "--dtype=fp16", "--device_type=cpu")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert "--dtype must be auto, float32 or bfloat16" in err
+    assert "--dtype=fp16 is not valid: use auto, float32 or bfloat16" in err
 
 
 # --- bf16 numerics against fp32
@@ -198,14 +199,28 @@ def rows(losses, bpb):
     return out
 
 
-def test_compare_dtypes_measures_the_drift_after_the_first_steps():
-    from scripts.compare_dtypes import compare
+def test_compare_dtypes_measures_the_drift_after_the_first_steps(tmp_path, capsys):
+    """scripts.compare_dtypes on two finished runs' files (reused, nothing is trained): the loss drift after --after
+    and the final val bpb drift, read from train_metrics.jsonl, against the limits."""
+    from scripts.compare_dtypes import main
     fp32 = [10.0] * 20
     bf16 = [12.0] * 10 + [10.0] * 9 + [10.3]  # far off early (ignored), 3% off at step 20
-    result = compare(rows(fp32, 2.0), rows(bf16, 2.01), after=10)
-    assert sorted(result["loss_diffs"]) == list(range(11, 21))
-    assert max(result["loss_diffs"].values()) == pytest.approx(0.03) and result["loss_diffs"][11] == 0
-    assert result["bpb"] == (2.0, 2.01) and result["bpb_diff"] == pytest.approx(0.005)
+    flags = ["--depth=2", "--num_iterations=20"]
+    for dtype, losses, bpb in (("float32", fp32, 2.0), ("bfloat16", bf16, 2.01)):
+        run_dir = tmp_path / "base_checkpoints" / dtype
+        write_command(str(run_dir), [*flags, f"--dtype={dtype}", f"--model_tag={dtype}", f"--output_dir={tmp_path}"])
+        (run_dir / "config.json").write_text(json.dumps({"step": 20, "num_iterations": 20}))
+        (run_dir / CHECKPOINT_NAME).write_bytes(b"")
+        (run_dir / "train_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(losses, bpb)))
+    main([f"--out={tmp_path}", "--max_loss_diff=0.05", "--", *flags])
+    out = capsys.readouterr().out
+    assert "reusing float32" in out and "reusing bfloat16" in out
+    assert "loss after step 10: largest |bf16 - fp32| / fp32 = 3.0000% at step 20 (limit 5.00%): PASS" in out
+    assert "final val bpb: fp32 2.0000, bf16 2.0100, difference 0.5000% (limit 1.00%): PASS" in out
+    with pytest.raises(SystemExit) as stop:  # the default limit, 2%
+        main([f"--out={tmp_path}", "--after=5", "--", *flags])
+    out = capsys.readouterr().out
+    assert stop.value.code == 1 and "= 20.0000% at step 6 (limit 2.00%): FAIL" in out
 
 
 @pytest.mark.slow

@@ -27,10 +27,12 @@ from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, CONFIG_NAME, config_text, load_checkpoint, write_checkpoint
 from nanochat.common import UserError
 from nanochat.core_eval import evaluate_core
+from nanochat.jobs import with_defaults
 from nanochat.run_files import TEMP_RE, JsonlLog
+from nanochat.runs import read_jsonl, svd_summary
 from nanochat.stopping import StopSignals, StopTraining
-from nanochat.train import TrainConfig, TrainHook, train
-from scripts.runs import read_jsonl, svd_summary, with_defaults
+from nanochat.hooks import TrainHook
+from nanochat.train import TrainConfig, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "tests", "dist_run.py")
@@ -97,7 +99,7 @@ def assert_like_uninterrupted(run, ref):
     ckpt = load_checkpoint(os.path.join(run, CHECKPOINT_NAME))
     assert open(os.path.join(run, CONFIG_NAME), "rb").read() == config_text(ckpt["config"])
     config, ref_config = (json.load(open(os.path.join(d, CONFIG_NAME))) for d in (run, ref))
-    for key in ("step", "val_bpb", "min_val_bpb", "adaptive"):
+    for key in ("step", "val_bpb", "min_val_bpb", "hook"):
         assert config[key] == ref_config[key], key
     a, b = weights(run), weights(ref)
     assert all(torch.equal(a[k], b[k]) for k in b)

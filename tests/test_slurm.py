@@ -28,7 +28,7 @@ import time
 import pytest
 import torch
 
-from nanochat.cli import parse_args
+from nanochat.cli import merge_flags, parse_args
 from nanochat.common import UserError
 from tests.conftest import ROOT, free_port
 from tests.slurm_cluster import CRED_EXPIRE, LocalSlurm, ensure_slurm
@@ -250,6 +250,28 @@ def test_a_flag_the_user_repeats_reaches_the_script_which_rejects_it(prepared_ba
     assert not any(a.startswith("--eval_every=250") for a in script_args)
     with pytest.raises(UserError, match="--eval_every is given twice"):
         parse_args(config_class(module), script_args, prog=module, description="")
+
+
+def test_a_job_merges_extra_flags_as_the_python_runners_do(prepared_base, tmp_path):
+    """The dry run's command with extra arguments is the one without them merged by nanochat.cli.merge_flags."""
+    plain = dry_run(prepared_base, tmp_path, "phase1_cpu.sbatch", [])
+    extra = ["--eval-every", "50", "--sample_every=7", "--num_iterations=3", "--device-type=cpu"]
+    merged = dry_run(prepared_base, tmp_path, "phase1_cpu.sbatch", extra)
+    assert merged == (plain[0], merge_flags(plain[1], extra))
+    assert "--num_iterations=100" in plain[1] and "--num_iterations=100" not in merged[1]
+
+
+def test_the_bash_merge_keeps_every_word_whole():
+    """nanochat_override itself (no job file): spaces, quotes and `--x v` forms survive the trip through the shell."""
+    launcher = ["python", "-m", "torch.distributed.run", "--standalone", "-m", "scripts.base_train", "--"]
+    own = ["--run=phase 1", "--eval_every=250", "--model-tag", "it's", "--files", "a b", "c", "--resume"]
+    extra = ["--model_tag=new tag", "--files", "$HOME", "--eval-every", "5"]
+    script = ('source slurm/common.sh; PY=$1; n=$2; shift 2; NANOCHAT_EXTRA=("${@:$((n + 1))}"); '
+              'nanochat_override "$@"; printf "%s\\0" "${NANOCHAT_CMD[@]}"')
+    r = subprocess.run(["bash", "-c", script, "job", sys.executable, str(len(launcher + own)), *launcher, *own, *extra],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\0")[:-1] == launcher[:-1] + merge_flags(["--", *own], extra)
 
 
 def test_missing_data_stops_with_a_clear_message(tmp_path):

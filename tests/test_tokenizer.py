@@ -163,5 +163,5 @@ def test_tok_train_range_checks():
     cfg = parse_config(["--max-chars", "2e9", "--doc_cap=7", "--data_dir", "/x"])
     assert (cfg.max_chars, cfg.doc_cap, cfg.vocab_size, cfg.data_dir) == (2_000_000_000, 7, 65536, "/x")
     for bad in (["--doc_cap=0"], ["--max_chars=-1"]):
-        with pytest.raises(UserError, match="must be >= 1"):
+        with pytest.raises(UserError, match="is out of range: use >= 1"):
             parse_config(bad)

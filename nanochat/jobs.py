@@ -1,0 +1,184 @@
+"""Launching the training runs of an experiment, each in its own process, and the flags they get.
+
+Every run is `python -m scripts.base_train_adaptive_svd <flags>` with one thread (OMP_NUM_THREADS=1), its
+console in train.log and its command in command.txt next to the checkpoint. `run_jobs` runs a list of
+them, at most `slots` at a time, each after the runs it needs; a run whose files show it finished with
+the same command is reused, one stopped part-way continues with --resume, and a stop signal reaches
+every running process, which saves and exits.
+"""
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from nanochat.checkpoint_manager import CHECKPOINT_NAME
+from nanochat.cli import flag_name, merge_flags
+from nanochat.common import UserError
+from nanochat.train import TRAIN_METRICS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMAND = "command.txt"  # the run's command line, as a fresh start runs it
+CONSOLE = "train.log"  # the run's console output, for people (the readers read the JSONL files)
+TRAIN_MODULE = "scripts.base_train_adaptive_svd"
+
+
+def parse_seeds(text):
+    """--seeds: a comma list of distinct integers."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be a comma list of integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds must name at least one seed, each once; got {text!r}")
+    return seeds
+
+
+def check_reserved(train_argv, reserved, who):
+    """A runner sets the flags in `reserved` itself: one of them among the training flags is an error."""
+    for arg in train_argv:
+        if arg.startswith("--") and flag_name(arg) in reserved:
+            raise UserError(f"--{flag_name(arg)} is set by {who} itself; leave it out of the training flags")
+
+
+def with_defaults(train_argv, defaults):
+    """The training flags plus the runner's defaults ({name: value}) that they do not give themselves."""
+    return merge_flags([f"--{k}={v}" for k, v in defaults.items()], train_argv)
+
+
+def training_argv(flags, train_argv):
+    """The training script's arguments: the runner's own flags ({name: value}) and the shared ones."""
+    return [f"--{k}={v}" for k, v in flags.items()] + list(train_argv)
+
+
+def command_line(argv):
+    """The shell command of a training run (as command.txt and the reports show it)."""
+    return shlex.join(["python", "-m", TRAIN_MODULE, *argv])
+
+
+def write_command(run_dir, argv):
+    """command.txt: the run's command, as a fresh start runs it (read by scripts.monitor_svd and to reuse a run)."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, COMMAND), "w") as f:
+        f.write(command_line(argv) + "\n")
+
+
+def read_command(run_dir):
+    path = os.path.join(run_dir, COMMAND)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def command_flags(command):
+    """The training script's arguments in a command line: what follows the module, else every --flag in it."""
+    words = shlex.split(command)
+    return words[words.index(TRAIN_MODULE) + 1:] if TRAIN_MODULE in words else [w for w in words if w.startswith("--")]
+
+
+@dataclass
+class Job:
+    """One training run of an experiment: its folder, its arguments (without --overwrite/--resume), the tags of
+    the runs it needs first, and `complete(run_dir)`: whether the folder's files hold the whole run."""
+    tag: str
+    run_dir: str
+    argv: list
+    complete: object
+    after: tuple = ()
+    status: str = field(default="", init=False)
+
+    def state(self, force):
+        """'done' (reuse), 'resume' (its checkpoint, same command) or 'fresh'; refuses another command's run."""
+        has_run = any(os.path.exists(os.path.join(self.run_dir, n)) for n in (CHECKPOINT_NAME, TRAIN_METRICS, COMMAND))
+        if force or not has_run:
+            return "fresh"
+        previous = read_command(self.run_dir)
+        if previous is not None and previous != command_line(self.argv):
+            raise UserError(f"{self.run_dir} holds a run of another command ({os.path.join(self.run_dir, COMMAND)}); "
+                            f"use another --out, or --force=true to replace it")
+        if self.complete(self.run_dir):
+            return "done"
+        return "resume" if os.path.exists(os.path.join(self.run_dir, CHECKPOINT_NAME)) else "fresh"
+
+    def start(self, mode):
+        write_command(self.run_dir, self.argv)
+        cmd = [sys.executable, "-m", TRAIN_MODULE, *self.argv, "--resume=true" if mode == "resume" else "--overwrite=true"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        log = open(os.path.join(self.run_dir, CONSOLE), "a" if mode == "resume" else "w")
+        try:
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        finally:
+            log.close()
+
+
+def run_jobs(jobs, slots, force=False, say=print):
+    """Run every job, at most `slots` at once, each after the jobs in its `after`; returns {tag: how it ran}.
+    Finished runs are reused. A stop signal (Ctrl-C, SIGTERM) reaches every running process, which saves its
+    checkpoint; then, or once a run fails, no new run starts, the running ones finish, and a one-line error
+    says what to do."""
+    by_tag = {job.tag: job for job in jobs}
+    for job in jobs:
+        for need in job.after:
+            if need not in by_tag:
+                raise ValueError(f"job {job.tag} needs {need}, which is not in the list")
+    pending, running, done, failed, started = list(jobs), {}, set(), [], {}
+    stop = {"signal": None}
+
+    def forward(signum, frame):  # SIGTERM to the runner: pass it on, let each run save, then stop
+        stop["signal"] = signum
+        for proc in running.values():
+            proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            progress = False
+            for job in list(pending):
+                if failed or stop["signal"] or len(running) >= slots:
+                    break
+                if not all(need in done for need in job.after):
+                    continue
+                pending.remove(job)
+                progress = True
+                job.status = job.state(force)
+                if job.status == "done":
+                    say(f"reusing {job.tag}: finished in {job.run_dir}")
+                    done.add(job.tag)
+                    continue
+                say(f"{'continuing' if job.status == 'resume' else 'running'} {job.tag}: {command_line(job.argv)}")
+                running[job.tag] = job.start(job.status)
+                started[job.tag] = time.time()
+            for tag, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[tag]
+                progress = True
+                if by_tag[tag].complete(by_tag[tag].run_dir):
+                    say(f"finished {tag} ({time.time() - started[tag]:.0f} s)")
+                    done.add(tag)
+                elif not stop["signal"]:
+                    failed.append((by_tag[tag], proc.returncode))
+            if not running and (failed or stop["signal"] or not pending or not progress):
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        stop["signal"] = signal.SIGINT  # the terminal sent it to every run too: they save and exit
+        for proc in running.values():
+            proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stop["signal"]:
+        raise UserError(f"stopped by signal {stop['signal']}; the runs saved what they had: run the same command again "
+                        f"to continue")
+    if failed:
+        job, rc = failed[0]
+        how = f"failed (exit status {rc})" if rc else "ended before its last step"
+        raise UserError(f"{job.tag} {how}; see {os.path.join(job.run_dir, CONSOLE)}; fix it and run the same command "
+                        f"again (finished runs are reused)")
+    if pending:
+        raise ValueError(f"jobs {[j.tag for j in pending]} wait for each other")
+    return {job.tag: job.status for job in jobs}
