@@ -768,6 +768,18 @@ def decide(metrics, state, policy, step):
     return Action.KEEP, "continue_current_mode", streaks
 
 
+def judge(metrics, state, policy, step):
+    """The decision part of an analysis, given the metrics of `layer_metrics`: adds alignment_shift
+    (against the layer's history so far) to `metrics`, decides, and returns (action, reason, streaks,
+    the history after this analysis: the gradient's alignment ratio joins it when read in full mode)."""
+    ratio = metrics.get("alignment_ratio")
+    metrics["alignment_shift"] = alignment_shift(ratio, state.history, policy.svd_shift_window)
+    history = list(state.history)
+    if state.mode == Mode.FULL and ratio is not None:
+        history = (history + [ratio])[-policy.svd_shift_window:]
+    return *decide(metrics, state, policy, step), history
+
+
 @dataclass
 class Analysis:
     """Outcome of `analyze` for one layer. On failure (`failure` set: no SVD could be computed) only
@@ -833,19 +845,17 @@ def analyze(W, G, state, policy, step, method="exact"):
     known = res.complete or k_new > 0
     metrics = layer_metrics(S_all if known else None, frob_sq, k, U, G=G, dW=dW, U_prev=state.U_k, V_prev=state.V_k,
                             protected=protected, S_k=S_k, seed=step)
-    metrics.update(k_learned=kp + learned, k_clamped=not dial and learned > k_room, bulk_threshold=threshold,
-                   alignment_shift=alignment_shift(metrics["alignment_ratio"], state.history, policy.svd_shift_window))
-    history = list(state.history)
-    if state.mode == Mode.FULL and metrics["alignment_ratio"] is not None:
-        history = (history + [metrics["alignment_ratio"]])[-policy.svd_shift_window:]
-    action, reason, streaks = decide(metrics, state, policy, step)
+    metrics.update(k_learned=kp + learned, k_clamped=not dial and learned > k_room, bulk_threshold=threshold)
+    action, reason, streaks, history = judge(metrics, state, policy, step)
     return Analysis(metrics, action, reason, streaks, U.contiguous(), S_k.contiguous(), V.contiguous(),
                     warm_V=res.Vh[:learned].T.contiguous(), history=history, method=res.method, notes=res.notes)
 
 
 def advance(state, analysis, W):
     """The layer's state after `analysis` (a successful one) has been applied: the basis chosen now
-    becomes the previous basis of the next analysis; a switch sets the mode and clears the streaks."""
+    becomes the previous basis of the next analysis; a switch sets the mode and clears the streaks.
+    W: the weight now (the next analysis' reference for dW; None keeps none)."""
+    W_prev = None if W is None else W.detach().float().clone()
     return LayerState(mode=analysis.action.mode_after(state.mode), U_k=analysis.U_k, S_k=analysis.S_k,
-                      V_k=analysis.V_k, W_prev=W.detach().float().clone(), warm_V=analysis.warm_V,
+                      V_k=analysis.V_k, W_prev=W_prev, warm_V=analysis.warm_V,
                       streaks=dict(analysis.streaks), analyses=state.analyses + 1, history=list(analysis.history))
