@@ -279,7 +279,7 @@ def test_target_resolution_and_validation():
     assert len(hook.layers) == 18 and "block2.attn.c_v" in hook.layers and "block1.mlp.c_proj" in hook.layers
     assert isinstance(model.transformer.h[2].mlp.c_fc, AdaptiveSVDLinear)
     bad = [dict(adaptive_svd_target_layer=5), dict(svd_targets="c_x"), dict(svd_targets=" , "), dict(svd_interval=0),
-           dict(svd_ratio_exit=3.0), dict(svd_method="fast"), dict(svd_policy="sometimes")]
+           dict(svd_exit_p=1e-4), dict(svd_method="fast"), dict(svd_policy="sometimes")]
     for overrides in bad:
         with pytest.raises(UserError):
             AdaptiveSVDHook(AdaptiveConfig(depth=3, **overrides))
@@ -292,8 +292,8 @@ def test_bad_targets_stop_the_script_before_anything_slow(tmp_path, cli):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr == "error: --svd_targets=c_x is not valid: use a comma list of c_q, c_k, c_v, " \
                                              "c_proj, c_fc, mlp.c_proj, attn, mlp or all\n", r.stderr
-    code, _, err = cli("scripts.base_train_adaptive_svd", "--depth=2", "--svd_ratio_exit=5")
-    assert code == 2 and err.count("\n") == 1 and "must be below --svd_ratio_enter" in err and "tokenizer" not in err
+    code, _, err = cli("scripts.base_train_adaptive_svd", "--depth=2", "--svd_exit_p=1e-4")
+    assert code == 2 and err.count("\n") == 1 and "must be above --svd_alpha" in err and "tokenizer" not in err
 
 
 COMPILE_RUN = """
@@ -335,7 +335,7 @@ def test_switches_both_ways_under_compile_never_recompile():
 
 TINY = dict(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=256, eval_tokens=1024, sample_every=-1,
             device_type="cpu", eval_every=-1, svd_interval=2, adaptive_svd_target_layer=-1, svd_targets="all",
-            svd_ratio_enter=1.05, svd_ratio_exit=1.0, svd_patience=1)
+            svd_protect_frac=0.1, svd_alpha=0.6, svd_exit_p=0.7, svd_patience=1)  # protect 10% of g; switch on noise
 
 
 class StopAt(AdaptiveSVDHook):
