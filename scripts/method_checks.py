@@ -201,7 +201,7 @@ class ChecksConfig:
     section: str = flag("v2", "which checks: v2 (the v1/v2 defects), calibration, power, zero_init or shift",
                         one_of("v2", "calibration", "power", "zero_init", "shift"))
     analyses: int = flag(1000, "analyses per calibration cell", at_least(10))
-    trials: int = flag(100, "layers per power cell", at_least(1))
+    trials: int = flag(50, "layers per power cell", at_least(1))
     draws: int = flag(100, "matrices per zero_init row", at_least(1))
     checkpoint: str = flag("", "instead: count the learned directions of every matrix in this checkpoint")
     run: str = flag("", "instead: the largest unclamped k per layer type in this run's svd_metrics.jsonl")
