@@ -146,6 +146,10 @@ def power(trials, seed, shapes=CAL_SHAPES, ks=CAL_KS):
                 print(f"| {shape[0]}x{shape[1]} | {k} | " + " | ".join(f"{r:.2f}" for r in rates) + " |", flush=True)
 
 
+def count_of(W, policy):
+    return asvd.count_learned(torch.linalg.svdvals(W), min(W.shape), policy.svd_gap)[0]
+
+
 def zero_init(draws, seed, shape=(256, 256), planted_dirs=3):
     """k of matrices summed from zero out of independent Muon-style updates, without and with planted
     persistent directions, with what v2 counted on the same matrices."""
@@ -167,9 +171,14 @@ def zero_init(draws, seed, shape=(256, 256), planted_dirs=3):
                 v2.append(min(v2_count(S, *shape), cap))
                 for strength in found:
                     Wp, _ = syn.grown_from_zero(shape, updates, kind, draw, planted=planted_dirs, strength=strength)
-                    found[strength] += asvd.count_learned(torch.linalg.svdvals(Wp), g, policy.svd_gap)[0] == planted_dirs
+                    found[strength] += count_of(Wp, policy) == planted_dirs
             print(f"| {label} | {updates} | {zero}/{draws} | {statistics.median(v2):g}, {max(v2)} (clamp {cap}) | "
                   + " | ".join(f"{found[s]}/{draws}" for s in found) + " |", flush=True)
+    print(f"Pure Gaussian matrices (the bulk v2's Marchenko-Pastur edge describes), {draws} draws each:")
+    gen = torch.Generator().manual_seed(seed)
+    for n_out, n_in in ((256, 256), (1024, 256), (256, 1024)):
+        zero = sum(count_of(torch.randn(n_out, n_in, generator=gen), policy) == 0 for _ in range(draws))
+        print(f"   {n_out}x{n_in}: k = 0 in {zero}/{draws}")
 
 
 def shift_reading(analyses, seed, shape=(256, 256), k=3):
