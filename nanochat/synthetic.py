@@ -264,16 +264,19 @@ def muon_update(shape, kind, gen):
     return zeropower_via_newtonschulz5(G, dtype=torch.float32)
 
 
-def grown_from_zero(shape, updates, kind, seed, planted=0, strength=1.5):
-    """A matrix summed from zero out of `updates` independent Muon-style updates (no shared direction),
-    plus `planted` persistent directions whose singular value is `strength` times the noise's largest.
-    Returns (W, the planted left basis)."""
+def grown_from_zero(shape, updates, kind, seed):
+    """A matrix summed from zero out of `updates` independent Muon-style updates (no shared direction)."""
     gen = torch.Generator().manual_seed(seed)
     W = torch.zeros(*shape)
     for _ in range(updates):
         W += muon_update(shape, kind, gen)
-    U = _orthonormal(shape[0], planted, gen)
-    V = _orthonormal(shape[1], planted, gen)
-    if planted:
-        W += strength * float(torch.linalg.matrix_norm(W, ord=2)) * U @ V.T
-    return W, U
+    return W
+
+
+def plant(W, directions, strength, seed):
+    """W plus `directions` persistent directions (random orthonormal) whose singular value is `strength`
+    times W's largest. Returns (the matrix, the planted left basis)."""
+    gen = torch.Generator().manual_seed(seed)
+    U = _orthonormal(W.shape[0], directions, gen)
+    V = _orthonormal(W.shape[1], directions, gen)
+    return W + strength * float(torch.linalg.matrix_norm(W, ord=2)) * U @ V.T, U

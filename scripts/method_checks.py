@@ -166,12 +166,12 @@ def zero_init(draws, seed, shape=(256, 256), planted_dirs=3):
             zero, v2, found = 0, [], {1.1: 0, 1.25: 0, 1.5: 0}
             for d in range(draws):
                 draw = seed * 10_007 + d
-                S = torch.linalg.svdvals(syn.grown_from_zero(shape, updates, kind, draw)[0])
+                W = syn.grown_from_zero(shape, updates, kind, draw)
+                S = torch.linalg.svdvals(W)
                 zero += asvd.count_learned(S, g, policy.svd_gap)[0] == 0
                 v2.append(min(v2_count(S, *shape), cap))
                 for strength in found:
-                    Wp, _ = syn.grown_from_zero(shape, updates, kind, draw, planted=planted_dirs, strength=strength)
-                    found[strength] += count_of(Wp, policy) == planted_dirs
+                    found[strength] += count_of(syn.plant(W, planted_dirs, strength, draw)[0], policy) == planted_dirs
             print(f"| {label} | {updates} | {zero}/{draws} | {statistics.median(v2):g}, {max(v2)} (clamp {cap}) | "
                   + " | ".join(f"{found[s]}/{draws}" for s in found) + " |", flush=True)
     print(f"Pure Gaussian matrices (the bulk v2's Marchenko-Pastur edge describes), {draws} draws each:")

@@ -13,7 +13,7 @@ import torch
 
 from nanochat import adaptive_svd as asvd
 from nanochat.adaptive_svd import GAP_WINDOW
-from nanochat.synthetic import UPDATE_KINDS, grown_from_zero, planted
+from nanochat.synthetic import UPDATE_KINDS, grown_from_zero, plant, planted
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -313,9 +313,9 @@ def test_matrices_grown_from_zero_by_muon_updates_count_only_persistent_directio
     Marchenko-Pastur count of v2 saw up to the clamp; with 3 persistent directions at 1.5x the noise's
     largest singular value: exactly those. The issue's sizes (256^2, 100 draws) are in the slow test."""
     for draw in range(6):
-        W, _ = grown_from_zero((128, 128), 60, kind, seed=draw)
+        W = grown_from_zero((128, 128), 60, kind, seed=draw)
         assert count(W)[0] == 0
-        W, U = grown_from_zero((128, 128), 60, kind, seed=draw, planted=3)
+        W, U = plant(W, 3, 1.5, seed=draw)
         assert count(W)[0] == 3
         top = torch.linalg.svd(W, full_matrices=False)[0][:, :3]
         assert float((top.T @ U).square().sum()) / 3 > 0.85  # random-matrix theory: weak spikes tilt
@@ -328,8 +328,9 @@ def test_matrices_grown_from_zero_at_the_issues_sizes(kind):
     3 planted persistent directions at 1.5x the noise are found (exactly) in >= 95 of 100."""
     zero = found = 0
     for draw in range(100):
-        zero += count(grown_from_zero((256, 256), 100, kind, seed=draw)[0])[0] == 0
-        found += count(grown_from_zero((256, 256), 100, kind, seed=draw, planted=3)[0])[0] == 3
+        W = grown_from_zero((256, 256), 100, kind, seed=draw)
+        zero += count(W)[0] == 0
+        found += count(plant(W, 3, 1.5, seed=draw)[0])[0] == 3
     assert zero >= 99 and found >= 95, (zero, found)
 
 
