@@ -1,9 +1,10 @@
 """Adaptive-SVD method core, as pure functions on tensors: the SVD engine, the count of learned
-directions, the metrics, and the decision rules (one table, thresholds declared once).
+directions, the metrics, the entry test (the gradient's alignment against its null) and the decision
+rules (one table, thresholds declared once).
 
 Notation: W is (n_out x n_in) with thin SVD W = U S V^T, g = min(n_out, n_in). The k principal
-(learned) directions are the singular values standing out of the random bulk; r = g - k is the rank
-that trains in low-rank (protected) mode, where every update is confined to
+(learned) directions are the singular values that stand apart from the rest of the spectrum; r = g - k
+is the rank that trains in low-rank (protected) mode, where every update is confined to
 (I - U_k U_k^T) dW (I - V_k V_k^T). The method and every default: experiments/ADAPTIVE_SVD_METHOD.md.
 """
 
