@@ -15,12 +15,10 @@ import itertools
 import os
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from nanochat.common import UserError
-from nanochat.dataset import PREPARE_HINT, list_shards
+from nanochat.dataset import PREPARE_HINT, READ_ERRORS, check_shard, damaged, list_shards, open_shard
 
 STATE_KEYS = ("epoch", "shard", "row_group", "doc", "offset")
 
@@ -47,7 +45,7 @@ class DataLoader:
         self.paths = list_shards(data_dir, split)
         self.split = split
         # Every row group in global order as (shard, row group); this rank owns global indices rank, rank + world_size, ...
-        all_row_groups = [(s, g) for s, path in enumerate(self.paths) for g in range(self._parquet(path).num_row_groups)]
+        all_row_groups = [(s, g) for s, path in enumerate(self.paths) for g in range(open_shard(path).num_row_groups)]
         self.global_index = {key: i for i, key in enumerate(all_row_groups)}
         self.owned = range(rank, len(all_row_groups), world_size)
         self.row_groups = all_row_groups[rank::world_size]
@@ -57,21 +55,18 @@ class DataLoader:
         self._open = (None, None)
         self._seek(state or {"epoch": 0, "shard": self.row_groups[0][0], "row_group": self.row_groups[0][1], "doc": 0, "offset": 0})
 
-    def _parquet(self, path):
-        try:
-            return pq.ParquetFile(path)
-        except (pa.ArrowException, OSError) as e:
-            raise UserError(f"cannot read shard {path} ({e}); delete it and {PREPARE_HINT}") from None
-
     def _load(self, pos):
-        """Tokenize row group number pos of this rank into one flat tensor plus document start offsets."""
+        """Tokenize row group number pos of this rank into one flat tensor plus document start offsets. A shard is
+        read whole the first time this process opens it (nanochat.dataset.check_shard): damage anywhere in it stops
+        the run then, in one line, not only once (if ever) the run reaches the damaged row group."""
         shard, group = self.row_groups[pos]
         if self._open[0] != shard:
-            self._open = (shard, self._parquet(self.paths[shard]))
+            self._open = (shard, check_shard(self.paths[shard]))
+        pf = self._open[1]
         try:
-            texts = self._open[1].read_row_group(group, columns=["text"]).column("text").to_pylist()
-        except (pa.ArrowException, OSError, KeyError) as e:
-            raise UserError(f"cannot read the text column of {self.paths[shard]} ({e}); {PREPARE_HINT}") from None
+            texts = pf.read_row_group(group, columns=["text"]).column("text").to_pylist()
+        except READ_ERRORS as e:  # changed on disk since the check
+            raise damaged(self.paths[shard], group, pf, e) from None
         token_lists = self.tokenizer.encode([t or "" for t in texts], prepend=self.bos, num_threads=self.threads)
         lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
         self.doc_starts = np.concatenate([[0], np.cumsum(lengths)])

@@ -375,8 +375,9 @@ def test_switches_both_ways_under_compile_never_recompile():
 
 # -- end to end through the training loop ----------------------------------------------------------
 
+# runs compared here must not each time bf16 against fp32 (--dtype=auto) on their own
 TINY = dict(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=256, eval_tokens=1024, sample_every=-1,
-            device_type="cpu", eval_every=-1, svd_interval=2, adaptive_svd_target_layer=-1, svd_targets="all",
+            device_type="cpu", dtype="float32", eval_every=-1, svd_interval=2, adaptive_svd_target_layer=-1, svd_targets="all",
             svd_protect_frac=0.1, svd_alpha=0.6, svd_exit_p=0.7, svd_patience=1)  # protect 10% of g; switch on noise
 
 

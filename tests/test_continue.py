@@ -22,7 +22,7 @@ from nanochat.train import TrainConfig, train
 from tests.conftest import ROOT, StopAt
 
 TINY = dict(depth=2, max_seq_len=64, device_batch_size=1, total_batch_size=64, eval_tokens=640, sample_every=-1,
-            device_type="cpu")
+            device_type="cpu", dtype="float32")  # runs compared here must not each time bf16 against fp32 (--dtype=auto) on their own
 
 
 

@@ -28,7 +28,7 @@ from scripts import compare_runs, forgetting, monitor_svd, plot_svd
 from tests.conftest import ROOT
 
 TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=1", "--total_batch_size=64", "--eval_tokens=640",
-        "--sample_every=-1", "--device_type=cpu"]
+        "--sample_every=-1", "--device_type=cpu", "--dtype=float32"]  # runs compared here must not each time bf16 against fp32 (--dtype=auto) on their own
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
