@@ -249,7 +249,8 @@ class AdaptiveSVDHook(TrainHook):
         first = [p for n, p in plans.items() if self.layers[n].state.analyses == 0 and p.action is not None]
         if self.policy.svd_policy == "static" and first and not any(p.record.get("k") for p in first):
             raise UserError("--svd_policy=static found no learned direction in any target matrix (k = 0 everywhere): "
-                            "static protects what a trained checkpoint learned; continue one with --init_from=<run>")
+                            "static protects what a trained checkpoint learned; continue one with "
+                            "--init_from=PATH/checkpoint.pt")
 
     def _exchange(self, local):
         """All ranks get every layer's plan: the small parts through one all_gather_object, the

@@ -7,7 +7,7 @@ tests/test_policy.py, tests/test_adaptive_svd.py and tests/test_adaptive_cycle.p
 scenarios; experiments/ADAPTIVE_SVD_METHOD.md quotes this script's output.
 
     python -m scripts.method_checks [--seed=0]                 # the v1/v2 defects, re-measured
-    python -m scripts.method_checks --section=calibration      # the entry test's false alarms (slow: ~20 min)
+    python -m scripts.method_checks --section=calibration      # the entry test's false alarms (slow: ~30 min)
     python -m scripts.method_checks --section=power            # detection rate against the aligned energy share
     python -m scripts.method_checks --section=zero_init        # k of matrices grown from zero by Muon updates
     python -m scripts.method_checks --section=shift            # the shift reading on stationary and shifted gradients
