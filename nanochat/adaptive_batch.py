@@ -4,12 +4,14 @@ reference, one layer at a time, which tests/test_adaptive_batch.py holds this to
 Matrices of one shape whose SVD is of one kind (exact, or warm with one block width: see
 adaptive_svd.warm_width) form a group, and each stage runs once per group on the stacked matrices: the
 projection off the protected directions, the SVD (subspace iteration and Rayleigh-Ritz, or the exact
-one), the count of learned directions, the warm result's certificate and every metric, from the
-factors already in hand. Nothing is read back per matrix: the host learns which results were certified
-(and each k) in one transfer for all groups, and every metric in one more. The linear algebra kernels
+one), the count of learned directions (adaptive_svd.count_learned_batch), the warm result's certificate
+and every metric, from the factors already in hand, with the gradient's top energies
+(adaptive_svd.gradient_energies_batch). Nothing is read back per matrix: the host learns which results
+were certified (and each count) in one transfer for all groups, and every metric in one more, from which
+it computes the entry test's p-value (adaptive_svd.gradient_figures) as the reference does. The linear algebra kernels
 that check their convergence flags (svd, svdvals, eigvalsh) wait for the device once per group. A matrix whose
 result the certificate rejects, that is not finite or whose group's kernels fail is redone by the
-reference analyze, alone, with its notes and retries. The decision is the reference's `decide`, on the
+reference analyze, alone, with its notes and retries. The decision is the reference's `judge`, on the
 host.
 """
 
@@ -21,10 +23,11 @@ import torch
 
 from nanochat import adaptive_svd as asvd
 from nanochat.adaptive_svd import Analysis, Mode
+from nanochat.host_sync import host_side
 
-# the metrics of adaptive_svd.layer_metrics computed here, in its order; the integer ones are logged as ints
-METRICS = ("principal_alignment", "minor_alignment", "alignment_ratio", "update_principal_alignment",
-           "update_minor_alignment", "update_alignment_ratio", "subspace_angle", "subspace_overlap",
+# the metrics of adaptive_svd.layer_metrics computed on the device (the host derives the gradient's and the
+# update's other figures from the two alignments); the integer ones are logged as ints
+METRICS = ("principal_alignment", "update_principal_alignment", "subspace_angle", "subspace_overlap",
            "subspace_overlap_above_chance", "reconstruction_error", "effective_rank_95", "effective_rank_99",
            "stable_rank", "s_max", "blocked_fraction")
 INTEGER = ("effective_rank_95", "effective_rank_99")
@@ -37,7 +40,8 @@ class Job:
     G: torch.Tensor | None
     state: asvd.LayerState
     kp: int                      # protected directions (0 in full mode)
-    k_max: int                   # room for new learned directions: the clamp minus kp, at least 0
+    k_max: int                   # room for new learned directions: the clamp (or the dial) minus kp, at least 0
+    dial: bool                   # --svd_protect_frac sets k (k_max of them), not the count
     prev_V: torch.Tensor         # the warm start, n_in x j
     kind: str                    # 'warm' or 'exact', or 'reference' (done alone by adaptive_svd.analyze)
     width: int                   # columns of the SVD: the warm block's, or g for an exact one
@@ -55,13 +59,14 @@ def plan(W, G, state, policy, method):
     g = min(n_out, n_in)
     protected = state.mode == Mode.LOWRANK and state.U_k is not None and state.U_k.shape[1] > 0
     kp = state.U_k.shape[1] if protected else 0
-    k_room = max(asvd.k_max(g, policy) - kp, 0)
+    dial = asvd.protect_k(g, policy)
+    k_room = max((dial if dial else asvd.k_max(g, policy)) - kp, 0)
     prev_V = W.new_zeros(n_in, 0) if state.warm_V is None else state.warm_V
-    kind = asvd.choose_method(method, W.shape, prev_V)
+    kind = asvd.choose_method("exact" if dial else method, W.shape, prev_V)
     if kind == "warm" and not asvd.usable_start(prev_V, W.shape):
         kind = "reference"  # the reference notes why and takes the exact SVD
     width = asvd.warm_width(g, prev_V.shape[1], k_room) if kind == "warm" else g
-    return Job(W, None if G is None else G.detach().float(), state, kp, k_room, prev_V, kind, width,
+    return Job(W, None if G is None else G.detach().float(), state, kp, k_room, bool(dial), prev_V, kind, width,
                asvd.warm_iters(prev_V.shape[1]))
 
 
@@ -90,37 +95,6 @@ def _top_singular(Z):
     return asvd._linalg(torch.linalg.eigvalsh, Z.mT @ Z)[:, -1].clamp(min=0.0).sqrt()
 
 
-def _count(S, frob_sq, n_out, n_in, k_max, g, tw):
-    """adaptive_svd.count_learned for a batch, on the device: (k, sigma, threshold), k = -1 for None.
-
-    S (B, L) descending; frob_sq (B,) float64; n_out, n_in (dimensions of the space each matrix lives in),
-    k_max, g (min of those): (B,) int64. count(i) = #{S > threshold(sigma(i))} for every start i = 0..L;
-    the reference iterates i <- count(i) from 0 until a stop (count >= k_max, every value standing out,
-    or no growth), and so does this: f(i) = i at a stop, else count(i), composed with itself
-    ceil(log2(L + 2)) times (pointer doubling) reaches the same i from 0 without a loop on the host."""
-    B, L = S.shape
-    S64 = S.double()
-    i = torch.arange(L + 1, device=S.device)
-    top = torch.cat([S64.new_zeros(B, 1), S64.square().cumsum(-1)], dim=1)   # energy of the top i values
-    bulk = (frob_sq[:, None] - top).clamp(min=0.0)
-    dims = ((n_out[:, None] - i) * (n_in[:, None] - i)).clamp(min=1).double()
-    sigma = (bulk / dims).sqrt()
-    edge = n_out.double().sqrt() + n_in.double().sqrt()
-    wiggle = (n_out.double().rsqrt() + n_in.double().rsqrt()) ** (1 / 3) / 2  # asvd.bulk_threshold's terms
-    threshold = sigma * (edge + tw * wiggle)[:, None]
-    ascending = S64.flip(-1).contiguous()
-    count = L - torch.searchsorted(ascending, threshold.contiguous(), right=True)  # values above each threshold
-    every = (count == L) & (L < g)[:, None]
-    stop = (count >= k_max[:, None]) | every | (count <= i)
-    f = torch.where(stop, i.expand(B, -1), count)
-    for _ in range(math.ceil(math.log2(L + 2))):
-        f = f.gather(1, f)
-    at = f[:, :1]
-    c = count.gather(1, at)[:, 0]
-    k = torch.where(c >= k_max, k_max, torch.where(every.gather(1, at)[:, 0], -1, at[:, 0]))
-    return k, sigma.gather(1, at)[:, 0], threshold.gather(1, at)[:, 0]
-
-
 def _certify(T, U, S, Vh, k, threshold, clamped, seed):
     """adaptive_svd.certify_warm for a batch, on the device: (accepted (B,) bool). The deflated matrix
     A = (I - U_k U_k^T) T is applied as an operator (never formed)."""
@@ -139,7 +113,7 @@ def _certify(T, U, S, Vh, k, threshold, clamped, seed):
     probe = _top_singular(At(Y))  # the top singular value of Y^T A
     below = S.gather(1, k.clamp(max=L - 1)[:, None])[:, 0]
     s_next = torch.maximum(torch.where(k < L, below, torch.zeros_like(below)).double(), probe)
-    missed = (s_next > threshold) & ~clamped
+    missed = (s_next > threshold.nan_to_num(0.0)) & ~clamped  # NaN: the block's values are all zero
     r1 = (T @ V_k - U_k * S_k[:, None, :]).square().sum((-2, -1))
     r2 = (T.mT @ U_k - V_k * S_k[:, None, :]).square().sum((-2, -1))
     gap = S.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0].double() - s_next
@@ -167,14 +141,14 @@ def _spectra(jobs, step, policy):
         frob = S.double().square().sum(-1)
     finite = torch.isfinite(U).all(-1).all(-1) & torch.isfinite(S).all(-1) & torch.isfinite(Vh).all(-1).all(-1) \
         & torch.isfinite(frob)
-    dims_out, dims_in, k_max = _ints([[n_out - j.kp for j in jobs], [n_in - j.kp for j in jobs],
-                                      [j.k_max for j in jobs]], W.device)
-    k, sigma, threshold = _count(S, frob, dims_out, dims_in, k_max, torch.minimum(dims_out, dims_in), policy.svd_edge_tw)
-    ok = finite & (k >= 0)
+    g, k_max = _ints([[min(n_out, n_in) - j.kp for j in jobs], [j.k_max for j in jobs]], W.device)
+    learned, threshold = asvd.count_learned_batch(S.double(), g, policy.svd_gap)
+    k = torch.minimum(learned, k_max)
+    ok = finite & (learned >= 0)
     if jobs[0].kind == "warm":
-        ok &= _certify(T, U, S, Vh, k.clamp(min=0), threshold, k == k_max, step)
+        ok &= _certify(T, U, S, Vh, k.clamp(min=0), threshold, learned > k_max, step)
     S_p = (U_p.mT @ W @ V_p).diagonal(dim1=-2, dim2=-1)  # the protected singular values (zero columns: zeros)
-    return dict(W=W, U=U, S=S, Vh=Vh, frob=frob, k=k, sigma=sigma, threshold=threshold, ok=ok, U_p=U_p, V_p=V_p,
+    return dict(W=W, U=U, S=S, Vh=Vh, frob=frob, k=k, learned=learned, threshold=threshold, ok=ok, U_p=U_p, V_p=V_p,
                 S_p=S_p)
 
 
@@ -183,9 +157,10 @@ def _norm2(X):
     return torch.linalg.vector_norm(X, dim=(-2, -1), dtype=torch.float64).square()
 
 
-def _metrics(jobs, t, k_new):
-    """Every metric of adaptive_svd.layer_metrics for one group's certified jobs (rows of `t`, the group's
-    tensors) as a (B, len(METRICS)) float64 tensor, NaN where the reference gives None."""
+def _metrics(jobs, t, k_new, step):
+    """The METRICS of one group's certified jobs (rows of `t`, the group's tensors) as a (B, columns)
+    float64 tensor, NaN where the reference gives None, then the columns the host needs for the entry
+    test: G finite (1/0), ||G||_F^2 and G's top energies (adaptive_svd.gradient_energies_batch)."""
     dev = t["W"].device
     B, n_out, n_in = t["W"].shape
     nan = torch.full((B,), math.nan, dtype=torch.float64, device=dev)
@@ -212,7 +187,7 @@ def _metrics(jobs, t, k_new):
         p = (_norm2(U_prev.mT @ X) / x2).sqrt().clamp(max=1.0)
         valid = given & (k_prev > 0) & torch.isfinite(x2) & (x2 > 0) & torch.isfinite(p)
         p = torch.where(valid, p, nan)
-        return [p, (1 - p.square()).clamp(min=0).sqrt(), p.square() * n_out / k_prev.clamp(min=1)], X, x2
+        return [p], X, x2
 
     grad, G, g2 = alignment([j.G for j in jobs], has_g)
     update, _, _ = alignment([None if j.state.W_prev is None else j.W - j.state.W_prev for j in jobs], has_dw)
@@ -257,7 +232,10 @@ def _metrics(jobs, t, k_new):
     blocked = (1 - kept_g / g2).clamp(0.0, 1.0)
     protected = (kp > 0) & has_g & (k_prev > 0)
     out.append(torch.where(protected & torch.isfinite(g2) & (g2 > 0) & torch.isfinite(blocked), blocked, nan))
-    return torch.stack(out, dim=1)
+    # the entry test's inputs: a non-finite G has none (zeros in its place keep the group's SVD from failing)
+    finite = has_g & torch.isfinite(G).all(-1).all(-1)
+    energies, total = asvd.gradient_energies_batch(torch.where(finite[:, None, None], G, 0.0), seed=step)
+    return torch.cat([torch.stack(out + [finite.double(), total], dim=1), energies], dim=1)
 
 
 def _rows(t, keep, B):
@@ -292,25 +270,27 @@ def analyze_many(layers, policy, step, method="exact", stop=None):
             alone += idx
         spent[key] = {"svd": time.perf_counter() - t_group, "metrics": 0.0}
     # the SVD stage's one transfer: which results stand (finite, counted, certified) and their k
-    flags = torch.cat([torch.stack([t["ok"].long(), t["k"]]) for t in tensors.values()], dim=1).tolist() if tensors else [[], []]
+    flags = torch.cat([torch.stack([t["ok"].long(), t["k"], t["learned"]]) for t in tensors.values()],
+                      dim=1).tolist() if tensors else [[], [], []]
     kept, col = {}, 0
     for key, t in tensors.items():
         idx = groups[key]
-        ok, ks = flags[0][col:col + len(idx)], flags[1][col:col + len(idx)]
+        ok, ks, learned = (row[col:col + len(idx)] for row in flags)
         col += len(idx)
         alone += [i for i, good in zip(idx, ok) if not good]
         rows = [r for r, good in enumerate(ok) if good]
         if rows:
             static = policy.svd_policy == "static"
-            # OSFT: a protected layer's basis stays as it was chosen (the reference sets k_new = 0 too)
-            k_new = [0 if static and jobs[idx[r]].kp else ks[r] for r in rows]
-            kept[key] = (rows, k_new, _rows(t, rows, len(idx)))
+            # the dial sets k; OSFT: a protected layer's basis stays as it was chosen (as in the reference)
+            k_new = [0 if static and jobs[idx[r]].kp else jobs[idx[r]].k_max if jobs[idx[r]].dial else ks[r]
+                     for r in rows]
+            kept[key] = (rows, k_new, [learned[r] for r in rows], _rows(t, rows, len(idx)))
     t_svd = time.perf_counter()
     tables = []
-    for key, (rows, k_new, t) in kept.items():
+    for key, (rows, k_new, _, t) in kept.items():
         t_group = time.perf_counter()
-        tables.append(torch.cat([_metrics([jobs[groups[key][r]] for r in rows], t, k_new),
-                                 torch.stack([t["sigma"], t["threshold"]], dim=1)], dim=1))
+        tables.append(torch.cat([t["threshold"][:, None], _metrics([jobs[groups[key][r]] for r in rows], t, k_new, step)],
+                                dim=1))
         spent[key]["metrics"] = time.perf_counter() - t_group
     values = torch.cat(tables).tolist() if tables else []  # the metrics stage's one transfer
     t_metrics = time.perf_counter()
@@ -318,10 +298,10 @@ def analyze_many(layers, policy, step, method="exact", stop=None):
     row = 0
     device_note = [f"device {jobs[0].W.device.type} lacks linear algebra kernels: computed on a CPU copy"] \
         if jobs and jobs[0].W.device.type in asvd._CPU_LINALG_DEVICE_TYPES else []
-    for key, (rows, k_new, t) in kept.items():
-        for b, (r, kn) in enumerate(zip(rows, k_new)):
+    for key, (rows, k_new, learned, t) in kept.items():
+        for b, (r, kn, ln) in enumerate(zip(rows, k_new, learned)):
             i = groups[key][r]
-            out[i] = _analysis(jobs[i], t, b, kn, values[row], policy, step, device_note)
+            out[i] = _analysis(jobs[i], t, b, kn, ln, values[row], policy, step, device_note)
             row += 1
     t_decision = time.perf_counter()
     batched = len(jobs) - len(alone)
@@ -351,8 +331,9 @@ def analyze_each(layers, policy, step, method="exact", stop=None):
     return out
 
 
-def _analysis(job, t, b, k_new, values, policy, step, notes):
-    """One certified job's Analysis from row b of its group's tensors and its row of metric values."""
+def _analysis(job, t, b, k_new, learned, values, policy, step, notes):
+    """One certified job's Analysis from row b of its group's tensors, its count and its row of values
+    (the threshold, METRICS, then the entry test's inputs: see _metrics)."""
     state = job.state
     n_out, n_in = job.W.shape
     U, S, V = t["U"][b, :, :k_new], t["S"][b, :k_new], t["Vh"][b, :k_new].mT
@@ -361,13 +342,23 @@ def _analysis(job, t, b, k_new, values, policy, step, notes):
         S = torch.cat([t["S_p"][b, :job.kp], S])
         V = torch.cat([state.V_k, V], dim=1)
     k_prev = None if state.U_k is None else state.U_k.shape[1]
+    n = len(METRICS)
+    threshold, (finite, total), energies = values[0], values[n + 1:n + 3], values[n + 3:]
+    read = {name: None if math.isnan(v) else (int(v) if name in INTEGER else v) for name, v in zip(METRICS, values[1:])}
+    p, update = read.pop("principal_alignment"), read.pop("update_principal_alignment")
     m = {"k": job.kp + k_new, "k_prev": k_prev}
-    for name, v in zip(METRICS, values):
-        m[name] = None if math.isnan(v) else (int(v) if name in INTEGER else v)
+    with host_side():  # the entry test's p-value, from numbers already read back
+        m.update(asvd.gradient_figures(p, k_prev or 0, n_out, min(n_out, n_in),
+                                       torch.tensor(energies, dtype=torch.float64), total) if finite else
+                 asvd.gradient_figures(p, k_prev or 0, n_out, None, None, None))
+    m.update(asvd.alignment_figures(update, k_prev or 0, n_out, prefix="update_"), **read)
     blocked = job.kp > 0 and job.G is not None and bool(k_prev)
     m["blocked_fraction_baseline"] = asvd.blocked_fraction_baseline(k_prev, n_out, n_in) if blocked else None
-    m.update(noise_sigma=values[-2], bulk_threshold=values[-1])
-    action, reason, streaks = asvd.decide(m, state, policy, step)
+    m.update(k_learned=job.kp + learned, k_clamped=not job.dial and learned > job.k_max,
+             bulk_threshold=None if math.isnan(threshold) else threshold)
+    action, reason, streaks, history = asvd.judge(m, state, policy, step)
+    left_out = max(learned - k_new, 0)
+    rest = t["Vh"][b, k_new:k_new + max(left_out, asvd.OVERSAMPLE)].mT
     return Analysis(m, action, reason, streaks, U.contiguous(), S.contiguous(), V.contiguous(),
-                    warm_V=asvd.next_start(V, t["Vh"][b, k_new:k_new + asvd.OVERSAMPLE].mT, action.mode_after(state.mode)),
+                    warm_V=asvd.next_start(V, rest, left_out, action.mode_after(state.mode)), history=history,
                     method=job.kind, notes=list(notes))

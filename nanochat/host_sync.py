@@ -11,6 +11,7 @@ On CPU nothing really waits, so the count is of the calls that would synchronise
 what a test of "no per-matrix sync" needs.
 """
 
+import contextlib
 import time
 from collections import Counter
 
@@ -42,6 +43,20 @@ def _kind(func, args, kwargs):
     return None
 
 
+_host_side = [0]  # depth of host_side() blocks
+
+
+@contextlib.contextmanager
+def host_side():
+    """Inside, nothing counts: the block works on numbers the host already holds (tensors it built from
+    values read back earlier), which never wait for the device."""
+    _host_side[0] += 1
+    try:
+        yield
+    finally:
+        _host_side[0] -= 1
+
+
 class HostSyncs(TorchFunctionMode):
     """with HostSyncs() as syncs: ...  then syncs.count (total), syncs.by_kind (Counter) and syncs.seconds (time
     in the read-backs, copies and data-dependent shapes, which on a GPU includes waiting for the queued work)."""
@@ -57,7 +72,7 @@ class HostSyncs(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        kind = _kind(func, args, kwargs)
+        kind = None if _host_side[0] else _kind(func, args, kwargs)
         if kind is None:
             return func(*args, **kwargs)
         self.by_kind[kind] += 1

@@ -264,8 +264,8 @@ def markdown(data):
         lines.append("(Baseline's A bpb did not rise during B: there is no forgetting to lower, so no variant can meet "
                      "the target.)")
     lines += ["", "Detector during B: mean over the B analyses of the gradient and update alignment ratio per layer type "
-                  "(mean over blocks and seeds; random = 1, enter threshold "
-                  f"{fmt(data['thresholds'].get('svd_ratio_enter'), 'g')}):", ""]
+                  "(mean over blocks and seeds; random = 1; the entry test reads the gradient's p-value, svd_alpha "
+                  f"{fmt(data['thresholds'].get('svd_alpha'), 'g')}):", ""]
     types = list(LAYER_TYPES)
     rows = []
     for v in st:
@@ -317,7 +317,7 @@ def main(argv):
             "settings": {k: getattr(args, k) for k in ("data_a", "data_b", "steps_a", "steps_b", "measure_every",
                                                       "replay_fraction", "eval_every_a")} | {"seeds": seeds, "variants": variants},
             "train_argv": args.train_flags, "run_commands": [command_line(job.argv) for job in jobs],
-            "thresholds": {k: b_config.get(k) for k in ("svd_ratio_enter", "svd_ratio_exit", "svd_interval")},
+            "thresholds": {k: b_config.get(k) for k in ("svd_policy", "svd_alpha", "svd_exit_p", "svd_interval")},
             "phase_a": phase_a, "results": results, "stats": variant_stats(results, variants)}
     with open(os.path.join(args.out, "forgetting.json"), "w") as f:
         json.dump(data, f, indent=1)

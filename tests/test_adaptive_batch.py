@@ -25,17 +25,17 @@ def close(a, b, rel=1e-5):
     return (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= rel * max(1.0, abs(a)))
 
 
-def run_both(shapes, spikes, method="auto", analyses=20, rel=0.01):
+def run_both(shapes, spikes, method="auto", analyses=20, rel=0.01, policy=None, schedule=SCHEDULE):
     """The reference and the batched analysis in lockstep on the same matrices, gradients and drift (W moves
     along the gradient, projected while the reference protects it). Returns the actions of every analysis."""
     layers = [planted(n_out, n_in, spikes, seed=i) for i, (n_out, n_in) in enumerate(shapes)]
     Ws = [W for W, _, _ in layers]
     ref_states = [asvd.LayerState() for _ in layers]
     bat_states = [asvd.LayerState() for _ in layers]
-    policy = asvd.SVDPolicy()
+    policy = policy or asvd.SVDPolicy()
     actions = []
     for t in range(analyses):
-        share = SCHEDULE[t % len(SCHEDULE)]
+        share = schedule[t % len(schedule)]
         Gs = [random_gradient(W.shape, None, seed=100 * t + i) if share is None else
               concentrated_gradient(U, V, W.shape, share, seed=100 * t + i) for i, (W, (_, U, V)) in enumerate(zip(Ws, layers))]
         step = 20 * (t + 1)
@@ -44,6 +44,7 @@ def run_both(shapes, spikes, method="auto", analyses=20, rel=0.01):
         for i, (r, b) in enumerate(zip(ref, bat)):
             where = f"analysis {t + 1}, layer {i} {tuple(Ws[i].shape)}"
             assert (r.method, r.action, r.reason, r.streaks) == (b.method, b.action, b.reason, b.streaks), where
+            assert r.history == pytest.approx(b.history, rel=1e-5), where
             assert r.metrics.keys() == b.metrics.keys(), where
             for key, value in r.metrics.items():
                 assert close(value, b.metrics[key]), (where, key, value, b.metrics[key])
@@ -72,6 +73,24 @@ def test_batched_is_the_reference_on_d4_shapes_over_20_analyses_with_switches_bo
 
 def test_batched_is_the_reference_with_exact_svds_everywhere(one_thread):
     assert switched_both_ways(run_both(D4[:2], spikes=6, method="exact", analyses=12))
+
+
+def test_batched_is_the_reference_under_the_shift_policy_and_the_protection_dial(one_thread):
+    shift = asvd.SVDPolicy(svd_policy="shift", svd_shift_window=3, svd_shift_exit=2.0)
+    normal_first = [None] * 4 + [0.5] * 4 + [None] * 6  # the layer's normal, then a shift, then normal again
+    assert switched_both_ways(run_both(D4[:2], spikes=6, analyses=14, policy=shift, schedule=normal_first))
+    dial = asvd.SVDPolicy(svd_protect_frac=0.05)  # 13 directions of 256 whatever the count: exact SVDs
+    assert Action.TO_LOWRANK in [a for row in run_both(D4[:2], spikes=6, analyses=6, policy=dial) for a in row]
+
+
+def test_a_zero_matrix_is_the_reference_in_the_batch(one_thread):
+    policy = asvd.SVDPolicy()
+    Z = torch.zeros(256, 256)
+    G = random_gradient((256, 256), None, seed=0)
+    ref = asvd.analyze(Z, G, asvd.LayerState(), policy, 1, method="warm")
+    bat = analyze_many([(Z, G, asvd.LayerState())], policy, 1, method="warm")[0]
+    assert ref.ok and bat.ok and (ref.method, ref.metrics["k"], ref.action) == (bat.method, bat.metrics["k"], bat.action)
+    assert ref.metrics["k"] == 0 and ref.metrics["bulk_threshold"] is None is bat.metrics["bulk_threshold"]
 
 
 @pytest.mark.slow  # d20's matrices on CPU: about a minute

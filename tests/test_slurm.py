@@ -527,7 +527,7 @@ def test_signalled_two_task_job_resumes_exactly(slurm, prepared_base, tmp_path):
     checkpoint together, the job requeues itself, the two torchruns meet again and the run ends with
     the weights of an uninterrupted 2-rank job. Slow (about a minute): two 2-task jobs, one restarted."""
     args = [*TINY, "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=200", "--eval_tokens=256",
-            "--eval_every=-1", "--svd_interval=25", "--svd_ratio_enter=1.05", "--svd_ratio_exit=1.0", "--svd_patience=1", "--save_every=-1"]
+            "--eval_every=-1", "--svd_interval=25", "--svd_protect_frac=0.1", "--svd_alpha=0.6", "--svd_exit_p=0.7", "--svd_patience=1", "--save_every=-1"]
     opts = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2"]
     common = dict(DEPTH=2, DEVICE_TYPE="cpu", CORE_EVERY=-1, NPROC_PER_NODE=1)
     ref = submit(slurm, "phase3_multinode.sbatch", opts, args,
