@@ -45,16 +45,20 @@ def test_bf16_check_passes_with_the_real_projection(capsys):
 
 
 def test_the_ratio_row_fails_above_the_limit_at_the_longest_interval():
-    ratios = {10: (1.04, 11, 40), 20: (1.019, 21, 40)}
+    ratios = {10: (1.04, 11, 40, [1.03, 1.05]), 20: (1.019, 21, 40, [1.01, 1.028])}
     assert gpu_check.ratio_row(ratios, tiny=False)["ok"]
-    assert not gpu_check.ratio_row({10: (1.04, 11, 40), 20: (1.021, 21, 40)}, tiny=False)["ok"]
-    assert gpu_check.ratio_row({10: (1.5, 3, 8), 20: (1.3, 5, 8)}, tiny=True)["ok"]  # toy sizes are no measurement
+    failing = gpu_check.ratio_row({10: (1.04, 11, 40, [1.04, 1.04]), 20: (1.021, 21, 40, [1.02, 1.022])}, tiny=False)
+    assert not failing["ok"] and "rounds 1.020 1.022" in failing["details"]
+    assert gpu_check.ratio_row({10: (1.5, 3, 8, [1.5]), 20: (1.3, 5, 8, [1.3])}, tiny=True)["ok"]  # toy sizes: no measurement
 
 
 def test_the_ratio_covers_whole_intervals_after_the_first_analysis():
     base = {"dt": {s: 1.0 for s in range(1, 41)}}
     adaptive = {"dt": {s: 1.0 + (5.0 if s % 20 == 0 else 0.0) + (100.0 if s == 1 else 0.0) for s in range(1, 41)}}
-    assert gpu_check.wall_clock_ratio(adaptive, base, 20, 40) == (25 / 20, 21, 40)  # step 1 (compile) and 20 left out
+    slow = {"dt": {s: 2.0 for s in range(1, 41)}}  # a second round on a slower spell of the machine
+    # step 1 (compile) and 20 left out; the rounds pool
+    assert gpu_check.wall_clock_ratio([adaptive], [base], 20, 40) == (25 / 20, 21, 40, [25 / 20])
+    assert gpu_check.wall_clock_ratio([adaptive, slow], [base, slow], 20, 40) == (65 / 60, 21, 40, [25 / 20, 1.0])
 
 
 def test_the_split_adds_up_from_the_records():
