@@ -53,8 +53,8 @@ class BenchConfig:
     device: str = flag("cpu", "cpu | cuda", one_of("cpu", "cuda"))
     threads: int = flag(1, "torch threads on CPU", at_least(1))
     count_syncs: bool = flag(True, "count host syncs (every torch call then passes a Python check: a little slower)")
-    batched: str = flag("auto", "the batched analysis (true), one layer at a time (false), or as a run on this device "
-                                "does (auto: batched except on CPU)", one_of("auto", "true", "false"))
+    batched: bool | None = flag(None, "the batched analysis (true), one layer at a time (false), or as a run on this "
+                                      "device does (auto: batched except on CPU)")
 
 
 def build(cfg, device):
@@ -69,7 +69,7 @@ def build(cfg, device):
     hook = AdaptiveSVDHook(acfg)
     hook.prepare_model(model)
     hook.count_syncs = cfg.count_syncs
-    hook.batched = cfg.batched == "true" or (cfg.batched == "auto" and device.type != "cpu")
+    hook.batched = device.type != "cpu" if cfg.batched is None else cfg.batched
     gen = torch.Generator().manual_seed(0)
     spikes = {}
     with torch.no_grad():
