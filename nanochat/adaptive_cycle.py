@@ -9,6 +9,7 @@ graphs stay as they are. One record per layer holds its state. Logs go to the co
 `svd_metrics.jsonl` next to the checkpoint and to wandb; the records go into the checkpoint.
 """
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -18,12 +19,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from nanochat import adaptive_svd as asvd
+from nanochat import adaptive_batch, adaptive_svd as asvd
 from nanochat.adaptive_svd import Action, Mode
 from nanochat.cli import Check, at_least, check_config, flag, one_of
 from nanochat.common import UserError, print0
 from nanochat.gpt import AdaptiveSVDLinear
 from nanochat.hooks import TrainHook
+from nanochat.host_sync import HostSyncs
 from nanochat.train import TrainConfig
 
 ATTN = ("c_q", "c_k", "c_v", "c_proj")
@@ -164,6 +166,13 @@ class AdaptiveSVDHook(TrainHook):
         self.layers = {}  # name -> Layer
         self.switches = {Action.TO_LOWRANK.value: 0, Action.TO_FULL.value: 0}
         self.metrics_log = None
+        # gpu_check and the benchmarks set it: count this rank's host syncs in each analysis (every torch
+        # call then passes through a Python check, which slows the analysis a little)
+        self.count_syncs = False
+        # the batched analysis (adaptive_batch.analyze_many) on an accelerator, where each host sync stalls a
+        # queue; one layer at a time on a CPU, where nothing waits and the batches' copies only cost time.
+        # None = by the run's device (attach); tests and benchmarks may set it
+        self.batched = None
 
     # -- setup -------------------------------------------------------------------------------
     def prepare_model(self, model):
@@ -176,6 +185,8 @@ class AdaptiveSVDHook(TrainHook):
 
     def attach(self, run):
         self.run = run
+        if self.batched is None:
+            self.batched = run.device.type != "cpu"
         # rank 0 writes it; the loop empties it (fresh run) or drops rows after the checkpoint (resume)
         self.metrics_log = run.jsonl(SVD_METRICS)
         self.distributed = run.world_size > 1 and dist.is_initialized()
@@ -204,25 +215,20 @@ class AdaptiveSVDHook(TrainHook):
         exchanged and every rank applies every plan, so all ranks hold the same bases, momentum and
         state. Every rank enters the same collectives whatever happens inside a plan: a failed SVD
         is a plan that skips the layer, an exception is sent as an error all ranks raise together."""
-        t0 = time.time()
+        t0 = time.perf_counter()
         print0(f"=== SVD Analysis at step {step} ===")
         rank = self.run.rank if self.distributed else 0
+        mine = [layer for layer in self.layers.values() if self.owner[layer.name] == rank]
         plans = {}
-        for layer in self.layers.values():
-            if self.run.stop_requested():
-                break  # a stop signal: leave the rest; stop_check() below stops every rank together
-            if self.owner[layer.name] == rank:
-                t_layer = time.perf_counter()
-                try:
-                    plans[layer.name] = self._plan(step, layer)
-                except Exception as e:  # a bug, not a numerical failure: all ranks must still meet below
-                    traceback.print_exc()
-                    plans[layer.name] = Plan([], {}, error=f"{type(e).__name__}: {e}")
-                plans[layer.name].seconds = time.perf_counter() - t_layer
+        syncs = HostSyncs() if self.count_syncs else contextlib.nullcontext()
+        with syncs:  # a stop signal leaves the planning after the current group or layer; stop_check() stops all ranks
+            plans = self._plan_all(step, mine)
         # planning changed nothing, so a stop here abandons the analysis without a trace
         self.run.stop_check()
+        t_exchange = time.perf_counter()
         if self.distributed:
             plans = self._exchange(plans)
+        t_apply = time.perf_counter()
         for name, plan in plans.items():
             if plan.error:
                 raise RuntimeError(f"adaptive SVD analysis of {name} failed on rank {self.owner[name]}: {plan.error}")
@@ -233,10 +239,16 @@ class AdaptiveSVDHook(TrainHook):
             self._apply(layer, plan)
             for line in plan.lines:
                 print0(line)
-        seconds = time.time() - t0
-        for layer in self.layers.values():  # each row carries its layer's and the whole analysis' time
-            self._log(step, layer.name, dict(plans[layer.name].record, layer_seconds=layer.seconds,
-                                             analysis_seconds=seconds))
+        t_end = time.perf_counter()
+        seconds = t_end - t0
+        # every row carries its layer's time and the whole analysis' (its exchange and apply stages, and
+        # with count_syncs this rank's host syncs), so a reader needs no other file
+        whole = dict(analysis_seconds=seconds, exchange_seconds=t_apply - t_exchange,
+                     apply_seconds=t_end - t_apply)
+        if self.count_syncs:
+            whole.update(host_syncs=syncs.count, host_sync_seconds=syncs.seconds)
+        for layer in self.layers.values():
+            self._log(step, layer.name, dict(plans[layer.name].record, layer_seconds=layer.seconds, **whole))
         if self.distributed:
             # next time, balance the ranks by what each layer really cost; all ranks have the same numbers
             self.owner = assign_owners(self.layers, self.run.world_size)
@@ -279,13 +291,36 @@ class AdaptiveSVDHook(TrainHook):
                 plans[n].tensors[key] = piece.view(shape)
         return {n: plans[n] for n in self.layers}
 
-    def _plan(self, step, layer):
-        """Analyse one layer and decide; changes nothing."""
+    def _plan_all(self, step, layers):
+        """Analyse `layers` (together when batched: same-shape matrices batched on the device, no host sync
+        per matrix) and plan each; changes nothing. An exception is every layer's error plan."""
+        weights = [layer.module.weight for layer in layers]
+        items = [(w.detach().float(), None if w.grad is None else w.grad.detach().float(), layer.state)
+                 for w, layer in zip(weights, layers)]
+        try:
+            with asvd.full_precision(self.run.device.type):  # the metrics and the certificate need fp32, not TF32
+                engine = adaptive_batch.analyze_many if self.batched else adaptive_batch.analyze_each
+                outs = engine(items, self.policy, step, method=self.cfg.svd_method, stop=self.run.stop_requested)
+        except Exception as e:  # a bug, not a numerical failure: all ranks must still meet in analyze()
+            traceback.print_exc()
+            return {layer.name: Plan([], {}, error=f"{type(e).__name__}: {e}") for layer in layers}
+        if outs is None:
+            return {}  # a stop signal arrived: analyze() abandons the analysis at its stop_check
+        plans = {}
+        for layer, out in zip(layers, outs):
+            try:
+                plans[layer.name] = self._plan(step, layer, out)
+            except Exception as e:
+                traceback.print_exc()
+                plans[layer.name] = Plan([], {}, error=f"{type(e).__name__}: {e}")
+            plans[layer.name].seconds = sum(out.seconds.values())
+        return plans
+
+    def _plan(self, step, layer, out):
+        """One layer's plan from its analysis `out`: the console lines, the JSON record, the decision."""
         state, module = layer.state, layer.module
-        W = module.weight.detach().float()
-        G = None if module.weight.grad is None else module.weight.grad.detach().float()
+        W = module.weight
         record = {"step": step, "layer": layer.name, "mode": state.mode, "shape": list(W.shape)}
-        out = asvd.analyze(W, G, state, self.policy, step, method=self.cfg.svd_method)
         if not out.ok:
             record.update(action=Action.SKIPPED, reason=f"svd_failed: {out.failure}", svd_notes=out.notes)
             return Plan([f"  [{layer.name}] SVD failed ({out.failure}); layer skipped at this analysis"], record)
@@ -311,7 +346,7 @@ class AdaptiveSVDHook(TrainHook):
             if state.analyses > 0:
                 lines.append(f"  [{layer.name}] Decision: {reason} (mode={mode_after}, r={r_after})")
         record.update(m, action=action, reason=reason, mode_after=mode_after, r_after=r_after,
-                      svd_method=out.method, svd_notes=out.notes)
+                      svd_method=out.method, svd_notes=out.notes, **{f"{k}_seconds": v for k, v in out.seconds.items()})
         tensors = {key: getattr(out, key) for key in PLAN_TENSORS}
         return Plan(lines, record, action=action, streaks=out.streaks, history=out.history, tensors=tensors)
 

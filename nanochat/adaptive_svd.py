@@ -8,10 +8,12 @@ is the rank that trains in low-rank (protected) mode, where every update is conf
 (I - U_k U_k^T) dW (I - V_k V_k^T). The method and every default: experiments/ADAPTIVE_SVD_METHOD.md.
 """
 
+import contextlib
 import dataclasses
 import enum
 import math
 import statistics
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +43,7 @@ def _linalg(fn, *tensors):
 def _thin_svd(A, **kwargs):
     """Thin SVD; a wide matrix is factored through its transpose (A^T = V S U^T): LAPACK's CPU path is
     faster on the tall orientation (experiments/ADAPTIVE_SVD_METHOD.md, "SVD engine")."""
-    if A.shape[0] < A.shape[1]:
+    if A.shape[-2] < A.shape[-1]:
         U, S, Vh = torch.linalg.svd(A.mT, full_matrices=False, **kwargs)
         return Vh.mT, S, U.mT
     return torch.linalg.svd(A, full_matrices=False, **kwargs)
@@ -100,44 +102,78 @@ def _exact(W):
     return None, notes
 
 
-def _warm_block(W, prev_V, oversample, iters, seed):
-    """Top triples of W by block subspace iteration from the previous right basis `prev_V` (n_in x j).
+BLOCK = 16  # a warm block's width is a multiple of this: same-shape matrices then share batches (adaptive_batch)
+OVERSAMPLE = 16  # a warm block's room for directions beyond the start's
+ITERS = 2  # subspace iterations of a warm block and of the certificate's probes
+COLD_ITERS = 8  # a start without directions (the first analysis) needs more to pass the certificate
+CERT_TOL, CERT_PROBES = 0.02, 8  # the certificate's sin-theta bound and its random probes
 
-    Start block X = [prev_V, `oversample` seeded random columns], Q = orth(W X), then `iters` steps
-    Q <- orth(W orth(W^T Q)), then Rayleigh-Ritz: the QR W^T Q = X R gives Q^T W = R^T X^T, whose small
-    SVD yields l = j + oversample triples with U^T W = S V^T exact by construction. Returns
-    ((U, S, Vh) or None when the small SVD fails, notes).
-    """
-    n_out, n_in = W.shape
-    l = min(prev_V.shape[1] + oversample, min(n_out, n_in))
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.cat([prev_V.to(W.device, torch.float32),
-                   torch.randn(n_in, l - prev_V.shape[1], generator=gen).to(W.device)], dim=1)
+
+def warm_iters(j):
+    """Subspace iterations of a warm block started from j directions."""
+    return ITERS if j else COLD_ITERS
+
+
+def warm_width(g, j, k_max, oversample=OVERSAMPLE):
+    """Columns l of the warm block of a matrix with g = min(n_out, n_in), started from j previous
+    directions: room for `oversample` more, and for all k_max learned ones when the start has none
+    (the first analysis, or the first after one that found nothing), rounded up to a multiple of BLOCK."""
+    want = j + oversample + (k_max if j == 0 else 0)
+    return min(-(-want // BLOCK) * BLOCK, g)
+
+
+def gaussian(rows, cols, seed, device):
+    """A seeded standard normal (rows x cols) block drawn on `device` (no copy from the host)."""
+    return torch.randn(rows, cols, generator=torch.Generator(device).manual_seed(seed), device=device)
+
+
+def start_block(prev_V, R):
+    """The warm block's start: the previous directions prev_V (n_in x j), then the last l - j columns of
+    the seeded Gaussian R (n_in x l), so that every j shares one R."""
+    return torch.cat([prev_V.float(), R[:, prev_V.shape[1]:]], dim=1)
+
+
+def subspace_iteration(W, X, iters):
+    """(Q, Y, R) of block subspace iteration on W (or a batch) from the start block X (n_in x l):
+    Q = orth(W X), then `iters` steps Q <- orth(W orth(W^T Q)), then the QR W^T Q = Y R, so that
+    Q^T W = R^T Y^T: the small SVD of R^T gives the Rayleigh-Ritz triples (see _warm_block)."""
     Q = _orth(W @ X)
     for _ in range(iters):
-        Q = _orth(W @ _orth(W.T @ Q))
-    X, R = _linalg(torch.linalg.qr, W.T @ Q)
+        Q = _orth(W @ _orth(W.mT @ Q))
+    Y, R = _linalg(torch.linalg.qr, W.mT @ Q)
+    return Q, Y, R
+
+
+def _warm_block(W, prev_V, l, iters, seed):
+    """Top l triples of W by block subspace iteration from the previous right basis `prev_V` (n_in x j):
+    start block [prev_V, l - j seeded random columns], then Rayleigh-Ritz: the small SVD of R^T (from
+    `subspace_iteration`) yields l triples with U^T W = S V^T exact by construction. Returns
+    ((U, S, Vh) or None when the small SVD fails, notes).
+    """
+    X = start_block(prev_V.to(W.device), gaussian(W.shape[1], l, seed, W.device))
+    Q, Y, R = subspace_iteration(W, X, iters)
     small, notes = _exact(R.T)
     if small is None:
         return None, notes
     Ur, S, Vrh = small
-    return (Q @ Ur, S, (X @ Vrh.T).T), notes
+    return (Q @ Ur, S, (Y @ Vrh.T).T), notes
 
 
-def svd(W, method="exact", prev_V=None, *, oversample=16, iters=2, auto_exact_max_dim=128, auto_random_min_dim=512,
-        seed=0):
+def svd(W, method="exact", prev_V=None, *, oversample=OVERSAMPLE, k_max=0, iters=None, auto_exact_max_dim=128,
+        auto_random_min_dim=512, seed=0):
     """SVD of a weight matrix in fp32, never raising on bad data and never returning NaN.
 
-    method: 'exact' = full thin SVD (complete=True); 'warm' = the top l = j + oversample triples only
+    method: 'exact' = full thin SVD (complete=True); 'warm' = the top l = `warm_width` triples only
     (complete=False) by subspace iteration from `prev_V` (n_in x j, the previous analysis' top right
-    vectors; j may be 0); 'auto' = warm when `prev_V` fits W, min(W.shape) > auto_exact_max_dim and
-    either prev_V holds learned directions or min(W.shape) > auto_random_min_dim; exact otherwise (below
-    auto_exact_max_dim the exact SVD costs no more than a certified warm one; without learned directions
-    to start from, the exact SVD's full spectrum is worth its cost up to auto_random_min_dim;
-    `python -m scripts.bench_svd` measures both). A warm result is only a candidate: `count_learned` and `certify_warm` decide
-    whether it may be used (`spectrum` does both). Non-finite input gives a failed result;
-    convergence errors retry with another driver, then float64 on CPU; if all fail, a failed result.
-    Results are on W's device even where the SVD itself had to run on CPU (MPS).
+    vectors; j may be 0, and None, no previous analysis, is j = 0), with room for `oversample` more
+    directions, or for `k_max` more when j = 0, and `iters` subspace iterations (None: `warm_iters`); 'auto' = warm when `prev_V` fits W, min(W.shape) >
+    auto_exact_max_dim and either prev_V holds learned directions or min(W.shape) > auto_random_min_dim;
+    exact otherwise (below auto_exact_max_dim the exact SVD costs no more than a certified warm one;
+    without learned directions to start from, the exact SVD's full spectrum is worth its cost up to
+    auto_random_min_dim; `python -m scripts.bench_svd` measures both). A warm result is only a candidate:
+    `count_learned` and `certify_warm` decide whether it may be used (`spectrum` does both). Non-finite
+    input gives a failed result; convergence errors retry with another driver, then float64 on CPU; if
+    all fail, a failed result. Results are on W's device even where the SVD itself had to run on CPU (MPS).
     """
     if W.ndim != 2:
         raise ValueError(f"svd expects a matrix, got shape {tuple(W.shape)}")
@@ -150,18 +186,17 @@ def svd(W, method="exact", prev_V=None, *, oversample=16, iters=2, auto_exact_ma
     if bad:
         return SVDResult(reason=f"non-finite input: {bad} NaN/Inf entries")
     notes = []
-    usable = prev_V is not None and prev_V.ndim == 2 and prev_V.shape[0] == W.shape[1]
-    if method == "auto":
-        # warm needs learned directions to start from; a start without any is a randomized SVD whose
-        # top values stay lower bounds, worth it only where the exact SVD is expensive
-        g = min(W.shape)
-        warm_pays = usable and g > auto_exact_max_dim and (prev_V.shape[1] > 0 or g > auto_random_min_dim)
-        method = "warm" if warm_pays else "exact"
+    g = min(W.shape)
+    if prev_V is None:
+        prev_V = W.new_zeros(W.shape[1], 0)  # no previous analysis: a randomized start
+    usable = usable_start(prev_V, W.shape)
+    method = choose_method(method, W.shape, prev_V, auto_exact_max_dim, auto_random_min_dim)
     if method == "warm" and not usable:
         notes.append("warm start impossible (no previous basis of this shape): exact SVD")
     elif method == "warm":
         try:
-            warm, warm_notes = _warm_block(W, prev_V, oversample, iters, seed)
+            l = warm_width(g, prev_V.shape[1], k_max, oversample)
+            warm, warm_notes = _warm_block(W, prev_V, l, warm_iters(prev_V.shape[1]) if iters is None else iters, seed)
         except RuntimeError as e:
             warm, warm_notes = None, [f"warm SVD failed: {_first_line(e)}"]
         notes += warm_notes
@@ -175,6 +210,21 @@ def svd(W, method="exact", prev_V=None, *, oversample=16, iters=2, auto_exact_ma
         return _noting_device(SVDResult(notes=notes, reason="; ".join(exact_notes)), W)
     U, S, Vh = triples
     return _noting_device(SVDResult(U, S, Vh, "exact", True, _energy(S), notes), W)
+
+
+def usable_start(prev_V, shape):
+    return prev_V.ndim == 2 and prev_V.shape[0] == shape[1]
+
+
+def choose_method(method, shape, prev_V, auto_exact_max_dim=128, auto_random_min_dim=512):
+    """What `svd` runs for `method` on a matrix of `shape` started from prev_V: 'exact' or 'warm'."""
+    if method != "auto":
+        return method
+    # warm needs learned directions to start from; a start without any is a randomized SVD whose
+    # top values stay lower bounds, worth it only where the exact SVD is expensive
+    g = min(shape)
+    warm_pays = usable_start(prev_V, shape) and g > auto_exact_max_dim and (prev_V.shape[1] > 0 or g > auto_random_min_dim)
+    return "warm" if warm_pays else "exact"
 
 
 def _noting_device(res, W):
@@ -203,24 +253,36 @@ def count_learned(S, g, gap):
     result sees candidates up to m - GAP_WINDOW - 1, and gets learned = None when that is none.
     g: the dimension of the space W lives in (a complete spectrum has g values).
     """
-    S = S.detach().cpu().double()
-    m = S.numel()
-    last = min(g // 2, m - GAP_WINDOW - 1)  # the deepest candidate whose window lies inside S
-    if m < g and last < 1:
-        return None, None
-    if last < 0 or not S[0] > 0:
-        return 0, None  # a tiny or zero matrix: nothing stands apart
-    x = torch.arange(1, GAP_WINDOW + 1, dtype=torch.float64) ** (2 / 3)
-    x -= x.mean()
-    windows = S.unfold(0, GAP_WINDOW, 1)[: last + 1]  # row i: s_{i+1} .. s_{i+GAP_WINDOW}
-    beta = -((windows - windows.mean(1, keepdim=True)) @ x) / (x @ x)
-    scale = beta.clamp_min(_TIE * float(S[0]))
-    hits = torch.nonzero(S[:last] - S[1:last + 1] >= gap * scale[1:])
-    learned = int(hits[-1]) + 1 if len(hits) else 0
-    return learned, float(S[learned] + gap * scale[learned])
+    learned, threshold = count_learned_batch(S.detach().cpu().double()[None], torch.tensor([g]), gap)
+    learned, threshold = int(learned[0]), float(threshold[0])
+    return (None if learned < 0 else learned), (None if math.isnan(threshold) else threshold)
 
 
-def certify_warm(W, res, k, threshold, clamped=False, *, tol=0.02, probes=8, iters=2, seed=0):
+def count_learned_batch(S, g, gap):
+    """`count_learned` of each row of S (B, m; descending, float64), on S's device without reading
+    anything back: (learned (B,) int64, -1 for None; threshold (B,) float64, NaN for None). g: (B,) int64."""
+    B, m = S.shape
+    g = g.to(S.device)
+    last = torch.minimum(g // 2, torch.full_like(g, m - GAP_WINDOW - 1))  # the deepest candidate whose window lies inside S
+    none = (m < g) & (last < 1)
+    zero = none | (last < 0) | ~(S[:, 0] > 0)  # a tiny or zero matrix: nothing stands apart
+    learned = torch.zeros(B, dtype=torch.int64, device=S.device)
+    threshold = torch.full((B,), math.nan, dtype=torch.float64, device=S.device)
+    if m > GAP_WINDOW:
+        x = torch.arange(1, GAP_WINDOW + 1, dtype=torch.float64, device=S.device) ** (2 / 3)
+        x -= x.mean()
+        windows = S.unfold(1, GAP_WINDOW, 1)  # row i: s_{i+1} .. s_{i+GAP_WINDOW}
+        beta = -((windows - windows.mean(-1, keepdim=True)) @ x) / (x @ x)
+        scale = torch.maximum(beta, _TIE * S[:, :1])
+        i = torch.arange(windows.shape[1] - 1, device=S.device)
+        hits = (S[:, :-GAP_WINDOW] - S[:, 1:1 - GAP_WINDOW] >= gap * scale[:, 1:]) & (i < last[:, None])
+        learned = torch.where(hits.any(1), (hits * (i + 1)).amax(1), 0)
+        at = learned.clamp(max=windows.shape[1] - 1)[:, None]
+        threshold = torch.where(zero, threshold, (S.gather(1, at) + gap * scale.gather(1, at))[:, 0])
+    return torch.where(none, -1, torch.where(zero, 0, learned)), threshold
+
+
+def certify_warm(W, res, k, threshold, clamped=False, *, tol=CERT_TOL, probes=CERT_PROBES, iters=ITERS, seed=0):
     """(accepted, why) for using the top-k of a warm result `res` of W with learned-count threshold.
 
     Two checks that a wrong start basis cannot pass:
@@ -235,14 +297,14 @@ def certify_warm(W, res, k, threshold, clamped=False, *, tol=0.02, probes=8, ite
     W = W.detach().float()
     U_k, S_k, V_k = res.U[:, :k], res.S[:k], res.Vh[:k].T
     A = W - U_k @ (U_k.T @ W) if k else W
-    gen = torch.Generator().manual_seed(seed + 1)
-    Y = _orth(A @ torch.randn(W.shape[1], probes, generator=gen).to(W.device))
+    Y = _orth(A @ gaussian(W.shape[1], probes, seed + 1, W.device))
     for _ in range(iters):
         Y = _orth(A @ _orth(A.T @ Y))
     probe = float(_linalg(torch.linalg.svdvals, Y.T @ A)[0])
     s_next = max(float(res.S[k]) if res.S.numel() > k else 0.0, probe)
-    if s_next > threshold and not clamped:
-        return False, f"a direction above the bulk threshold was missed ({s_next:.4g} > {threshold:.4g})"
+    limit = 0.0 if threshold is None else threshold  # None: the block's values are all zero
+    if s_next > limit and not clamped:
+        return False, f"a direction above the bulk threshold was missed ({s_next:.4g} > {limit:.4g})"
     if k == 0:
         return True, "no direction above the bulk threshold"
     r1 = float((W @ V_k - U_k * S_k).norm())
@@ -262,7 +324,7 @@ def spectrum(W, method, prev_V, g, *, gap, k_max, seed=0, auto_exact_max_dim=128
     too, an exact SVD, with the reasons in the notes.
     g: the dimension of the space W lives in (g - k_p for a matrix already projected off k_p
     protected directions)."""
-    res = svd(W, method, prev_V, auto_exact_max_dim=auto_exact_max_dim, seed=seed)
+    res = svd(W, method, prev_V, k_max=k_max, auto_exact_max_dim=auto_exact_max_dim, seed=seed)
     if res.method == "warm":
         notes = list(res.notes)
         for attempt in range(2):
@@ -277,7 +339,7 @@ def spectrum(W, method, prev_V, g, *, gap, k_max, seed=0, auto_exact_max_dim=128
                 return res, k, learned, threshold
             if attempt or not why.startswith("sin-theta"):
                 break
-            refined = svd(W, "warm", res.Vh[:learned].T, seed=seed + 7)
+            refined = svd(W, "warm", res.Vh[:learned].T, k_max=k_max, seed=seed + 7)
             if refined.method != "warm":
                 break
             notes += refined.notes
@@ -299,6 +361,11 @@ def _finite(x):
     return x if x is not None and math.isfinite(x) else None
 
 
+def _norm(X):
+    """||X||_F as a Python float, accumulated in float64 (an fp32 sum over millions of entries drifts by 1e-7)."""
+    return float(torch.linalg.vector_norm(X, dtype=torch.float64))
+
+
 def alignment(G, U):
     """||U^T G||_F / ||G||_F: the share of G's norm lying in span(U), U (n_out x m) orthonormal.
 
@@ -308,10 +375,10 @@ def alignment(G, U):
     if U is None or U.shape[1] == 0:
         return None
     G = G.detach().float()
-    g_norm = _finite(float(torch.linalg.matrix_norm(G)))
+    g_norm = _finite(_norm(G))
     if not g_norm:
         return None
-    p = _finite(float(torch.linalg.matrix_norm(U.detach().float().T @ G)) / g_norm)
+    p = _finite(_norm(U.detach().float().T @ G) / g_norm)
     return None if p is None else min(p, 1.0)
 
 
@@ -323,25 +390,45 @@ def alignment_ratio(p, k, n_out):
     return None if p is None or not k else p * p * n_out / k
 
 
+@contextlib.contextmanager
+def full_precision(device_type):
+    """Inside, fp32 matmuls on `device_type` run at full IEEE fp32 precision whatever the process allows
+    outside: CUDA's TF32 off (compute_init turns it on for the model's matmuls, which keep it) and
+    autocast off. The protection's products and the analysis run inside."""
+    # the legacy flag, the one compute_init sets: torch refuses a mix of its legacy and new TF32 APIs
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        # only when on: entering torch.autocast costs microseconds, and Muon projects each protected matrix twice a step
+        autocast = torch.is_autocast_enabled(device_type)
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def project(X, U, V):
     """(I - U U^T) X (I - V V^T): X with its components along the principal bases removed, in fp32.
     The one projection of the method: protected training (the optimizer, through AdaptiveSVDLinear)
     and the analysis both call it."""
     X = X.float()
-    if U is None or U.shape[1] == 0:
+    if U is None or U.shape[-1] == 0:
         return X  # full mode, or nothing protected: X itself, so k = 0 trains exactly as full mode
-    X = X - U @ (U.T @ X)
-    return X - (X @ V) @ V.T
+    # All four products at full precision: a TF32 operand keeps 10 mantissa bits, and rounding X alone
+    # puts about 2^-11 |X| sqrt(k/n) into span(U), which a second projection pass would leak again.
+    with full_precision(X.device.type):
+        X = X - U @ (U.mT @ X)  # .mT: a batch of matrices (adaptive_batch) projects alike
+        return X - (X @ V) @ V.mT
 
 
 def blocked_fraction(G, U, V):
     """Share of ||G||_F^2 that protection with bases U (n_out x k), V (n_in x k) removes:
     1 - ||(I - U U^T) G (I - V V^T)||^2 / ||G||^2. Random G: 1 - (1 - k/n_out)(1 - k/n_in)."""
     G = G.detach().float()
-    total = _finite(float(torch.linalg.matrix_norm(G)) ** 2)
+    total = _finite(_norm(G) ** 2)
     if not total:
         return None
-    kept = float(torch.linalg.matrix_norm(project(G, U, V))) ** 2
+    kept = _norm(project(G, U, V)) ** 2
     return _finite(min(max(1.0 - kept / total, 0.0), 1.0))
 
 
@@ -426,17 +513,23 @@ def gradient_energies(G, top=32, oversample=8, iters=2, seed=0):
     G, else from a seeded randomized block (`top` + `oversample` columns, `iters` power iterations,
     Rayleigh-Ritz), which is exact for gradients of rank up to top + oversample and otherwise gives
     lower bounds of the top values (`alignment_pvalue` treats the rest conservatively)."""
-    G = G.detach().float()
-    total = float(torch.linalg.vector_norm(G.double())) ** 2
-    if min(G.shape) <= top + oversample:
+    energies, total = gradient_energies_batch(G.detach().float(), top, oversample, iters, seed)
+    return energies.cpu(), float(total)
+
+
+def gradient_energies_batch(G, top=32, oversample=8, iters=2, seed=0):
+    """`gradient_energies` of G or of a batch of them (..., n_out, n_in), left on G's device: (the top
+    squared singular values (..., <= top), ||G||_F^2 (...)), float64. Every matrix of a batch gets the
+    same seeded block, as each would alone."""
+    total = torch.linalg.vector_norm(G.double(), dim=(-2, -1)) ** 2
+    if min(G.shape[-2:]) <= top + oversample:
         s = _linalg(torch.linalg.svdvals, G)
     else:
-        gen = torch.Generator().manual_seed(seed)
-        Q = _orth(G @ torch.randn(G.shape[1], top + oversample, generator=gen).to(G.device))
+        Q = _orth(G @ gaussian(G.shape[-1], top + oversample, seed, G.device))
         for _ in range(iters):
-            Q = _orth(G @ _orth(G.T @ Q))
-        s = _linalg(torch.linalg.svdvals, Q.T @ G)
-    return s[:top].detach().cpu().double().square(), total
+            Q = _orth(G @ _orth(G.mT @ Q))
+        s = _linalg(torch.linalg.svdvals, Q.mT @ G)
+    return s[..., :top].double().square(), total
 
 
 def _upper_tail(a, nu):
@@ -516,20 +609,34 @@ def alignment_pvalue(p, k, n_out, g, energies, total):
 
 def gradient_metrics(G, U_prev, seed=0):
     """The entry statistic of one analysis: this step's gradient G against the previous analysis' basis
-    U_prev (n_out x k; None = none yet). principal_alignment p, minor_alignment sqrt(1 - p^2),
-    alignment_ratio p^2 / (k / n_out) (the readable figure), alignment_p (its p-value under the null,
-    `alignment_pvalue`) and gradient_stable_rank ||G||_F^2 / ||G||_2^2. None where undefined.
-    seed: the randomized block's (the step, so that a resumed run repeats it)."""
+    U_prev (n_out x k; None = none yet), as `gradient_figures` reads it. seed: the randomized block's
+    (the step, so that a resumed run repeats it)."""
     k = 0 if U_prev is None else U_prev.shape[1]
     p = None if G is None else alignment(G, U_prev)
-    m = {"principal_alignment": p, "minor_alignment": None if p is None else math.sqrt(max(1.0 - p * p, 0.0)),
-         "alignment_ratio": None if p is None else alignment_ratio(p, k, U_prev.shape[0]),
-         "alignment_p": None, "gradient_stable_rank": None}
+    energies = total = None
     if G is not None and bool(torch.isfinite(G).all()):
         energies, total = gradient_energies(G, seed=seed)
-        if total > 0:
-            m["gradient_stable_rank"] = total / float(energies[0])
-            m["alignment_p"] = alignment_pvalue(p, k, G.shape[0], min(G.shape), energies, total)
+    shape = (None, None) if G is None else G.shape
+    return gradient_figures(p, k, shape[0], None if G is None else min(shape), energies, total)
+
+
+def alignment_figures(p, k, n_out, prefix=""):
+    """{principal_alignment: p, minor_alignment: sqrt(1 - p^2), alignment_ratio: p^2 / (k / n_out)}
+    (keys after `prefix`), None where undefined."""
+    return {f"{prefix}principal_alignment": p,
+            f"{prefix}minor_alignment": None if p is None else math.sqrt(max(1.0 - p * p, 0.0)),
+            f"{prefix}alignment_ratio": None if p is None else alignment_ratio(p, k, n_out)}
+
+
+def gradient_figures(p, k, n_out, g, energies, total):
+    """principal_alignment p, minor_alignment sqrt(1 - p^2), alignment_ratio p^2 / (k / n_out) (the
+    readable figure), alignment_p (its p-value under the null, `alignment_pvalue`) and
+    gradient_stable_rank ||G||_F^2 / ||G||_2^2, from p and `gradient_energies` of G (None when G is
+    missing or not finite; g = min(G.shape)). None where undefined."""
+    m = dict(alignment_figures(p, k, n_out), alignment_p=None, gradient_stable_rank=None)
+    if energies is not None and total > 0:
+        m["gradient_stable_rank"] = total / float(energies[0])
+        m["alignment_p"] = alignment_pvalue(p, k, n_out, g, energies, total)
     return m
 
 
@@ -559,8 +666,7 @@ def layer_metrics(S, frob_sq, k, U_now, G=None, dW=None, U_prev=None, V_prev=Non
     m = {"k": k, "k_prev": k_prev if U_prev is not None else None}
     m.update(gradient_metrics(G, U_prev, seed=seed))
     p = alignment(dW, U_prev) if dW is not None else None  # the update is logged, not a decision input
-    m.update(update_principal_alignment=p, update_minor_alignment=None if p is None else math.sqrt(max(1.0 - p * p, 0.0)),
-             update_alignment_ratio=alignment_ratio(p, k_prev, n_out))
+    m.update(alignment_figures(p, k_prev, n_out, prefix="update_"))
     angle = overlap = above = None
     if k_prev and k:
         angle, overlap = principal_angles(U_prev, U_now[:, :k])
@@ -715,7 +821,7 @@ class LayerState:
     S_k: torch.Tensor | None = None    # while low-rank it is the protection in force
     V_k: torch.Tensor | None = None    # right basis (n_in x k)
     W_prev: torch.Tensor | None = None # W at the previous analysis, for dW
-    warm_V: torch.Tensor | None = None # top right vectors of the matrix analysed last time (warm start)
+    warm_V: torch.Tensor | None = None # the next analysis' warm start (next_start)
     streaks: dict = field(default_factory=dict)  # rule reason -> consecutive analyses it held
     analyses: int = 0                  # analyses recorded so far
     history: list = field(default_factory=list)  # the last svd_shift_window gradient alignment ratios read in full mode
@@ -792,11 +898,12 @@ class Analysis:
     U_k: torch.Tensor | None = None    # the basis chosen now (n_out x k), its singular values and right basis:
     S_k: torch.Tensor | None = None    # the previous basis of the next analysis
     V_k: torch.Tensor | None = None
-    warm_V: torch.Tensor | None = None # the analysed matrix's top right vectors (the next warm start)
+    warm_V: torch.Tensor | None = None # the next analysis' warm start (next_start)
     history: list = field(default_factory=list)  # the layer's alignment history after this analysis
     method: str | None = None          # the SVD that produced it: 'exact' or 'warm'
     notes: list = field(default_factory=list)  # the SVD's fallbacks, for the log
     failure: str | None = None         # why no SVD could be computed
+    seconds: dict = field(default_factory=dict)  # wall time by stage: svd (with the count of k), metrics, decision
 
     @property
     def ok(self):
@@ -813,6 +920,7 @@ def analyze(W, G, state, policy, step, method="exact"):
     learned directions (counted in the (g - k_p)-dimensional space it lives in) join the basis:
     protected directions stay, new ones join, up to the clamp (or the dial).
     """
+    t0 = time.perf_counter()
     W = W.detach().float()
     n_out, n_in = W.shape
     g = min(n_out, n_in)
@@ -823,8 +931,9 @@ def analyze(W, G, state, policy, step, method="exact"):
     k_room = (dial if dial else k_max(g, policy)) - kp
     res, k_new, learned, threshold = spectrum(target, "exact" if dial else method, state.warm_V, g - kp,
                                               gap=policy.svd_gap, k_max=max(k_room, 0), seed=step)
+    t_svd = time.perf_counter()
     if not res.ok:
-        return Analysis(notes=res.notes, failure=res.reason)
+        return Analysis(notes=res.notes, failure=res.reason, seconds={"svd": t_svd - t0})
     if dial:
         k_new = max(k_room, 0)
     if policy.svd_policy == "static" and state.mode == Mode.LOWRANK:
@@ -847,9 +956,26 @@ def analyze(W, G, state, policy, step, method="exact"):
     metrics = layer_metrics(S_all if known else None, frob_sq, k, U, G=G, dW=dW, U_prev=state.U_k, V_prev=state.V_k,
                             protected=protected, S_k=S_k, seed=step)
     metrics.update(k_learned=kp + learned, k_clamped=not dial and learned > k_room, bulk_threshold=threshold)
+    t_metrics = time.perf_counter()
     action, reason, streaks, history = judge(metrics, state, policy, step)
+    seconds = {"svd": t_svd - t0, "metrics": t_metrics - t_svd, "decision": time.perf_counter() - t_metrics}
+    left_out = max(learned - k_new, 0)
+    rest = res.Vh[k_new:k_new + max(left_out, OVERSAMPLE)].T
     return Analysis(metrics, action, reason, streaks, U.contiguous(), S_k.contiguous(), V.contiguous(),
-                    warm_V=res.Vh[:learned].T.contiguous(), history=history, method=res.method, notes=res.notes)
+                    warm_V=next_start(V, rest, left_out, action.mode_after(state.mode)), history=history,
+                    method=res.method, notes=res.notes, seconds=seconds)
+
+
+def next_start(V, rest, left_out, mode_after):
+    """The next analysis' warm start: the top directions of the matrix it will analyse. In full mode that
+    is every chosen direction, V (also right after an exit, whose basis held the protected ones), and the
+    first `left_out` of `rest`: learned directions the clamp left out. While protected the basis V is
+    projected out of the matrix analysed, and with no chosen direction there is no V, so then the start is
+    `rest`: the directions the analysed matrix had just below the ones chosen now (where new ones would
+    emerge)."""
+    if mode_after == Mode.FULL and V.shape[1]:
+        return torch.cat([V, rest[:, :left_out]], 1).contiguous()
+    return rest.contiguous()
 
 
 def advance(state, analysis, W):

@@ -161,3 +161,9 @@ def domains(tmp_path_factory):
         dirs[domain] = str(root / domain)
         write_shards(offline_documents([domain], max_chars_per_domain=150_000), dirs[domain], docs_per_shard=200, seed=1)
     return dirs
+
+
+def failing_svd(*args, **kwargs):
+    """A stand-in for torch.linalg.svd that fails as a non-converging driver does: every SVD kernel, on
+    whichever path (the batched analysis, the reference, its retries), fails."""
+    raise torch.linalg.LinAlgError("injected failure")

@@ -27,7 +27,6 @@ import time
 
 import torch
 
-from nanochat import adaptive_svd as asvd
 from nanochat import train as train_module
 from nanochat.adaptive_cycle import AdaptiveConfig, AdaptiveSVDHook
 from nanochat.cli import parse_args
@@ -70,19 +69,23 @@ class RecordingHook(AdaptiveSVDHook):
         self.records = []
 
     def _log(self, step, display, record):
-        timing = ("layer_seconds", "analysis_seconds")  # wall times differ between ranks
+        # wall times (every *_seconds field) differ between ranks
         self.records.append(json.loads(json.dumps({k: (v.item() if torch.is_tensor(v) else v) for k, v in record.items()
-                                                   if k not in timing})))
+                                                   if not k.endswith("_seconds")})))
         super()._log(step, display, record)
 
-    def _plan(self, step, layer):
+    def _plan(self, step, layer, out):
         if os.environ.get("DIST_RUN_RAISE_RANK") == str(RANK):
             raise ValueError("injected planning error")
-        return super()._plan(step, layer)
+        return super()._plan(step, layer, out)
 
 
 def digest(t):
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def failing_svd(*args, **kwargs):
+    raise torch.linalg.LinAlgError("injected failure")  # as a non-converging driver: every path's SVD fails
 
 
 def slowed(svd, seconds):
@@ -108,9 +111,9 @@ def main(argv):
     if os.environ.get("DIST_RUN_EMULATE"):
         train_module.DataLoader = EmulatedRanksLoader
     if os.environ.get("DIST_RUN_FAIL_SVD_RANK") == str(RANK):
-        asvd.svd = lambda *a, **k: asvd.SVDResult(reason="injected failure")
+        torch.linalg.svd = failing_svd
     if os.environ.get("DIST_RUN_SLOW_SVD"):
-        asvd.svd = slowed(asvd.svd, float(os.environ["DIST_RUN_SLOW_SVD"]))
+        torch.linalg.svd = slowed(torch.linalg.svd, float(os.environ["DIST_RUN_SLOW_SVD"]))
     if os.environ.get("DIST_RUN_SLOW_SAVE"):
         train_module.save_checkpoint = slow_save(train_module.save_checkpoint, float(os.environ["DIST_RUN_SLOW_SAVE"]))
     hook = RecordingHook(cfg) if cfg.adaptive_svd else TrainHook()

@@ -230,6 +230,7 @@ CONFIGS = {  # entry point -> its config dataclass (module, name)
     "scripts.tok_train": ("scripts.tok_train", "TokTrainConfig"),
     "scripts.bench_train": ("scripts.bench_train", "BenchConfig"),
     "scripts.bench_adaptive": ("scripts.bench_adaptive", "BenchConfig"),
+    "scripts.bench_analysis": ("scripts.bench_analysis", "BenchConfig"),
     "scripts.bench_distributed": ("scripts.bench_distributed", "BenchConfig"),
     "scripts.bench_svd": ("scripts.bench_svd", "BenchConfig"),
     "scripts.compare_runs": ("scripts.compare_runs", "CompareConfig"),
