@@ -178,3 +178,62 @@ def test_init_from_and_replay_refusals(base, domains, phase_a, tmp_path):
                         f"--init_from={source}", f"--output_dir={tmp_path / 'cli'}"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120, env=dict(os.environ))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "another model shape" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ --freeze
+
+def test_freeze_keeps_the_named_parameters_bit_for_bit_and_trains_the_rest(base, domains, phase_a, tmp_path):
+    source, _ = phase_a
+    start = load_checkpoint(source)["model"]
+    # one step without clipping (which would measure the frozen gradients too): with --freeze=blocks the embedding
+    # and lm_head move exactly as in a run without --freeze, and no block matrix moves
+    cfg = dict(TINY, num_iterations=1, eval_every=-1, grad_clip=0.0, data_dir=domains["shakespeare"], init_from=source,
+               model_tag="B")
+    runs = {freeze: load_checkpoint(os.path.join(train(TrainConfig(**cfg, freeze=freeze, output_dir=str(tmp_path / (freeze or "free"))))
+                                                 ["ckpt_dir"], CHECKPOINT_NAME))["model"] for freeze in ("", "blocks")}
+    for k, w in runs["blocks"].items():
+        block = k.startswith("transformer.h.")
+        assert torch.equal(w, start[k]) == block and torch.equal(w, runs[""][k]) == (not block), k
+    # several steps with clipping: the embedding and lm_head stay bit for bit, every block matrix moves
+    run = train(TrainConfig(**dict(cfg, num_iterations=3, grad_clip=1.0), freeze="embedding,lm_head", output_dir=str(tmp_path / "e")))
+    ckpt = load_checkpoint(os.path.join(run["ckpt_dir"], CHECKPOINT_NAME))
+    for k, w in ckpt["model"].items():
+        assert torch.equal(w, start[k]) == (not k.startswith("transformer.h.")), k
+    assert ckpt["metadata"]["train_config"]["freeze"] == "embedding,lm_head"
+
+
+def test_freeze_refusals(base, cli):
+    for value, message in (("embedding,lm_head,blocks", "freezes every parameter of the model: nothing would train"),
+                           ("wte", "--freeze=wte is not valid: use a comma list of embedding, lm_head and blocks"),
+                           ("blocks,blocks", "--freeze=blocks,blocks is not valid")):
+        code, out, err = cli("scripts.base_train", *[f"--{k}={v}" for k, v in TINY.items()], f"--freeze={value}")
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+# ------------------------------------------------------------------------------------------------ --init_data=continue
+
+def test_init_data_continue_reads_on_where_the_source_stopped(base, domains, tmp_path):
+    a = train(TrainConfig(**TINY, num_iterations=5, eval_every=-1, data_dir=domains["wiki"], data_seed=4,
+                          output_dir=str(tmp_path), model_tag="A"))
+    source = os.path.join(a["ckpt_dir"], CHECKPOINT_NAME)
+    b = train(TrainConfig(**TINY, num_iterations=3, eval_every=-1, data_dir=domains["wiki"], data_seed=4, init_from=source,
+                          init_data="continue", output_dir=str(tmp_path), model_tag="B"))
+    # B's three batches are the sixth to eighth of the stream A read: the loader stands where one stands after eight
+    reference = DataLoader(get_tokenizer(), 1, 64, "train", "cpu", data_dir=domains["wiki"], data_seed=4)
+    for _ in range(8):
+        next(reference)
+    assert load_checkpoint(os.path.join(b["ckpt_dir"], CHECKPOINT_NAME))["loop"]["dataloader"] == [reference.state_dict()]
+    fresh = train(TrainConfig(**TINY, num_iterations=3, eval_every=-1, data_dir=domains["wiki"], data_seed=4, init_from=source,
+                              output_dir=str(tmp_path), model_tag="C"))
+    assert fresh["losses"] != b["losses"]  # the default starts the data over
+    own = tmp_path / "base_checkpoints" / "D"
+    for flags, message in ((dict(data_dir=domains["shakespeare"], data_seed=4), "--init_data=continue: the run of --init_from="),
+                           (dict(data_dir=domains["wiki"], data_seed=5), "used --data_seed=4, not 5"),
+                           (dict(data_dir=domains["wiki"], data_seed=4, init_from=""), "give --init_from, and no replay"),
+                           (dict(data_dir=domains["wiki"], data_seed=4, replay_data_dir=domains["shakespeare"],
+                                 replay_fraction=0.1), "give --init_from, and no replay")):
+        cfg = TrainConfig(**{**TINY, "num_iterations": 2, "output_dir": str(tmp_path), "model_tag": "D", "init_from": source,
+                             "init_data": "continue", **flags})
+        with pytest.raises(UserError, match=message):
+            train(cfg)
+        assert not own.exists()
