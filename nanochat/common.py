@@ -14,12 +14,13 @@ from nanochat.cli import UserError
 
 
 def run_cli(main, argv=None):
-    """Run an entry point so that a UserError becomes `error: ...` on stderr and exit status 2."""
+    """Run an entry point so that a UserError becomes `error: ...` on stderr and its exit_status (2 unless it says
+    otherwise)."""
     try:
         main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_status)
     except KeyboardInterrupt as e:
         print(f"error: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
         sys.exit(130)
