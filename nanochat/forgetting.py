@@ -489,7 +489,7 @@ def summary_lines(st, info):
     for a in arms:
         e = st[a]
         row = [a] + [fmt_pm(e[key]["mean"], e[key]["sd"]) for key in ("forgetting", "b_bpb_after", "b_learning")]
-        if a == "baseline":
+        if a == "baseline" or info[a]["control"]:  # the control's "B" is A: no difference to baseline's B to judge
             row += ["-"] * 7
         else:
             f, b = e["diff_forgetting"], e["diff_b_bpb_after"]
@@ -503,7 +503,7 @@ def summary_lines(st, info):
     lines += ["", f"Research target: a protection arm lowers forgetting by at least {FORGETTING_DROP_TARGET:.0%} of "
                   f"baseline's (mean), the 95% interval of the paired difference excluding zero, and the upper bound of "
                   f"its final B bpb's rise at most {B_BPB_RISE_LIMIT:.0%} of baseline's.", ""]
-    for a in (a for a in arms if a != "baseline"):
+    for a in (a for a in arms if a != "baseline" and not info[a]["control"]):
         e, t = st[a], st[a]["target"]
         f, b = e["diff_forgetting"], e["diff_b_bpb_after"]
         kind = "protected" if info[a]["protected"] else "not a protection arm, a reference point"

@@ -22,12 +22,12 @@ import scipy.stats
 import torch
 
 from nanochat import stats
-from nanochat.checkpoint_manager import load_checkpoint, write_checkpoint
+from nanochat.checkpoint_manager import load_checkpoint
 from nanochat.common import UserError
 from nanochat.jobs import Job
 from nanochat.plots import forgetting_figures, make_figures
 from nanochat.runs import Follower, finished, read_jsonl, run_settings, step_rows, summarize
-from scripts import compare_runs, forgetting, monitor_svd, plot_svd
+from scripts import compare_runs, monitor_svd, plot_svd
 from tests.conftest import ROOT
 
 TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=1", "--total_batch_size=64", "--eval_tokens=640",
@@ -355,25 +355,30 @@ def test_settings_from_command_txt_before_the_first_checkpoint(comparison, tmp_p
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_runner_reaches_its_runs_which_save_and_continue(base, tmp_path):
-    """SIGTERM to the runner alone (e.g. `kill PID`): it passes the signal on, each running run saves its last
-    step, the runner stops in one line, and the same command continues both runs exactly where they were."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_to_the_runner_reaches_its_runs_which_save_and_continue(base, tmp_path, signum):
+    """SIGTERM to the runner alone (e.g. `kill PID`), or SIGUSR1 (SLURM's warning before the time limit, to a
+    runner that a job started with SIGUSR1 ignored): it passes the signal on, each running run saves its last step,
+    the runner stops in one line with status 128 + the signal, and the same command continues both runs exactly
+    where they were."""
     out = tmp_path / "p2"
     argv = [sys.executable, "-m", "scripts.compare_runs", f"--out={out}", "--seeds=42", "--jobs=2", "--figures=false", "--",
             *TINY, "--num_iterations=300", "--eval_every=-1", "--svd_targets=attn", "--svd_interval=50"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ignore_usr1 = lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # as slurm/common.sh's nanochat_launch starts it
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignore_usr1)
     metrics = [out / "base_checkpoints" / t / "train_metrics.jsonl" for t in ("baseline_s42", "adaptive_s42")]
     deadline = time.time() + 300
     while time.time() < deadline and not all(m.exists() and len(m.read_text().splitlines()) >= 20 for m in metrics):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2 and err == ("error: stopped by signal 15; the runs saved what they had: run the same "
-                                            "command again to continue\n")
+    assert proc.returncode == 128 + signum and err == (f"error: stopped by signal {int(signum)}; the runs saved what they "
+                                                       f"had: run the same command again to continue\n")
     for m in metrics:
         saved = json.loads((m.parent / "config.json").read_text())["step"]
-        assert 20 <= saved < 300 and "Stopped by signal 15" in (m.parent / "train.log").read_text()
+        assert 20 <= saved < 300 and f"Stopped by signal {int(signum)}" in (m.parent / "train.log").read_text()
     r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "continuing baseline_s42" in r.stdout and "continuing adaptive_s42" in r.stdout
