@@ -107,6 +107,14 @@ def _fmt(x, digits=4):
     return "n/a" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
+def _fmt_p(p):
+    return "n/a" if p is None else f"{p:.2e}"
+
+
+def _clamp_note(m):
+    return f" (clamped from {m['k_learned']})" if m.get("k_clamped") else ""
+
+
 def assign_owners(layers, world_size):
     """{name: rank that analyses it}: the costliest layers first, each to the least-loaded rank.
     Cost: the seconds the layer's analysis took last time when known (the same on every rank), else
@@ -147,6 +155,7 @@ class Plan:
     record: dict
     action: Action | None = None
     streaks: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)  # the layer's alignment history (the shift reading's normal)
     tensors: dict = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
@@ -255,6 +264,7 @@ class AdaptiveSVDHook(TrainHook):
         for name, plan in plans.items():
             if plan.error:
                 raise RuntimeError(f"adaptive SVD analysis of {name} failed on rank {self.owner[name]}: {plan.error}")
+        self._check_static(plans)
         for layer in self.layers.values():
             plan = plans[layer.name]
             layer.seconds = plan.seconds
@@ -269,6 +279,16 @@ class AdaptiveSVDHook(TrainHook):
             # next time, balance the ranks by what each layer really cost; all ranks have the same numbers
             self.owner = assign_owners(self.layers, self.run.world_size)
         print0(f"=== SVD Analysis complete === ({seconds * 1000:.0f} ms)")
+
+    def _check_static(self, plans):
+        """The static policy protects what the weights learned before this run: at its first analysis,
+        weights in which no target has a learned direction (a fresh run: random init has none) would make
+        the whole run the baseline, so it stops (on every rank: every rank holds every plan)."""
+        first = [p for n, p in plans.items() if self.layers[n].state.analyses == 0 and p.action is not None]
+        if self.policy.svd_policy == "static" and first and not any(p.record.get("k") for p in first):
+            raise UserError("--svd_policy=static found no learned direction in any target matrix (k = 0 everywhere): "
+                            "static protects what a trained checkpoint learned; continue one with "
+                            "--init_from=PATH/checkpoint.pt")
 
     def _exchange(self, local):
         """All ranks get every layer's plan: the small parts through one all_gather_object, the
@@ -314,8 +334,8 @@ class AdaptiveSVDHook(TrainHook):
         r_after = g - m["k"] if mode_after == Mode.LOWRANK else g
         lines = []
         if state.analyses == 0 and action == Action.KEEP:
-            lines.append(f"  [{layer.name}] Initial SVD computed (k={m['k']} learned directions above the bulk "
-                         f"threshold {_fmt(m['bulk_threshold'])}, s_max={_fmt(m['s_max'])}, "
+            lines.append(f"  [{layer.name}] Initial SVD computed (k={m['k']}{_clamp_note(m)} learned directions, "
+                         f"bulk threshold {_fmt(m['bulk_threshold'])}, s_max={_fmt(m['s_max'])}, "
                          f"stable_rank={_fmt(m['stable_rank'], 1)}, effective_rank_95={_fmt(m['effective_rank_95'])})")
         else:
             lines += self._metric_lines(layer.name, state.mode, m)
@@ -331,14 +351,14 @@ class AdaptiveSVDHook(TrainHook):
         record.update(m, action=action, reason=reason, mode_after=mode_after, r_after=r_after,
                       svd_method=out.method, svd_notes=out.notes)
         tensors = {key: getattr(out, key) for key in PLAN_TENSORS}
-        return Plan(lines, record, action=action, streaks=out.streaks, tensors=tensors)
+        return Plan(lines, record, action=action, streaks=out.streaks, history=out.history, tensors=tensors)
 
     def _apply(self, layer, plan):
         """Carry out one layer's plan on this rank: protect, refresh or release, and the new state."""
         if plan.action is None:
             return
         module, muon = layer.module, self.run.muon
-        analysis = asvd.Analysis(action=plan.action, streaks=plan.streaks, **plan.tensors)
+        analysis = asvd.Analysis(action=plan.action, streaks=plan.streaks, history=plan.history, **plan.tensors)
         new_state = asvd.advance(layer.state, analysis, module.weight)
         if new_state.mode == Mode.LOWRANK:
             widened = layer.state.mode == Mode.FULL or new_state.U_k.shape[1] != module.U_k.shape[1]
@@ -354,10 +374,11 @@ class AdaptiveSVDHook(TrainHook):
     @staticmethod
     def _metric_lines(name, mode, m):
         lines = [
-            f"  [{name}] mode={mode} k={m['k']} (previous {m['k_prev']}) bulk_threshold={_fmt(m['bulk_threshold'])} "
-            f"s_max={_fmt(m['s_max'])}",
+            f"  [{name}] mode={mode} k={m['k']}{_clamp_note(m)} (previous {m['k_prev']}) "
+            f"bulk_threshold={_fmt(m['bulk_threshold'])} s_max={_fmt(m['s_max'])}",
             f"    gradient: principal_alignment={_fmt(m['principal_alignment'])} minor_alignment={_fmt(m['minor_alignment'])} "
-            f"alignment_ratio={_fmt(m['alignment_ratio'], 3)} (random = 1)",
+            f"alignment_ratio={_fmt(m['alignment_ratio'], 3)} (random = 1) p={_fmt_p(m['alignment_p'])} "
+            f"shift={_fmt(m['alignment_shift'], 2)} (normal = 1) stable_rank={_fmt(m['gradient_stable_rank'], 2)}",
             f"    update:   principal_alignment={_fmt(m['update_principal_alignment'])} "
             f"minor_alignment={_fmt(m['update_minor_alignment'])} alignment_ratio={_fmt(m['update_alignment_ratio'], 3)}",
             f"    subspace_angle={_fmt(m['subspace_angle'])} rad subspace_overlap={_fmt(m['subspace_overlap'])} "

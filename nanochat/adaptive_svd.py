@@ -1,15 +1,17 @@
 """Adaptive-SVD method core, as pure functions on tensors: the SVD engine, the count of learned
-directions, the metrics, and the decision rules (one table, thresholds declared once).
+directions, the metrics, the entry test (the gradient's alignment against its null) and the decision
+rules (one table, thresholds declared once).
 
 Notation: W is (n_out x n_in) with thin SVD W = U S V^T, g = min(n_out, n_in). The k principal
-(learned) directions are the singular values standing out of the random bulk; r = g - k is the rank
-that trains in low-rank (protected) mode, where every update is confined to
+(learned) directions are the singular values that stand apart from the rest of the spectrum; r = g - k
+is the rank that trains in low-rank (protected) mode, where every update is confined to
 (I - U_k U_k^T) dW (I - V_k V_k^T). The method and every default: experiments/ADAPTIVE_SVD_METHOD.md.
 """
 
 import dataclasses
 import enum
 import math
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -181,47 +183,48 @@ def _noting_device(res, W):
     return res
 
 
-def bulk_threshold(sigma, n_out, n_in, tw):
-    """Largest singular value a pure-noise (n_out x n_in) matrix of entry std sigma reaches, plus `tw`
-    Tracy-Widom units: sigma [(sqrt(n_out) + sqrt(n_in)) + tw (1/sqrt(n_out) + 1/sqrt(n_in))^(1/3) / 2].
-    The first term is the Marchenko-Pastur edge; the second the scale of its fluctuations
-    (Johnstone 2001, for the singular value rather than its square)."""
-    edge = math.sqrt(n_out) + math.sqrt(n_in)
-    return sigma * (edge + tw * (n_out ** -0.5 + n_in ** -0.5) ** (1 / 3) / 2)
+# singular values below a candidate gap that the bulk's edge scale is fitted to
+GAP_WINDOW = 8
+# relative spacing below which two singular values count as tied (fp32 SVD accuracy), not as a gap
+_TIE = 1e-5
 
 
-def count_learned(S, frob_sq, n_out, n_in, tw, k_max):
-    """(k, sigma, threshold): how many singular values stand out of the random bulk.
+def count_learned(S, g, gap):
+    """(learned, threshold): how many singular values stand apart from the rest of the spectrum.
 
-    sigma is the bulk's entry std, estimated from the energy the outliers leave:
-    sigma^2 = (||W||_F^2 - sum_{i<=k} S_i^2) / ((n_out - k)(n_in - k)), and k the number of values above
-    `bulk_threshold(sigma)`, iterated from k = 0 to the fixed point (removing an outlier lowers sigma,
-    so k only grows). Scale-free, needs only the top values and ||W||_F^2 (so a warm top-l result
-    works), and a spectrum with no bulk at all (a zero-initialised matrix trained for a while) gets
-    a high threshold rather than every direction. Clamped to k_max. k = None when all of the given
-    top values stand out (a partial S then cannot tell where the bulk starts).
+    The rest (the bulk) may be any continuum: a Gaussian matrix's Marchenko-Pastur law, or the
+    flat-topped spectrum of a matrix grown from zero by Muon's orthogonalised updates, which no single
+    noise law describes. What such continua share is a soft top edge, where the j-th value sits near
+    E - beta j^(2/3) (the Tracy-Widom spacing). So for each candidate i the edge scale beta_i is fitted
+    by least squares to the GAP_WINDOW values below s_i, and s_1..s_i are learned when
+    s_i - s_{i+1} >= gap * beta_i; `learned` is the deepest such i in the top half of the spectrum
+    (0 if none). threshold: the value a direction above the bulk would need to count,
+    s_{learned+1} + gap * beta there. Scale-free, and it needs only the top values: a warm top-m
+    result sees candidates up to m - GAP_WINDOW - 1, and gets learned = None when that is none.
+    g: the dimension of the space W lives in (a complete spectrum has g values).
     """
     S = S.detach().cpu().double()
-    k = 0
-    while True:
-        bulk = max(frob_sq - float(S[:k].square().sum()), 0.0)
-        sigma = math.sqrt(bulk / ((n_out - k) * (n_in - k)))
-        threshold = bulk_threshold(sigma, n_out, n_in, tw)
-        k_next = int((S > threshold).sum())
-        if k_next >= k_max:
-            return k_max, sigma, threshold
-        if k_next == S.numel() < min(n_out, n_in):
-            return None, sigma, threshold
-        if k_next <= k:
-            return k, sigma, threshold
-        k = k_next
+    m = S.numel()
+    last = min(g // 2, m - GAP_WINDOW - 1)  # the deepest candidate whose window lies inside S
+    if m < g and last < 1:
+        return None, None
+    if last < 0 or not S[0] > 0:
+        return 0, None  # a tiny or zero matrix: nothing stands apart
+    x = torch.arange(1, GAP_WINDOW + 1, dtype=torch.float64) ** (2 / 3)
+    x -= x.mean()
+    windows = S.unfold(0, GAP_WINDOW, 1)[: last + 1]  # row i: s_{i+1} .. s_{i+GAP_WINDOW}
+    beta = -((windows - windows.mean(1, keepdim=True)) @ x) / (x @ x)
+    scale = beta.clamp_min(_TIE * float(S[0]))
+    hits = torch.nonzero(S[:last] - S[1:last + 1] >= gap * scale[1:])
+    learned = int(hits[-1]) + 1 if len(hits) else 0
+    return learned, float(S[learned] + gap * scale[learned])
 
 
 def certify_warm(W, res, k, threshold, clamped=False, *, tol=0.02, probes=8, iters=2, seed=0):
     """(accepted, why) for using the top-k of a warm result `res` of W with learned-count threshold.
 
     Two checks that a wrong start basis cannot pass:
-    1. Nothing above the threshold was missed (unless k was `clamped`, when more are expected):
+    1. Nothing that would count as learned was missed (unless k was `clamped`, when more are expected):
        s_next = max(S_{k+1} of the block, a Ritz estimate of ||(I - U_k U_k^T) W||_2 from `probes`
        fresh random vectors and `iters` power steps) must be <= threshold. A top direction the start
        basis missed keeps its full size in that deflated matrix, so the probes find it.
@@ -251,28 +254,30 @@ def certify_warm(W, res, k, threshold, clamped=False, *, tol=0.02, probes=8, ite
     return True, f"sin-theta bound {bound:.2e}"
 
 
-def spectrum(W, method, prev_V, n_out, n_in, *, tw, k_max, seed=0, auto_exact_max_dim=128):
-    """(SVDResult, k, sigma, threshold) of W: the SVD and its count of learned directions, a warm result
-    used only when it is certified. A warm result whose only fault is an inaccurate top-k subspace (the
-    sin-theta bound) gets one more round of two iterations, started from its own block; otherwise, or
-    if that fails too, an exact SVD, with the reasons in the notes.
-    n_out, n_in: the dimensions of the space W lives in (smaller than W.shape for a matrix already
-    projected off k_p protected directions: the bulk then has n_out - k_p by n_in - k_p dimensions)."""
+def spectrum(W, method, prev_V, g, *, gap, k_max, seed=0, auto_exact_max_dim=128):
+    """(SVDResult, k, learned, threshold) of W: the SVD, its count of learned directions (`learned`,
+    see `count_learned`) and that count clamped to k_max (`k`), a warm result used only when it is
+    certified. A warm result whose only fault is an inaccurate top-k subspace (the sin-theta bound)
+    gets one more round of two iterations, started from its own block; otherwise, or if that fails
+    too, an exact SVD, with the reasons in the notes.
+    g: the dimension of the space W lives in (g - k_p for a matrix already projected off k_p
+    protected directions)."""
     res = svd(W, method, prev_V, auto_exact_max_dim=auto_exact_max_dim, seed=seed)
     if res.method == "warm":
         notes = list(res.notes)
         for attempt in range(2):
-            k, sigma, threshold = count_learned(res.S, res.frob_sq, n_out, n_in, tw, k_max)
-            if k is None:
-                why = f"all {res.S.numel()} warm values stand out of the bulk"
+            learned, threshold = count_learned(res.S, g, gap)
+            if learned is None:
+                why = f"{res.S.numel()} warm values are too few to find the bulk's edge"
                 break
-            accepted, why = certify_warm(W, res, k, threshold, clamped=k == k_max, seed=seed)
+            k = min(learned, k_max)
+            accepted, why = certify_warm(W, res, k, threshold, clamped=learned > k_max, seed=seed)
             if accepted:
                 res.notes = notes + ([f"certified after {2 * (attempt + 1)} iterations"] if attempt else [])
-                return res, k, sigma, threshold
+                return res, k, learned, threshold
             if attempt or not why.startswith("sin-theta"):
                 break
-            refined = svd(W, "warm", res.Vh[:k].T, seed=seed + 7)
+            refined = svd(W, "warm", res.Vh[:learned].T, seed=seed + 7)
             if refined.method != "warm":
                 break
             notes += refined.notes
@@ -282,8 +287,8 @@ def spectrum(W, method, prev_V, n_out, n_in, *, tw, k_max, seed=0, auto_exact_ma
         res.notes = notes + res.notes
     if not res.ok:
         return res, None, None, None
-    k, sigma, threshold = count_learned(res.S, res.frob_sq, n_out, n_in, tw, k_max)
-    return res, k, sigma, threshold
+    learned, threshold = count_learned(res.S, g, gap)
+    return res, min(learned, k_max), learned, threshold
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +414,136 @@ def stable_rank(S, total=None):
     return total / (s_max * s_max) if s_max > 0 else None
 
 
-def layer_metrics(S, frob_sq, k, U_now, G=None, dW=None, U_prev=None, V_prev=None, protected=False, S_k=None):
+# ---------------------------------------------------------------------------------------------
+# The entry test: how surprising is the gradient's alignment if its directions are unrelated to the
+# learned ones? Write G = sum_i s_i a_i b_i^T and w_i = s_i^2 / ||G||^2. Then
+# p^2 = sum_i w_i ||U_k^T a_i||^2, and for a direction a independent of U_k each ||U_k^T a||^2 is
+# Beta(k/2, (n_out - k)/2). The null law of p^2 therefore depends on k, n_out and G's spectrum (its
+# effective rank): a rank-1 G gives exactly that Beta law, a G spread over many directions a tight one.
+
+def gradient_energies(G, top=32, oversample=8, iters=2, seed=0):
+    """(the top squared singular values of G, descending, float64 on CPU; ||G||_F^2): exact for a small
+    G, else from a seeded randomized block (`top` + `oversample` columns, `iters` power iterations,
+    Rayleigh-Ritz), which is exact for gradients of rank up to top + oversample and otherwise gives
+    lower bounds of the top values (`alignment_pvalue` treats the rest conservatively)."""
+    G = G.detach().float()
+    total = float(torch.linalg.vector_norm(G.double())) ** 2
+    if min(G.shape) <= top + oversample:
+        s = _linalg(torch.linalg.svdvals, G)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        Q = _orth(G @ torch.randn(G.shape[1], top + oversample, generator=gen).to(G.device))
+        for _ in range(iters):
+            Q = _orth(G @ _orth(G.T @ Q))
+        s = _linalg(torch.linalg.svdvals, Q.T @ G)
+    return s[:top].detach().cpu().double().square(), total
+
+
+def _upper_tail(a, nu):
+    """P(sum_j a_j X_j >= 0) for independent X_j ~ chi^2(nu_j), by the Lugannani-Rice saddlepoint
+    approximation (within a few percent in the far tail: tested against SciPy's Beta law and a
+    numerical inversion of the characteristic function). a, nu: 1-D float64 tensors, nu > 0."""
+    if not bool((a > 0).any()):
+        return 0.0
+    if not bool((a < 0).any()):
+        return 1.0
+
+    def cgf(t):  # the cumulant generating function of the sum and its first two derivatives
+        d = 1 - 2 * a * t
+        return (float(-0.5 * (nu * torch.log(d)).sum()), float((nu * a / d).sum()),
+                float((2 * nu * a * a / (d * d)).sum()))
+
+    # the saddlepoint K'(t) = 0: K' increases on the domain 1 - 2 a_j t > 0, so Newton inside a bracket
+    lo, hi = 1 / (2 * float(a.min())), 1 / (2 * float(a.max()))
+    t = 0.0
+    for _ in range(200):
+        _, k1, k2 = cgf(t)
+        lo, hi = (lo, t) if k1 > 0 else (t, hi)
+        t_next = t - k1 / k2
+        if not lo < t_next < hi:
+            t_next = (lo + hi) / 2
+        done = abs(t_next - t) <= 1e-13 * max(1.0, abs(t))
+        t = t_next
+        if done:
+            break
+    k0, _, k2 = cgf(t)
+    w = math.copysign(math.sqrt(max(-2 * k0, 0.0)), t)
+    if abs(w) < 1e-5:  # the mean sits at 0: the formula's limit, 1/2 less a skewness term
+        c2, c3 = float((2 * nu * a * a).sum()), float((8 * nu * a ** 3).sum())
+        return min(max(0.5 - c3 / (6 * math.sqrt(2 * math.pi) * c2 ** 1.5), 0.0), 1.0)
+    u = t * math.sqrt(k2)
+    tail = 0.5 * math.erfc(w / math.sqrt(2)) + math.exp(-0.5 * w * w) / math.sqrt(2 * math.pi) * (1 / u - 1 / w)
+    return min(max(tail, 0.0), 1.0)
+
+
+def alignment_pvalue(p, k, n_out, g, energies, total):
+    """P(alignment >= p) for a gradient whose directions are unrelated to the k learned ones: the
+    p-value of the entry test. energies: G's top squared singular values, total = ||G||_F^2,
+    g = min(G.shape) (G has at most g directions), n_out: the length of U_k's columns.
+
+    With k independent random directions in place of U_k's columns (the pooled form), p^2 >= x reads
+    sum_i (w_i - x/k) chi^2_k,i >= 0 over G's n_out left directions (w_i = 0 beyond its rank): exact
+    for k = 1 whatever G, and for a G spread evenly over every direction; for larger k the p-value is
+    conservative (for a rank-1 G at k/n_out = 0.1 it reads up to twice the exact Beta tail at 1e-3).
+    The energy beyond the known top values is spread at the smallest known value's level, as
+    concentrated as it can be, so an incomplete spectrum can only raise the p-value.
+    None when p is None or k = 0.
+    """
+    if p is None or not k or not total > 0:
+        return None
+    x = p * p
+    w = energies / total
+    weights = w[w > 0].tolist()
+    counts = [1] * len(weights)
+    used, rest = len(weights), 1.0 - sum(weights)
+    if weights and rest > 1e-12 and used < g:
+        level = weights[-1]
+        copies = min(int(rest / level), g - used)
+        if copies:
+            weights.append(level)
+            counts.append(copies)
+            used, rest = used + copies, rest - copies * level
+        if rest > 1e-12 and used < g:
+            weights.append(rest)
+            counts.append(1)
+            used += 1
+    weights.append(0.0)
+    counts.append(n_out - used)
+    a = torch.tensor(weights, dtype=torch.float64) - x / k
+    nu = k * torch.tensor(counts, dtype=torch.float64)
+    return _upper_tail(a[nu > 0], nu[nu > 0])
+
+
+def gradient_metrics(G, U_prev, seed=0):
+    """The entry statistic of one analysis: this step's gradient G against the previous analysis' basis
+    U_prev (n_out x k; None = none yet). principal_alignment p, minor_alignment sqrt(1 - p^2),
+    alignment_ratio p^2 / (k / n_out) (the readable figure), alignment_p (its p-value under the null,
+    `alignment_pvalue`) and gradient_stable_rank ||G||_F^2 / ||G||_2^2. None where undefined.
+    seed: the randomized block's (the step, so that a resumed run repeats it)."""
+    k = 0 if U_prev is None else U_prev.shape[1]
+    p = None if G is None else alignment(G, U_prev)
+    m = {"principal_alignment": p, "minor_alignment": None if p is None else math.sqrt(max(1.0 - p * p, 0.0)),
+         "alignment_ratio": None if p is None else alignment_ratio(p, k, U_prev.shape[0]),
+         "alignment_p": None, "gradient_stable_rank": None}
+    if G is not None and bool(torch.isfinite(G).all()):
+        energies, total = gradient_energies(G, seed=seed)
+        if total > 0:
+            m["gradient_stable_rank"] = total / float(energies[0])
+            m["alignment_p"] = alignment_pvalue(p, k, G.shape[0], min(G.shape), energies, total)
+    return m
+
+
+def alignment_shift(ratio, history, window):
+    """The alignment against the layer's own normal: `ratio` over the median of the last `window`
+    gradient alignment ratios the layer read in full mode (`history`). None until `window` exist."""
+    if ratio is None or len(history) < window:
+        return None
+    base = statistics.median(history[-window:])
+    return ratio / base if base > 0 else None
+
+
+def layer_metrics(S, frob_sq, k, U_now, G=None, dW=None, U_prev=None, V_prev=None, protected=False, S_k=None,
+                  seed=0):
     """Every metric of one analysis of one layer, as a JSON-ready dict (keys as in the write-up).
 
     S: W's singular values, descending (all, or the top ones with frob_sq = ||W||_F^2), or None when
@@ -423,11 +557,10 @@ def layer_metrics(S, frob_sq, k, U_now, G=None, dW=None, U_prev=None, V_prev=Non
     n_out, n_in = U_now.shape[0], (V_prev.shape[0] if V_prev is not None else None)
     k_prev = 0 if U_prev is None else U_prev.shape[1]
     m = {"k": k, "k_prev": k_prev if U_prev is not None else None}
-    for prefix, X in (("", G), ("update_", dW)):
-        p = alignment(X, U_prev) if X is not None else None
-        m[prefix + "principal_alignment"] = p
-        m[prefix + "minor_alignment"] = None if p is None else math.sqrt(max(1.0 - p * p, 0.0))
-        m[prefix + "alignment_ratio"] = alignment_ratio(p, k_prev, n_out)
+    m.update(gradient_metrics(G, U_prev, seed=seed))
+    p = alignment(dW, U_prev) if dW is not None else None  # the update is logged, not a decision input
+    m.update(update_principal_alignment=p, update_minor_alignment=None if p is None else math.sqrt(max(1.0 - p * p, 0.0)),
+             update_alignment_ratio=alignment_ratio(p, k_prev, n_out))
     angle = overlap = above = None
     if k_prev and k:
         angle, overlap = principal_angles(U_prev, U_now[:, :k])
@@ -455,24 +588,41 @@ def _knob(default, help, valid, rule):
     return field(default=default, metadata={"help": help, "valid": valid, "rule": rule})
 
 
+POLICIES = ("adaptive", "shift", "static", "observe")
+
+
 @dataclass
 class SVDPolicy:
-    svd_policy: str = _knob("adaptive", "adaptive: switch layers by the rule table | static: protect every target "
-                            "from the first step of the run on, never leave (OSFT) | observe: analyse and log, never "
-                            "switch (the detector's readings in a run that trains like the baseline)",
-                            lambda v: v in ("adaptive", "static", "observe"), "adaptive, static or observe")
-    svd_ratio_enter: float = _knob(2.0, "alignment_ratio (gradient or update) at or above which a full layer is at "
-                                   "clobbering risk", lambda v: v > 1, "> 1")
-    svd_ratio_exit: float = _knob(1.25, "gradient alignment_ratio at or below which a protected layer's risk has passed",
-                                  lambda v: v > 0, "> 0")
+    svd_policy: str = _knob("adaptive", "adaptive: protect a layer while its gradient is significantly aligned with "
+                            "what it learned (the test) | shift: while that alignment is also well above the layer's "
+                            "own recent normal | static: protect every target from the first step on, never leave "
+                            "(OSFT; continues a trained checkpoint, --init_from) | observe: analyse and log, never "
+                            "switch", lambda v: v in POLICIES, ", ".join(POLICIES))
+    svd_alpha: float = _knob(1e-3, "per-analysis false-alarm rate of the entry test: a layer is at clobbering risk when "
+                             "its gradient's alignment has a p-value at or below this under the null (directions "
+                             "unrelated to the learned ones)", lambda v: 0 < v < 1, "in (0, 1)")
+    svd_exit_p: float = _knob(0.1, "a protected layer's risk has passed when its gradient's alignment p-value is at or "
+                              "above this (no longer significant)", lambda v: 0 < v < 1, "in (0, 1)")
     svd_patience: int = _knob(2, "consecutive analyses a rule must hold before the layer switches",
                               lambda v: v >= 1, ">= 1")
     svd_warmup_steps: int = _knob(0, "no switch before this step", lambda v: v >= 0, ">= 0")
-    svd_edge_tw: float = _knob(3.3, "Tracy-Widom units above the Marchenko-Pastur edge a singular value needs to "
-                               "count as learned (3.3: ~1 in 1000 pure-noise matrices shows one)",
-                               lambda v: v >= 0, ">= 0")
-    svd_k_max_frac: float = _knob(0.1, "at most this share of min(n_out, n_in) learned directions (keeps the "
-                                  "alignment ratio's ceiling n_out/k >= 1/share)", lambda v: 0 < v <= 0.5, "in (0, 0.5]")
+    svd_shift_window: int = _knob(8, "analyses in full mode whose median gradient alignment ratio is the layer's "
+                                  "normal (alignment_shift is logged from the analysis after that many)",
+                                  lambda v: v >= 1, ">= 1")
+    svd_shift_enter: float = _knob(3.0, "shift policy: alignment_shift (alignment ratio over the layer's normal) at or "
+                                   "above which a full layer is at risk (with a significant alignment)",
+                                   lambda v: v > 1, "> 1")
+    svd_shift_exit: float = _knob(1.5, "shift policy: alignment_shift at or below which a protected layer's risk has "
+                                  "passed", lambda v: v > 0, "> 0")
+    svd_gap: float = _knob(4.0, "a singular value is learned when it and those above it stand apart from the rest by "
+                           "a gap of at least this many edge scales of the values below (4: about 1 in 1000 "
+                           "pure-noise matrices shows one)", lambda v: v > 0, "> 0")
+    svd_k_max_frac: float = _knob(0.1, "at most this share of min(n_out, n_in) learned directions (a guard; logged "
+                                  "as k_clamped when it binds)", lambda v: 0 < v <= 0.5, "in (0, 0.5]")
+    svd_protect_frac: float = _knob(0.0, "protect this share of min(n_out, n_in) (the top singular directions) "
+                                    "whatever the spectrum's count, beyond the clamp if asked (the dose of a "
+                                    "dose-response, e.g. under static); 0 = the learned directions",
+                                    lambda v: 0 <= v < 1, "in [0, 1)")
     svd_stable_rule: bool = _knob(False, "also enter low rank when the principal subspace is stable "
                                   "(optimal_lowrank_conditions; off: it is unrelated to clobbering)",
                                   lambda v: isinstance(v, bool), "true or false")
@@ -480,18 +630,23 @@ class SVDPolicy:
                                       lambda v: 0 <= v <= 1, "in [0, 1]")
 
     CHECKS = (
-        (lambda p: p.svd_ratio_exit < p.svd_ratio_enter,
-         "--svd_ratio_exit={svd_ratio_exit} must be below --svd_ratio_enter={svd_ratio_enter} (the band between them "
+        (lambda p: p.svd_alpha < p.svd_exit_p,
+         "--svd_exit_p={svd_exit_p} must be above --svd_alpha={svd_alpha} (the band between them is what stops a "
+         "layer from cycling)"),
+        (lambda p: p.svd_shift_exit < p.svd_shift_enter,
+         "--svd_shift_exit={svd_shift_exit} must be below --svd_shift_enter={svd_shift_enter} (the band between them "
          "is what stops a layer from cycling)"),
-        (lambda p: p.svd_k_max_frac * p.svd_ratio_enter < 1,
-         "--svd_k_max_frac={svd_k_max_frac} makes the ratio's ceiling 1/{svd_k_max_frac:g} no higher than "
-         "--svd_ratio_enter={svd_ratio_enter}: the rule could never fire"),
     )
 
 
 def k_max(g, policy):
     """The clamp on learned directions: floor(svd_k_max_frac * g), at least 1."""
     return max(1, int(policy.svd_k_max_frac * g))
+
+
+def protect_k(g, policy):
+    """The dial: round(svd_protect_frac * g) directions (at least 1), or None when it is off."""
+    return max(1, round(policy.svd_protect_frac * g)) if policy.svd_protect_frac > 0 else None
 
 
 class Mode(enum.StrEnum):
@@ -515,32 +670,40 @@ class Action(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Rule:
-    """A switch: in `mode`, when any of `metrics` compares `op` the policy's `threshold` at
-    svd_patience consecutive analyses, take `action`. `opt_in`: a policy flag that must be true."""
+    """A switch: under one of `policies`, in `mode`, when every (metric, op, threshold) of `conditions`
+    holds (the threshold is a field of SVDPolicy) at svd_patience consecutive analyses, take `action`.
+    `opt_in`: a policy flag that must be true."""
     reason: str
+    policies: tuple
     mode: Mode
     action: Action
-    metrics: tuple
-    op: str
-    threshold: str
+    conditions: tuple
     opt_in: str | None = None
 
     def holds(self, metrics, policy):
-        t = getattr(policy, self.threshold)
-        values = [metrics.get(m) for m in self.metrics]
-        return any(v is not None and (v >= t if self.op == ">=" else v <= t) for v in values)
+        for metric, op, threshold in self.conditions:
+            v, t = metrics.get(metric), getattr(policy, threshold)
+            if v is None or not (v >= t if op == ">=" else v <= t):
+                return False
+        return True
 
     def enabled(self, policy):
-        return self.opt_in is None or bool(getattr(policy, self.opt_in))
+        return policy.svd_policy in self.policies and (self.opt_in is None or bool(getattr(policy, self.opt_in)))
 
 
-# The rule table: decide() and scripts/monitor_svd.py both read it. Order = priority.
+# The rule table: decide() and scripts/monitor_svd.py both read it. Order = priority. One signal enters
+# and one leaves: the gradient's alignment with the previous analysis' basis (the applied update is
+# logged only: when W moves along the gradient it is the same noise a second time).
 RULES = (
-    Rule("gradient_clobbering_risk", Mode.FULL, Action.TO_LOWRANK, ("alignment_ratio", "update_alignment_ratio"), ">=",
-         "svd_ratio_enter"),
-    Rule("optimal_lowrank_conditions", Mode.FULL, Action.TO_LOWRANK, ("subspace_overlap_above_chance",), ">=",
-         "svd_overlap_stable", opt_in="svd_stable_rule"),
-    Rule("clobbering_risk_passed", Mode.LOWRANK, Action.TO_FULL, ("alignment_ratio",), "<=", "svd_ratio_exit"),
+    Rule("gradient_clobbering_risk", ("adaptive",), Mode.FULL, Action.TO_LOWRANK,
+         (("alignment_p", "<=", "svd_alpha"),)),
+    Rule("alignment_shift_risk", ("shift",), Mode.FULL, Action.TO_LOWRANK,
+         (("alignment_shift", ">=", "svd_shift_enter"), ("alignment_p", "<=", "svd_alpha"))),
+    Rule("optimal_lowrank_conditions", ("adaptive", "shift"), Mode.FULL, Action.TO_LOWRANK,
+         (("subspace_overlap_above_chance", ">=", "svd_overlap_stable"),), opt_in="svd_stable_rule"),
+    Rule("clobbering_risk_passed", ("adaptive",), Mode.LOWRANK, Action.TO_FULL, (("alignment_p", ">=", "svd_exit_p"),)),
+    Rule("alignment_shift_passed", ("shift",), Mode.LOWRANK, Action.TO_FULL,
+         (("alignment_shift", "<=", "svd_shift_exit"),)),
 )
 
 
@@ -555,6 +718,7 @@ class LayerState:
     warm_V: torch.Tensor | None = None # top right vectors of the matrix analysed last time (warm start)
     streaks: dict = field(default_factory=dict)  # rule reason -> consecutive analyses it held
     analyses: int = 0                  # analyses recorded so far
+    history: list = field(default_factory=list)  # the last svd_shift_window gradient alignment ratios read in full mode
 
     def __post_init__(self):
         self.mode = Mode(self.mode)  # a checkpoint holds the plain string
@@ -567,16 +731,22 @@ class LayerState:
 def decide(metrics, state, policy, step):
     """(action, reason, streaks) for one layer at one analysis.
 
-    static policy: a full layer -> to_lowrank 'static_protection' (from its very first analysis), and
-    never back. observe: always keep 'observe_only' (the metrics are logged, nothing switches).
-    adaptive: no baseline yet -> keep 'initial_svd_baseline'; nothing learned before this analysis
-    (k_prev = 0) -> keep 'no_learned_directions'; step < svd_warmup_steps -> keep 'warmup'.
-    Then each enabled rule of the layer's mode updates its streak (+1 when it holds, else 0) and the
-    first whose streak reaches svd_patience fires, unless it would protect nothing (k = 0 now: keep
-    'no_learned_directions'); otherwise keep 'continue_current_mode'. A missing or None metric never holds.
+    A layer is never switched to protect nothing: with k = 0 now a switch to low rank is a keep
+    'no_learned_directions', under every policy. static: a full layer -> to_lowrank
+    'static_protection' (from its very first analysis), and never back. observe: always keep
+    'observe_only' (the metrics are logged, nothing switches). adaptive and shift: no baseline yet ->
+    keep 'initial_svd_baseline'; nothing learned before this analysis (k_prev = 0) -> keep
+    'no_learned_directions'; step < svd_warmup_steps -> keep 'warmup'. Then each enabled rule of the
+    layer's mode updates its streak (+1 when it holds, else 0) and the first whose streak reaches
+    svd_patience fires; otherwise keep 'continue_current_mode' (shift, before its normal exists:
+    'building_shift_baseline'). A missing or None metric never holds.
     """
     if policy.svd_policy == "static":
-        return (Action.TO_LOWRANK if state.mode == Mode.FULL else Action.KEEP), "static_protection", {}
+        if state.mode == Mode.LOWRANK:
+            return Action.KEEP, "static_protection", {}
+        if not metrics.get("k"):
+            return Action.KEEP, "no_learned_directions", {}
+        return Action.TO_LOWRANK, "static_protection", {}
     if policy.svd_policy == "observe":
         return Action.KEEP, "observe_only", {}
     if state.analyses == 0:
@@ -594,14 +764,28 @@ def decide(metrics, state, policy, step):
             if rule.action == Action.TO_LOWRANK and not metrics.get("k"):
                 return Action.KEEP, "no_learned_directions", streaks
             return rule.action, rule.reason, {}
+    if policy.svd_policy == "shift" and state.mode == Mode.FULL and metrics.get("alignment_shift") is None:
+        return Action.KEEP, "building_shift_baseline", streaks
     return Action.KEEP, "continue_current_mode", streaks
+
+
+def judge(metrics, state, policy, step):
+    """The decision part of an analysis, given the metrics of `layer_metrics`: adds alignment_shift
+    (against the layer's history so far) to `metrics`, decides, and returns (action, reason, streaks,
+    the history after this analysis: the gradient's alignment ratio joins it when read in full mode)."""
+    ratio = metrics.get("alignment_ratio")
+    metrics["alignment_shift"] = alignment_shift(ratio, state.history, policy.svd_shift_window)
+    history = list(state.history)
+    if state.mode == Mode.FULL and ratio is not None:
+        history = (history + [ratio])[-policy.svd_shift_window:]
+    return *decide(metrics, state, policy, step), history
 
 
 @dataclass
 class Analysis:
     """Outcome of `analyze` for one layer. On failure (`failure` set: no SVD could be computed) only
     `notes` is filled and nothing is decided."""
-    metrics: dict | None = None        # every metric of the write-up, plus noise_sigma and bulk_threshold
+    metrics: dict | None = None        # every metric of the write-up, plus k_learned, k_clamped and bulk_threshold
     action: Action | None = None
     reason: str | None = None          # the rule (or why none) behind the action
     streaks: dict = field(default_factory=dict)  # rule reason -> consecutive analyses it held (empty after a switch)
@@ -609,6 +793,7 @@ class Analysis:
     S_k: torch.Tensor | None = None    # the previous basis of the next analysis
     V_k: torch.Tensor | None = None
     warm_V: torch.Tensor | None = None # the analysed matrix's top right vectors (the next warm start)
+    history: list = field(default_factory=list)  # the layer's alignment history after this analysis
     method: str | None = None          # the SVD that produced it: 'exact' or 'warm'
     notes: list = field(default_factory=list)  # the SVD's fallbacks, for the log
     failure: str | None = None         # why no SVD could be computed
@@ -621,11 +806,12 @@ class Analysis:
 def analyze(W, G, state, policy, step, method="exact"):
     """One analysis of one layer (an `Analysis`); changes nothing.
 
-    Full mode: the spectrum of W; the chosen basis is its top-k learned directions. Low-rank mode: the
-    protected triples (U_p, S_p, V_p) are exact singular triples of W, so W = U_p S_p V_p^T + W_m with
+    Full mode: the spectrum of W; the chosen basis is its top-k learned directions (or, with the
+    protection dial, its top protect_k directions: an exact SVD then). Low-rank mode: the protected
+    triples (U_p, S_p, V_p) are exact singular triples of W, so W = U_p S_p V_p^T + W_m with
     W_m = (I - U_p U_p^T) W (I - V_p V_p^T); the spectrum of W is S_p together with that of W_m, whose
-    learned directions (counted in the (n_out - k_p) x (n_in - k_p) space it lives in) join the basis:
-    protected directions stay, new ones join, up to the clamp.
+    learned directions (counted in the (g - k_p)-dimensional space it lives in) join the basis:
+    protected directions stay, new ones join, up to the clamp (or the dial).
     """
     W = W.detach().float()
     n_out, n_in = W.shape
@@ -633,11 +819,14 @@ def analyze(W, G, state, policy, step, method="exact"):
     protected = state.mode == Mode.LOWRANK and state.U_k is not None and state.U_k.shape[1] > 0
     kp = state.U_k.shape[1] if protected else 0
     target = project(W, state.U_k, state.V_k) if protected else W
-    k_room = k_max(g, policy) - kp
-    res, k_new, sigma, threshold = spectrum(target, method, state.warm_V, n_out - kp, n_in - kp,
-                                            tw=policy.svd_edge_tw, k_max=max(k_room, 0), seed=step)
+    dial = protect_k(g, policy)
+    k_room = (dial if dial else k_max(g, policy)) - kp
+    res, k_new, learned, threshold = spectrum(target, "exact" if dial else method, state.warm_V, g - kp,
+                                              gap=policy.svd_gap, k_max=max(k_room, 0), seed=step)
     if not res.ok:
         return Analysis(notes=res.notes, failure=res.reason)
+    if dial:
+        k_new = max(k_room, 0)
     if policy.svd_policy == "static" and state.mode == Mode.LOWRANK:
         k_new = 0  # OSFT: the basis chosen at the first step stays as it is
     if protected:
@@ -656,16 +845,18 @@ def analyze(W, G, state, policy, step, method="exact"):
     # a warm block that found nothing learned holds lower bounds of the top values, not the values
     known = res.complete or k_new > 0
     metrics = layer_metrics(S_all if known else None, frob_sq, k, U, G=G, dW=dW, U_prev=state.U_k, V_prev=state.V_k,
-                            protected=protected, S_k=S_k)
-    metrics.update(noise_sigma=sigma, bulk_threshold=threshold)
-    action, reason, streaks = decide(metrics, state, policy, step)
+                            protected=protected, S_k=S_k, seed=step)
+    metrics.update(k_learned=kp + learned, k_clamped=not dial and learned > k_room, bulk_threshold=threshold)
+    action, reason, streaks, history = judge(metrics, state, policy, step)
     return Analysis(metrics, action, reason, streaks, U.contiguous(), S_k.contiguous(), V.contiguous(),
-                    warm_V=res.Vh[:k_new].T.contiguous(), method=res.method, notes=res.notes)
+                    warm_V=res.Vh[:learned].T.contiguous(), history=history, method=res.method, notes=res.notes)
 
 
 def advance(state, analysis, W):
     """The layer's state after `analysis` (a successful one) has been applied: the basis chosen now
-    becomes the previous basis of the next analysis; a switch sets the mode and clears the streaks."""
+    becomes the previous basis of the next analysis; a switch sets the mode and clears the streaks.
+    W: the weight now (the next analysis' reference for dW; None keeps none)."""
+    W_prev = None if W is None else W.detach().float().clone()
     return LayerState(mode=analysis.action.mode_after(state.mode), U_k=analysis.U_k, S_k=analysis.S_k,
-                      V_k=analysis.V_k, W_prev=W.detach().float().clone(), warm_V=analysis.warm_V,
-                      streaks=dict(analysis.streaks), analyses=state.analyses + 1)
+                      V_k=analysis.V_k, W_prev=W_prev, warm_V=analysis.warm_V,
+                      streaks=dict(analysis.streaks), analyses=state.analyses + 1, history=list(analysis.history))

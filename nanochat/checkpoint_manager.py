@@ -9,6 +9,8 @@ numbers, so `torch.load(..., weights_only=True)` (the default) reads it.
 dtype, shape and raw bytes, every plain value's repr, in order), so it survives `torch.load` and
 `map_location` but not a flipped byte. `checkpoint["config"]` is the exact content of config.json,
 so a crash between the two writes can be repaired from the checkpoint (see nanochat.run_files).
+`save_checkpoint` refuses weights or optimizer state with a NaN or infinity (nanochat.health.Diverged),
+so the last good checkpoint is never replaced by a diverged one.
 """
 
 import hashlib
@@ -19,6 +21,7 @@ import os
 import torch
 
 from nanochat.common import UserError, first_sentence, print0
+from nanochat.health import Diverged
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "config.json"
@@ -104,7 +107,15 @@ def write_checkpoint(path, checkpoint):
 
 def save_checkpoint(ckpt_dir, checkpoint, config):
     """Write checkpoint.pt (holding `config` too), then config.json. A crash mid-write leaves the previous
-    files intact; a crash between the two leaves config.json one save behind, which --resume repairs."""
+    files intact; a crash between the two leaves config.json one save behind, which --resume repairs.
+    Non-finite weights or optimizer state are refused (Diverged) before anything is written."""
+    for where, tree in (("model weight", checkpoint["model"]), ("optimizer state", checkpoint.get("optim", {}))):
+        bad = _first_nonfinite(tree)
+        if bad is not None:
+            name, count, total = bad
+            raise Diverged(f"refused to save step {checkpoint.get('metadata', {}).get('step', '?')}: its {where} {name} holds "
+                           f"{count:,} NaN or infinite values (of {total:,}): training diverged; lower the learning rates "
+                           f"and start again")
     try:
         os.makedirs(ckpt_dir, exist_ok=True)
     except OSError as e:

@@ -14,16 +14,19 @@ from nanochat.cli import UserError
 
 
 def run_cli(main, argv=None):
-    """Run an entry point so that a UserError becomes `error: ...` on stderr and its exit_status (2 unless it says
-    otherwise)."""
+    """Run an entry point. Exit status: 0, or a non-zero int that main returns (128 + n for a training run that
+    signal n stopped), or a UserError's exit_status (2 unless it says otherwise) with `error: ...` as one line
+    on stderr, or 130 for a Ctrl-C that ended the program at once."""
     try:
-        main(sys.argv[1:] if argv is None else argv)
+        status = main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_status)
     except KeyboardInterrupt as e:
         print(f"error: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
         sys.exit(130)
+    if type(status) is int and status:  # other return values (a report's data) are not statuses
+        sys.exit(status)
 
 
 def first_sentence(e):

@@ -18,12 +18,10 @@ import itertools
 import os
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from nanochat.common import UserError
-from nanochat.dataset import PREPARE_HINT, list_shards
+from nanochat.dataset import PREPARE_HINT, READ_ERRORS, check_shard, damaged, list_shards, open_shard
 
 STATE_KEYS = ("epoch", "shard", "row_group", "doc", "offset")
 
@@ -53,7 +51,7 @@ class DataLoader:
         self.split = split
         # Every row group in global order as (shard, row group); an epoch visits them in order(epoch), of which this
         # rank reads positions rank, rank + world_size, ...
-        self.all_row_groups = [(s, g) for s, path in enumerate(self.paths) for g in range(self._parquet(path).num_row_groups)]
+        self.all_row_groups = [(s, g) for s, path in enumerate(self.paths) for g in range(open_shard(path).num_row_groups)]
         self.global_index = {key: i for i, key in enumerate(self.all_row_groups)}
         self.rank, self.world_size, self.data_seed = rank, world_size, data_seed
         self.owned = range(rank, len(self.all_row_groups), world_size)  # positions in an epoch's order
@@ -83,22 +81,19 @@ class DataLoader:
         """(shard, row group) of this rank's pos-th row group in epoch `epoch`."""
         return self.all_row_groups[self.order(epoch)[self.owned[pos]]]
 
-    def _parquet(self, path):
-        try:
-            return pq.ParquetFile(path)
-        except (pa.ArrowException, OSError) as e:
-            raise UserError(f"cannot read shard {path} ({e}); delete it and {PREPARE_HINT}") from None
-
     def _load(self, pos):
         """Tokenize row group number pos of this rank (in this epoch's order) into one flat tensor plus document
-        start offsets."""
+        start offsets. A shard is read whole the first time this process opens it (nanochat.dataset.check_shard):
+        damage anywhere in it stops the run then, in one line, not only once (if ever) the run reaches the damaged
+        row group."""
         shard, group = self._row_group(self.epoch, pos)
         if self._open[0] != shard:
-            self._open = (shard, self._parquet(self.paths[shard]))
+            self._open = (shard, check_shard(self.paths[shard]))
+        pf = self._open[1]
         try:
-            texts = self._open[1].read_row_group(group, columns=["text"]).column("text").to_pylist()
-        except (pa.ArrowException, OSError, KeyError) as e:
-            raise UserError(f"cannot read the text column of {self.paths[shard]} ({e}); {PREPARE_HINT}") from None
+            texts = pf.read_row_group(group, columns=["text"]).column("text").to_pylist()
+        except READ_ERRORS as e:  # changed on disk since the check
+            raise damaged(self.paths[shard], group, pf, e) from None
         if self.data_seed >= 0:
             index = self.global_index[(shard, group)]
             texts = [texts[i] for i in np.random.default_rng([self.data_seed, self.epoch, index]).permutation(len(texts))]

@@ -4,7 +4,12 @@ A data dir (default `<base>/base_data`) holds train shards `train_00000.parquet,
 validation shard `val_00000.parquet` and a `manifest.json` (source, counts, licence). Each shard has one
 string column `text` and small row groups, because row groups are the unit ranks split among them.
 Every shard is written to a temp file and renamed into place, so an interrupted build never leaves
-half a shard.
+half a shard, and with a CRC per page.
+
+`check_shard` reads a shard whole (every row group: page CRCs where the shard has them, decompression,
+UTF-8) and names the shard and row group of the first damage; the loader runs it on each shard the
+first time a process opens it. A shard without CRCs (written by other tools, or before they were
+added) can still hide a flipped byte that decodes to other valid text.
 
 Sources, all ending in parquet shards of the same format:
   offline  - text shipped inside PyPI packages (no internet): Wikipedia lead sections from
@@ -26,7 +31,7 @@ import urllib.error
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import UserError, download, get_base_dir
+from nanochat.common import UserError, download, first_sentence, get_base_dir
 
 PREPARE_HINT = "prepare data with: python -m scripts.prepare_data"
 SPLITS = ("train", "val")
@@ -67,8 +72,46 @@ def list_shards(data_dir=None, split="train"):
 
 def _atomic_write_table(table, path, row_group_size):
     tmp = path + ".tmp"
-    pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+    pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd", write_page_checksum=True)
     os.replace(tmp, path)
+
+
+def open_shard(path):
+    """A shard's ParquetFile, verifying page CRCs as pages are read; UserError naming the shard if unreadable."""
+    try:
+        return pq.ParquetFile(path, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"cannot read shard {path} ({first_sentence(e)}); delete it and {PREPARE_HINT}") from None
+
+
+def damaged(path, group, pf, error):
+    return UserError(f"shard {path} is damaged in row group {group} of {pf.num_row_groups} ({first_sentence(error)}); "
+                     f"delete it and {PREPARE_HINT}")
+
+
+READ_ERRORS = (pa.ArrowException, OSError, ValueError)  # ValueError: UnicodeDecodeError of damaged text
+
+
+_CHECKED = set()  # (realpath, size, mtime) of the shards this process has read whole
+
+
+def check_shard(path):
+    """Read every row group of a shard (page CRCs, decompression, UTF-8), once per process and file version;
+    UserError naming the shard and the first bad row group. Returns the open ParquetFile."""
+    pf = open_shard(path)
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key in _CHECKED:
+        return pf
+    if "text" not in pf.schema_arrow.names:
+        raise UserError(f"shard {path} has no 'text' column (columns: {', '.join(pf.schema_arrow.names)}); {PREPARE_HINT}")
+    for group in range(pf.num_row_groups):
+        try:
+            pf.read_row_group(group, columns=["text"]).column("text").validate(full=True)
+        except READ_ERRORS as e:
+            raise damaged(path, group, pf, e) from None
+    _CHECKED.add(key)
+    return pf
 
 
 def _atomic_write_json(obj, path):
@@ -289,8 +332,8 @@ def hf_disk_documents(dataset_path, split="train"):
 # ---------------------------------------------------------------- FineWeb-Edu (needs internet)
 
 def _download(url, path, retries, backoff, timeout):
-    """Fetch one parquet shard; a truncated download fails to open as parquet and is retried."""
-    return download(url, path, retries, backoff, timeout, check=pq.ParquetFile)
+    """Fetch one parquet shard; a truncated or damaged download fails the whole-shard check and is retried."""
+    return download(url, path, retries, backoff, timeout, check=check_shard)
 
 
 def _download_error(error, base_url, index, retries):

@@ -3,10 +3,12 @@
 Every run is `python -m scripts.base_train_adaptive_svd <flags>` with one thread (OMP_NUM_THREADS=1), its
 console in train.log, its command in command.txt and its provenance in provenance.json (one entry per
 start: the code's git commit and whether the tree had changes, torch and Python versions, CPU model,
-threads and GPU, and once the run finished, the process' wall time) next to the checkpoint. `run_jobs` runs a list of them, at most `slots` at a time, each
-after the runs it needs; a run whose files show it finished with the same command is reused, one stopped
-part-way continues with --resume, and a stop signal (Ctrl-C, SIGTERM, SLURM's SIGUSR1) reaches every
-running process, which saves and exits; the runner then exits with 128 + the signal, as a training run does.
+threads and GPU, and once the run finished, the process' wall time) next to the checkpoint. `run_jobs` runs
+a list of them, at most `slots` at a time, each after the runs it needs; a run whose files show it finished
+with the same command is reused, one stopped part-way continues with --resume, and a stop signal (Ctrl-C,
+SIGTERM, SLURM's SIGUSR1) reaches every running process, which saves and exits; the runner then exits with
+128 + the signal, as a training run does. A run folder that a live training process holds (the same
+experiment started twice) stops the runner in one line before anything starts.
 """
 
 import datetime
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from nanochat.checkpoint_manager import CHECKPOINT_NAME
 from nanochat.cli import flag_name, merge_flags
 from nanochat.common import UserError
+from nanochat.run_lock import ensure_free
 from nanochat.train import TRAIN_METRICS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,6 +206,7 @@ def run_jobs(jobs, slots, force=False, say=print):
         for need in job.after:
             if need not in by_tag:
                 raise ValueError(f"job {job.tag} needs {need}, which is not in the list")
+        ensure_free(job.run_dir)  # before anything starts: a job would rewrite command.txt and train.log of a live run
     pending, running, done, failed, started = list(jobs), {}, set(), [], {}
     stop = {"signal": None}
 
@@ -257,7 +261,8 @@ def run_jobs(jobs, slots, force=False, say=print):
         raise Stopped(stop["signal"])
     if failed:
         job, rc = failed[0]
-        how = f"failed (exit status {rc})" if rc else "ended before its last step"
+        how = (f"was stopped by signal {rc - 128} (exit status {rc}) after saving its checkpoint" if rc > 128  # not by us
+               else f"failed (exit status {rc})" if rc else "ended before its last step")
         raise UserError(f"{job.tag} {how}; see {os.path.join(job.run_dir, CONSOLE)}; fix it and run the same command "
                         f"again (finished runs are reused)")
     if pending:

@@ -103,18 +103,31 @@ def _interval(recs):
     return min((b - a for a, b in zip(steps, steps[1:])), default=1)
 
 
-def plot_alignment_ratio(layers, thresholds, path):
-    enter, exit_ = thresholds
-    fig, axes = _grid(len(layers), f"alignment ratio p^2/(k/n_out): gradient and update (random = 1, enter = {enter}, "
-                                   f"exit = {exit_})", sharey=True)
+def plot_alignment_ratio(layers, path):
+    fig, axes = _grid(len(layers), "alignment ratio p^2/(k/n_out): gradient and update (random = 1; the decision reads "
+                                   "the gradient's p-value, alignment_p.png)", sharey=True)
     for ax, (name, recs) in zip(axes, layers.items()):
         ax.plot(*_series(recs, "alignment_ratio"), lw=1.2, label="gradient")
         ax.plot(*_series(recs, "update_alignment_ratio"), lw=1.2, label="update dW")
         ax.axhline(1.0, color="gray", ls="--", lw=1, label="random")
-        if enter is not None:
-            ax.axhline(enter, color="C3", ls=":", lw=1.2, label="svd_ratio_enter")
-        if exit_ is not None:
-            ax.axhline(exit_, color="C2", ls=":", lw=1.2, label="svd_ratio_exit")
+        ax.set_title(_short(name), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_alignment_p(layers, thresholds, path):
+    """The entry test: the gradient's alignment p-value per analysis, with the run's svd_alpha (enter
+    at or below) and svd_exit_p (leave at or above)."""
+    alpha, exit_p = thresholds
+    fig, axes = _grid(len(layers), f"gradient alignment p-value under the null (enter <= {alpha}, leave >= {exit_p})",
+                      sharey=True)
+    for ax, (name, recs) in zip(axes, layers.items()):
+        ax.semilogy(*_series(recs, "alignment_p"), lw=1.2, marker=".", label="alignment_p")
+        if alpha is not None:
+            ax.axhline(alpha, color="C3", ls=":", lw=1.2, label="svd_alpha")
+        if exit_p is not None:
+            ax.axhline(exit_p, color="C2", ls=":", lw=1.2, label="svd_exit_p")
         ax.set_title(_short(name), fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -371,9 +384,10 @@ def make_figures(run_dir, out, baseline=None, spectra=False, prefix=""):
     layers = layer_records(svd_records(run_dir))
     if layers:
         settings, _ = run_settings(run_dir)
-        thresholds = (settings.get("svd_ratio_enter"), settings.get("svd_ratio_exit")) if settings else (None, None)
+        thresholds = (settings.get("svd_alpha"), settings.get("svd_exit_p")) if settings else (None, None)
         written.append(plot_mode_rank(layers, os.path.join(out, prefix + "mode_rank.png")))
-        written.append(plot_alignment_ratio(layers, thresholds, os.path.join(out, prefix + "alignment_ratio.png")))
+        written.append(plot_alignment_ratio(layers, os.path.join(out, prefix + "alignment_ratio.png")))
+        written.append(plot_alignment_p(layers, thresholds, os.path.join(out, prefix + "alignment_p.png")))
         written.append(plot_principal_alignment(layers, os.path.join(out, prefix + "principal_alignment.png")))
         written.append(plot_subspace(layers, os.path.join(out, prefix + "subspace.png")))
     if spectra and os.path.exists(os.path.join(run_dir, CHECKPOINT_NAME)):

@@ -1,5 +1,10 @@
 """A run folder's files (checkpoint, config.json, metrics JSONL), kept consistent with its checkpoint.
 
+- One training process owns a folder at a time (nanochat.run_lock): rank 0 locks it before it reads
+  or decides anything about the folder (`RunFolder.claim`, or `start` for a folder that does not
+  exist yet, which then repeats the fresh-run check under the lock) and holds the lock until
+  `release`. A second process stops in one line naming the holder; `--overwrite` never removes a
+  locked run.
 - A fresh run refuses a folder that already holds a run unless --overwrite=true, and that check runs
   before anything is written (`RunFolder.check_fresh`).
 - Nothing is deleted, truncated or opened for writing until training really starts (`RunFolder.start`,
@@ -16,6 +21,8 @@ import re
 
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, CONFIG_NAME, WriteFailed, atomic_write, config_text
 from nanochat.common import UserError, print0
+from nanochat.health import Diverged
+from nanochat.run_lock import RunLock
 
 TEMP_RE = re.compile(r"^.+\.tmp\.\d+$")  # atomic_write's temp files: <name>.tmp.<pid>
 
@@ -104,6 +111,18 @@ class RunFolder:
         self.path, self.master = path, rank == 0
         self.logs = {}
         self.saved_step = None
+        self.lock = RunLock(path)
+
+    def claim(self):
+        """Rank 0 locks the folder, if it exists, before anything reads or decides about it (a folder that does
+        not exist yet is locked by `start`, once created). UserError naming the holder if another process has it."""
+        if self.master and os.path.isdir(self.path):
+            self.lock.acquire()
+
+    def release(self):
+        """Give the folder back (at the end of the run, after its last write)."""
+        self.close()
+        self.lock.release()
 
     def jsonl(self, name):
         """The metrics log `name` in this folder; the loop starts (empties or trims) it when training starts."""
@@ -115,14 +134,18 @@ class RunFolder:
         for log in self.logs.values():
             log.close()
 
-    def kept(self):
-        """What a run stopped by an error or a forced stop leaves behind, in words."""
+    def kept(self, resume=True):
+        """What a run stopped by an error or a forced stop leaves behind, in words (`resume`: with the hint to
+        continue it; not for a run that diverged, which would only diverge again)."""
         if self.saved_step is None:
             return "no checkpoint of this run had been saved yet"
-        return f"the last good checkpoint, at step {self.saved_step}, is intact (continue with --resume)"
+        return f"the last good checkpoint, at step {self.saved_step}, is intact" + (" (continue with --resume)" if resume else "")
 
     def failed(self, error):
-        """The one-line error for a file of the run that could not be written."""
+        """The one-line error for a file of the run that could not be written, or for a save that was refused
+        (Diverged, which keeps its class and exit status)."""
+        if isinstance(error, Diverged):
+            return Diverged(f"{error}; {self.kept(resume=False)}")
         return UserError(f"{error}; {self.kept()}")
 
     def _names(self):
@@ -173,6 +196,10 @@ class RunFolder:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
             raise WriteFailed(self.path, e) from None
+        if not self.lock.held:  # the folder did not exist at claim(): another process may have started a run since
+            self.lock.acquire()
+            if checkpoint is None:
+                self.check_fresh(overwrite)
         self._remove_debris()
         if checkpoint is None:
             if overwrite:

@@ -8,10 +8,13 @@ accumulation, LR and momentum schedules, clipping, periodic validation bpb, samp
 exact resume. A method plugs in through nanochat.hooks.TrainHook. What the loop carries from step to
 step is one LoopState, which the checkpoint holds and --resume reads back.
 
-The run folder never loses history (nanochat.run_files): a fresh run refuses a folder that holds a run
-unless --overwrite=true; files are touched only once every check has passed; rank 0 appends one row
-per step to train_metrics.jsonl. Stop signals (nanochat.stopping) take effect within a micro-batch,
-an evaluation batch or an analysed layer; the last completed step is saved and resume stays exact.
+The run folder never loses history (nanochat.run_files): one process owns it (a lock, from setup, before
+the folder is read, to the end of the run); a fresh run refuses a folder that holds a run unless
+--overwrite=true; files are touched only once every check has passed; rank 0 appends one row per step
+to train_metrics.jsonl. A resume continues the saved run exactly and says which flags may differ
+(nanochat.resume_terms). Stop signals (nanochat.stopping) take effect within a micro-batch, an
+evaluation batch or an analysed layer; the last completed step is saved and resume stays exact. A
+diverged or collapsed run stops before the step's update and never saves (nanochat.health).
 
 Continued training: --init_from starts a new run from another run's checkpoint (weights and optimizer
 state; fresh step counter, LR schedule, data position and hook state; the source file is only read),
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from nanochat import resume_terms
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, WriteFailed, checkpoint_dir, load_checkpoint, save_checkpoint
 from nanochat.cli import Check, above, at_least, between, check_config, flag, one_of
 from nanochat.common import (DEVICE_TYPES, UserError, check_device_type, compute_cleanup, compute_init,
@@ -38,6 +42,7 @@ from nanochat.dataloader import DataLoader, ReplayLoader
 from nanochat.dataset import get_data_dir, list_shards
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.health import Diverged, Health
 from nanochat.hooks import Run, TrainHook
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizers, muon_momentum
@@ -204,6 +209,7 @@ class Trainer:
     flops_per_token: float
     peak_flops: float | None
     stop: StopSignals
+    health: Health
     wandb_run: object = None
     train_metrics: object = None     # train_metrics.jsonl
     # from restore(): the compiled (or plain) model that trains, the data, the first step of this process
@@ -212,6 +218,7 @@ class Trainer:
     train_iter: object = None
     start_step: int = 0
     init_info: dict | None = None    # the --init_from source, recorded in every checkpoint
+    resumes: list = field(default_factory=list)  # each resume that changed a flag: its step and the old and new values
     # this process' raw per-step losses (returned for tests and reports) and step times (the estimate)
     losses: list = field(default_factory=list)
     step_times: list = field(default_factory=list)
@@ -222,10 +229,21 @@ class Trainer:
 
 
 def train(cfg, hook=None, default_tag=None):
-    """Train; `default_tag` names the run folder when --model_tag is empty ("{depth}" is filled in)."""
+    """Train; `default_tag` names the run folder when --model_tag is empty ("{depth}" is filled in). The run
+    folder's lock, taken in setup, is given back when the run ends, however it ends."""
     hook = hook or TrainHook()
-    t = build(setup(cfg, default_tag), hook)
-    state = restore(t)
+    s = setup(cfg, default_tag)
+    try:
+        t = build(s, hook)
+        state = restore(t)
+        _loop(t, state)
+        return finish(t, state)
+    finally:
+        s.folder.release()
+
+
+def _loop(t, state):
+    """evaluate, save, step until the horizon or a stop signal (which saves the last completed step)."""
     t.stop.install(t.setup.folder.kept)
     try:
         while True:
@@ -246,7 +264,6 @@ def train(cfg, hook=None, default_tag=None):
     finally:
         t.stop.restore()
         t.setup.folder.close()
-    return finish(t, state)
 
 
 # -- setup: every check and read that can fail, before anything is created or written ------------
@@ -262,15 +279,21 @@ def setup(cfg, default_tag):
     core_tasks = load_bundle(max_per_task=cfg.core_metric_max_per_task) if cfg.core_metric_every > 0 else None
     ckpt_dir = checkpoint_dir(cfg.output_dir, cfg.model_tag or (default_tag or "d{depth}").format(depth=cfg.depth))
     folder = RunFolder(ckpt_dir, get_dist_info()[1])
+    folder.claim()  # the lock, before anything reads the folder or decides about it
     init_ckpt = resume_ckpt = None
-    if cfg.init_from and not cfg.resume:  # a resumed run's checkpoint already holds what --init_from gave it
-        init_ckpt = _load_init(cfg.init_from, ckpt_dir, GPTConfig.from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.max_seq_len))
-        if cfg.init_data == "continue":
-            _check_continued_data(cfg, init_ckpt)
-    if cfg.resume:
-        resume_ckpt = load_checkpoint(os.path.join(ckpt_dir, CHECKPOINT_NAME))
-    else:
-        folder.check_fresh(cfg.overwrite)
+    try:
+        if cfg.init_from and not cfg.resume:  # a resumed run's checkpoint already holds what --init_from gave it
+            init_ckpt = _load_init(cfg.init_from, ckpt_dir,
+                                   GPTConfig.from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.max_seq_len))
+            if cfg.init_data == "continue":
+                _check_continued_data(cfg, init_ckpt)
+        if cfg.resume:
+            resume_ckpt = load_checkpoint(os.path.join(ckpt_dir, CHECKPOINT_NAME))
+        else:
+            folder.check_fresh(cfg.overwrite)
+    except BaseException:
+        folder.release()
+        raise
     return Setup(cfg, device_type, tokenizer, token_bytes, core_tasks, ckpt_dir, folder, resume_ckpt, init_ckpt)
 
 
@@ -349,9 +372,12 @@ def build(s, hook):
     num_iterations = _resolve_horizon(cfg, model.num_params(), flops_per_token)
     muon, adamw = build_optimizers(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.weight_decay,
                                    ns_dtype=DTYPES[dtype])
+    health = Health(model_config.vocab_size, round(cfg.warmup_ratio * num_iterations),
+                    note=lambda: s.folder.kept(resume=False))
+    print0(health.describe())
     t = Trainer(cfg, hook, s, device, ddp, rank, world_size, model_config, model, muon, adamw,
                 autocast_for(s.device_type, dtype), num_iterations, tokens_per_fwdbwd, grad_accum_steps, eval_steps,
-                flops_per_token, device_peak_flops(device), StopSignals(device, ddp))
+                flops_per_token, device_peak_flops(device), StopSignals(device, ddp), health)
     t.wandb_run = _init_wandb(cfg, rank == 0, s.ckpt_dir)
     hook.attach(Run(cfg, model, muon, adamw, device, s.ckpt_dir, t.log, rank, world_size, t.stop, s.folder))
     t.train_metrics = s.folder.jsonl(TRAIN_METRICS)
@@ -475,27 +501,26 @@ def restore(t):
     return state
 
 
-RESUME_MUST_MATCH = ("depth", "max_seq_len", "device_batch_size", "total_batch_size", "seed", "replay_data_dir",
-                     "replay_fraction", "init_from", "init_data", "data_seed", "freeze")
-
-
 def _resume(t, ckpt):
-    """The saved run's weights, hook state, optimizer state and RNG into this one; returns its LoopState."""
-    cfg, meta = t.cfg, ckpt["metadata"]
-    saved = meta.get("train_config", {})
-    for key in RESUME_MUST_MATCH:
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise UserError(f"--resume: the checkpoint was trained with --{key}={saved[key]}, not {getattr(cfg, key)}; "
-                            f"use the same value to continue exactly")
+    """The saved run's weights, hook state, optimizer state and RNG into this one, on the terms of
+    nanochat.resume_terms (printed); returns its LoopState."""
+    cfg, meta, step = t.cfg, ckpt["metadata"], ckpt["loop"]["step"]
+    changes = resume_terms.check(meta.get("train_config", {}), cfg)
+    resume_terms.check_horizon(step, t.num_iterations)
     if meta.get("world_size", 1) != t.world_size:
         raise UserError(f"--resume: the checkpoint was written by {meta['world_size']} ranks, this run has {t.world_size}")
+    # checkpoints written before the key was neutral hold the hook's state under "adaptive"
+    hook_state = ckpt.get("hook", ckpt.get("adaptive", {}))
+    for line in resume_terms.describe(cfg, step, meta.get("num_iterations"), t.num_iterations, changes,
+                                      f"{meta.get('run_kind')} state" if hook_state else ""):
+        print0(line)
+    changed = {k: list(v) for k, v in changes.items()}  # {flag: [the checkpoint's value, this run's]}
     if meta.get("num_iterations") != t.num_iterations:
-        print0(f"Warning: --resume with a different horizon ({meta.get('num_iterations')} -> {t.num_iterations}); "
-               f"the LR schedule changes from here")
+        changed["horizon"] = [meta.get("num_iterations"), t.num_iterations]
+    t.resumes = meta.get("resumes", []) + ([{"step": step, "changed": changed}] if changed else [])
     try:
         t.model.load_state_dict(ckpt["model"], strict=True)
-        # checkpoints written before the key was neutral hold the hook's state under "adaptive"
-        t.hook.load_state_dict(ckpt.get("hook", ckpt.get("adaptive", {})))
+        t.hook.load_state_dict(hook_state)
         t.muon.load_state_dict(ckpt["optim"]["muon"])
         t.adamw.load_state_dict(ckpt["optim"]["adamw"])
     except (RuntimeError, KeyError, ValueError) as e:
@@ -623,14 +648,15 @@ def _print_samples(model, tokenizer, autocast):
 
 def step(t, state):
     t0 = time.time()
-    loss, grad_norm = _forward_backward(t)
+    loss, grad_norm = (x.item() for x in _forward_backward(t))
+    t.health.check(state.step + 1, loss, grad_norm)  # before the analysis and the update: a broken step is never applied
     # the method's analysis: final (reduced, clipped) gradients, before the optimizer moves the weights
     t.hook.after_backward(state.step + 1, state.step + 1 == t.num_iterations)
     lrm = _update(t, state.step)
     dt = time.time() - t0
     state.step += 1
     state.loader, state.rng = t.train_loader.state_dict(), _rng_state(t.device)
-    _record(t, state, loss.item(), grad_norm.item(), lrm, dt)
+    _record(t, state, loss, grad_norm, lrm, dt)
 
 
 def _forward_backward(t):
@@ -676,8 +702,6 @@ def _record(t, state, loss, grad_norm, lrm, dt):
     """The finished step to the console, wandb and (as the pending row) train_metrics.jsonl."""
     cfg = t.cfg
     t.losses.append(loss)
-    if not math.isfinite(loss):
-        raise RuntimeError(f"training loss became {loss} at step {state.step}; lower the learning rates")
     state.smooth_loss = EMA_BETA * state.smooth_loss + (1 - EMA_BETA) * loss
     debiased = state.smooth_loss / (1 - EMA_BETA ** state.step)
     state.total_time += dt
@@ -746,7 +770,20 @@ def _save_due(t, state, last_step):
 
 
 def save(t, state):
-    """checkpoint.pt and config.json of state.step, written by rank 0; every rank learns whether it worked."""
+    """checkpoint.pt and config.json of state.step, written by rank 0; every rank learns whether it worked.
+    Not while the health rules see a collapse coming, and never interrupted by a signal."""
+    blocker = t.health.save_blocker()
+    if blocker:  # the last good checkpoint stays
+        if state.step == t.num_iterations:
+            raise Diverged(f"training collapsed at its last step {state.step}: {blocker}; the step was not saved; "
+                           f"{t.setup.folder.kept(resume=False)}")
+        print0(f"Not saving step {state.step}: {blocker}")
+        return
+    with t.stop.saving():
+        _write(t, state)
+
+
+def _write(t, state):
     loaders = [state.loader]
     if t.ddp:
         loaders = [None] * t.world_size
@@ -756,7 +793,7 @@ def save(t, state):
     if t.rank == 0:
         try:
             save_checkpoint(t.setup.ckpt_dir, _checkpoint(t, state, loaders, hook_state), _summary(t, state))
-        except WriteFailed as e:
+        except (WriteFailed, Diverged) as e:  # Diverged: non-finite weights, refused
             failure = t.setup.folder.failed(e)
     if t.ddp:  # every rank learns whether the save worked, so none waits for a rank that stopped
         ok = torch.tensor(0 if failure else 1, device=t.device)
@@ -772,7 +809,7 @@ def save(t, state):
 def _checkpoint(t, state, loaders, hook_state):
     metadata = {"model_config": t.model_config.to_dict(), "step": state.step, "val_bpb": state.val_bpb,
                 "train_config": dataclasses.asdict(t.cfg), "num_iterations": t.num_iterations, "run_kind": t.hook.name,
-                "world_size": t.world_size, "core": state.core, "init_from": t.init_info}
+                "world_size": t.world_size, "core": state.core, "init_from": t.init_info, "resumes": t.resumes}
     return {"model": t.model.state_dict(), "metadata": metadata,
             "optim": {"muon": t.muon.state_dict(), "adamw": t.adamw.state_dict()},
             "loop": state.to_checkpoint(loaders), "rng": state.rng, "hook": hook_state}
@@ -784,7 +821,8 @@ def _summary(t, state):
             "num_iterations": t.num_iterations, "val_bpb": state.val_bpb,
             "min_val_bpb": state.min_val_bpb if math.isfinite(state.min_val_bpb) else None,
             "run_kind": t.hook.name, "hook": t.hook.summary(),
-            "core_metric": state.core["core_metric"] if state.core else None, "core": state.core, "init_from": t.init_info}
+            "core_metric": state.core["core_metric"] if state.core else None, "core": state.core, "init_from": t.init_info,
+            "resumes": t.resumes}
 
 
 # -- finish ---------------------------------------------------------------------------------------

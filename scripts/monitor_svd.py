@@ -8,11 +8,12 @@ and evaluations as they happen.
 The thresholds are the run's own: train_config in RUN_DIR/config.json, or for a job that has not
 saved yet its command.txt parsed with the training script's flag definitions (never a separate copy).
 The rules are the method's own table (nanochat.adaptive_svd.RULES, the one decide() reads): for each
-rule enabled in the run and each metric it reads, a crossing is printed when the metric moves to the
-other side of the rule's threshold between two analyses of a layer in the rule's mode (and at a
-layer's first analysis in that mode if it starts on the side the rule acts on). With the defaults:
-  full mode:    alignment_ratio, update_alignment_ratio >= svd_ratio_enter   (gradient_clobbering_risk)
-  low-rank mode: alignment_ratio <= svd_ratio_exit                            (clobbering_risk_passed)
+rule enabled in the run and each condition it reads, a crossing is printed when the metric moves to the
+other side of the condition's threshold between two analyses of a layer in the rule's mode (and at a
+layer's first analysis in that mode if it starts on the side the rule acts on). With the defaults
+(policy adaptive):
+  full mode:     alignment_p <= svd_alpha     (gradient_clobbering_risk)
+  low-rank mode: alignment_p >= svd_exit_p    (clobbering_risk_passed)
 Every evaluation row of train_metrics.jsonl is printed as it arrives (val bpb, and extra_val_bpb when the
 run measures a second validation set, e.g. domain A during a forgetting experiment's phase B).
 """
@@ -43,12 +44,12 @@ class Monitor:
     """Turns analysis records into event lines; remembers each layer's previous record."""
 
     @staticmethod
-    def _side(rule, rec, metric, t):
+    def _side(rule, rec, metric, op, t):
         """True when the record's metric is on the side the rule acts on, None when not comparable."""
         v = rec.get(metric)
-        if rec.get("mode") != rule.mode or not isinstance(v, (int, float)):
+        if rec.get("mode") != rule.mode or not isinstance(v, (int, float)) or isinstance(v, bool):
             return None
-        return v >= t if rule.op == ">=" else v <= t
+        return v >= t if op == ">=" else v <= t
 
     def __init__(self, thresholds):
         self.thresholds = thresholds
@@ -69,17 +70,17 @@ class Monitor:
             events.append(f"{head}: r {prev['r_after']} -> {rec['r_after']} ({rec['mode_after']})")
         settings = SimpleNamespace(**self.thresholds)
         for rule in RULES:
-            t = self.thresholds.get(rule.threshold)
-            if t is None or not rule.enabled(settings):
+            if not rule.enabled(settings):
                 continue
-            for metric in rule.metrics:
-                now = self._side(rule, rec, metric, t)
+            for metric, op, threshold in rule.conditions:
+                t = self.thresholds.get(threshold)
+                now = None if t is None else self._side(rule, rec, metric, op, t)
                 if now is None:
                     continue
-                before = None if prev is None else self._side(rule, prev, metric, t)
+                before = None if prev is None else self._side(rule, prev, metric, op, t)
                 if (before is None and now) or (before is not None and now != before):
                     side = f"-> {rule.reason}" if now else "-> back on the quiet side"
-                    events.append(f"{head}: {metric}={rec[metric]:.4g} crossed {rule.threshold}={t} {side}")
+                    events.append(f"{head}: {metric}={rec[metric]:.4g} crossed {threshold}={t} {side}")
         self.prev[layer] = rec
         return events
 
@@ -104,7 +105,7 @@ def main(argv):
     args = parse_args(MonitorConfig, argv, prog="python -m scripts.monitor_svd", description=__doc__)
     thresholds, source = thresholds_of(args.run_dir)
     print(f"thresholds from {source}: " + ", ".join(f"{k}={thresholds[k]}" for k in sorted(thresholds)
-                                                    if k in {r.threshold for r in RULES}), flush=True)
+                                                    if k in {c[2] for r in RULES for c in r.conditions}), flush=True)
     monitor, follower = Monitor(thresholds), Follower(os.path.join(args.run_dir, SVD_METRICS))
     steps = Follower(os.path.join(args.run_dir, TRAIN_METRICS))
     last_new, last_step = time.time(), None

@@ -8,8 +8,9 @@ command.txt). Writes PNGs to --out (default RUN_DIR/figures), drawn by
 nanochat.plots (needs the `plots` extra, matplotlib):
   loss_bpb.png            training loss (debiased EMA) and val bpb over steps, adaptive vs baseline
   mode_rank.png           per layer: r after each analysis, low-rank periods shaded, switches marked
-  alignment_ratio.png     per layer: gradient and update alignment_ratio, random baseline (1) and the
-                          run's own svd_ratio_enter and svd_ratio_exit thresholds drawn
+  alignment_ratio.png     per layer: gradient and update alignment_ratio and the random baseline (1)
+  alignment_p.png         per layer: the gradient's alignment p-value (the entry test) and the run's own
+                          svd_alpha and svd_exit_p thresholds drawn
   principal_alignment.png per layer: principal alignment of the gradient and its random baseline sqrt(k/n_out)
   subspace.png            per layer: subspace overlap (and above chance), reconstruction error
   spectra.png             (--spectra) singular values per layer at step 0 (re-created from the seed) and at

@@ -121,16 +121,12 @@ EOF
 # Sets RESUME_FLAG to --resume when this run has an unfinished checkpoint (a requeued or resubmitted
 # job), to --overwrite=true when the run is to start over (the training script refuses to replace a
 # run without it); stops the job when the run is already complete.
+# Nothing here writes to the folder: a temp file a killed save left (checkpoint.pt itself is only ever
+# replaced whole) is removed by the training process, under the folder's lock, so that a job that
+# overlaps a running one (a double submission, an early requeue) never deletes that run's files.
 nanochat_resume() {
-    local dir=$1 mode=${NANOCHAT_RESUME:-auto} state stale
+    local dir=$1 mode=${NANOCHAT_RESUME:-auto} state
     RESUME_FLAG=""
-    # a save killed mid-write (SIGKILL after the grace time) leaves its temp file; checkpoint.pt itself
-    # is only ever replaced whole (write to a temp file, then rename)
-    for stale in "$dir"/*.tmp.*; do
-        [ -e "$stale" ] || continue
-        echo "Removing $stale, left by an interrupted save"
-        rm -f "$stale"
-    done
     if [ "$mode" = 0 ]; then
         [ -d "$dir" ] && RESUME_FLAG=--overwrite=true
         return 0
@@ -225,7 +221,9 @@ nanochat_forward() {
 # torchrun) is started with SIGUSR1 ignored, so only the Python training processes, which install a
 # handler, react; srun instead forwards the signal to its tasks, which ignore it themselves (see
 # phase3_multinode.sbatch). After a save on SIGUSR1 the job requeues itself; the requeued job
-# resumes from the checkpoint.
+# resumes from the checkpoint. A training process that a forwarded signal stopped exits with 128 +
+# the signal (138 for USR1, 143 for TERM) after its save; under torchrun with 0 (torchrun reports any
+# other worker status as its own failure); any other status is a failure and is passed on.
 nanochat_launch() {
     nanochat_override "$@"
     set -- "${NANOCHAT_CMD[@]}"
@@ -244,15 +242,23 @@ nanochat_launch() {
     set +m
     trap 'nanochat_forward USR1' USR1
     trap 'nanochat_forward TERM' TERM
-    local rc=0
+    local rc=0 last
     wait "$NANOCHAT_CHILD" || rc=$?
-    while kill -0 "$NANOCHAT_CHILD" 2>/dev/null; do  # a trapped signal interrupts wait; wait again
+    while kill -0 "$NANOCHAT_CHILD" 2>/dev/null; do  # a trapped signal interrupts wait (status 128 + it); wait again
         rc=0
         wait "$NANOCHAT_CHILD" || rc=$?
     done
+    # the child's own status: a wait that a trapped signal interrupted returned 128 + that signal, and the
+    # child may have ended, and been reaped, before kill -0 looked; bash keeps the status of its ended
+    # children (127 where it kept none)
+    wait "$NANOCHAT_CHILD" 2>/dev/null && last=0 || last=$?
+    [ "$last" = 127 ] || rc=$last
     trap - USR1 TERM
     echo "$(date '+%H:%M:%S') job: training exited with status $rc"
-    if [ -z "$NANOCHAT_STOP" ] || [ "$rc" != 0 ]; then
+    if [ -z "$NANOCHAT_STOP" ]; then
+        return "$rc"
+    fi
+    if [ "$rc" != 0 ] && [ "$rc" != $((128 + $(kill -l "$NANOCHAT_STOP"))) ]; then
         return "$rc"
     fi
     local state

@@ -14,7 +14,9 @@ process with N-fold gradient accumulation see exactly the tokens that N ranks se
 
 Fault injection: DIST_RUN_FAIL_SVD_RANK=r makes every SVD on rank r fail (a numerical failure, which
 skips the layers that rank analyses); DIST_RUN_RAISE_RANK=r makes planning raise on rank r (a bug);
-DIST_RUN_SLOW_SVD=s makes every SVD take s seconds longer (a long analysis to stop with a signal).
+DIST_RUN_SLOW_SVD=s makes every SVD take s seconds longer (a long analysis to stop with a signal);
+DIST_RUN_SLOW_SAVE=s makes every checkpoint save print `DIST_RUN: saving` and take s seconds longer
+(a save to send a second signal into).
 Each rank writes its process id to $DIST_RUN_OUT/pid<r> at the start (for tests that signal one rank).
 """
 
@@ -32,6 +34,7 @@ from nanochat.cli import parse_args
 from nanochat.common import get_dist_info, run_cli
 from nanochat.dataloader import DataLoader
 from nanochat.hooks import TrainHook
+from nanochat.stopping import exit_status
 
 OUT = os.environ.get("DIST_RUN_OUT", ".")
 RANK = get_dist_info()[1]
@@ -89,6 +92,14 @@ def slowed(svd, seconds):
     return slow_svd
 
 
+def slow_save(save, seconds):
+    def save_slowly(*args, **kwargs):
+        print("DIST_RUN: saving", flush=True)
+        time.sleep(seconds)
+        return save(*args, **kwargs)
+    return save_slowly
+
+
 def main(argv):
     cfg = parse_args(AdaptiveConfig, argv, prog="tests/dist_run.py", description=__doc__)
     os.makedirs(OUT, exist_ok=True)
@@ -100,6 +111,8 @@ def main(argv):
         asvd.svd = lambda *a, **k: asvd.SVDResult(reason="injected failure")
     if os.environ.get("DIST_RUN_SLOW_SVD"):
         asvd.svd = slowed(asvd.svd, float(os.environ["DIST_RUN_SLOW_SVD"]))
+    if os.environ.get("DIST_RUN_SLOW_SAVE"):
+        train_module.save_checkpoint = slow_save(train_module.save_checkpoint, float(os.environ["DIST_RUN_SLOW_SAVE"]))
     hook = RecordingHook(cfg) if cfg.adaptive_svd else TrainHook()
     state = {}
 
@@ -120,6 +133,7 @@ def main(argv):
            "records": getattr(hook, "records", [])}
     with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
         json.dump(out, f)
+    return exit_status(result["stopped_by_signal"], get_dist_info()[0])
 
 
 if __name__ == "__main__":

@@ -271,6 +271,48 @@ def test_svd_falls_back_to_cpu_when_the_device_has_none(monkeypatch, capsys):
     assert "SVD failed" not in capsys.readouterr().out
 
 
+def test_a_layer_with_nothing_learned_is_never_reported_switched(capsys):
+    """Static policy at the first analysis: the attention output projections have 4 learned directions and
+    are protected; c_q, c_k and c_v (random init: k = 0) would be protected with nothing: no SWITCHED line,
+    no switch counted, lowrank = 0 in the logged data, and the layer trains fully."""
+    cfg, model, hook, muon, adamw = small_run({"svd_policy": "static"})
+    step(model, muon, adamw, hook, 1, 0)
+    out = capsys.readouterr().out
+    protected = {name for name, layer in hook.layers.items() if layer.module.mode == Mode.LOWRANK}
+    assert protected == {"block0.attn.c_proj", "block1.attn.c_proj"}
+    assert out.count("SWITCHED TO LOW-RANK") == 2 and hook.switches[Action.TO_LOWRANK] == 2
+    assert "[block0.attn.c_q] SWITCHED" not in out and "[block0.attn.c_q] Initial SVD computed (k=0" in out
+    logged = {k: v for _, d in hook.logged for k, v in d.items() if k.endswith("/lowrank")}
+    assert logged == {f"svd/{name}/lowrank": int(name in protected) for name in hook.layers}
+
+
+def test_static_on_weights_with_nothing_learned_stops_with_one_line(base, tmp_path, cli):
+    """A fresh run under the static policy: random init has no learned direction in any target, so the run
+    would be the baseline while reporting protection. It stops at its first analysis, naming --init_from."""
+    code, out, err = cli("scripts.base_train_adaptive_svd", "--depth=2", "--max_seq_len=64", "--device_batch_size=1",
+                         "--total_batch_size=64", "--num_iterations=5", "--eval_tokens=64", "--eval_every=-1",
+                         "--device_type=cpu", "--svd_policy=static", f"--output_dir={tmp_path}")
+    assert code != 0 and err.count("\n") == 1 and "--init_from" in err and "static" in err, err
+    assert "SWITCHED" not in out and "Traceback" not in err
+
+
+def test_the_clamp_is_logged_when_it_binds_and_the_dial_goes_beyond_it(tmp_path, capsys):
+    """c_proj has 4 learned directions; with the clamp at 1 (1% of 128) k = 1, and the record says so. The
+    protection dial protects its share of g whatever the count, beyond the clamp (static: from step 1)."""
+    cfg, model, hook, muon, adamw = small_run({"svd_interval": 1, "svd_k_max_frac": 0.01})
+    hook.metrics_log = JsonlLog(str(tmp_path / "svd_metrics.jsonl"))
+    step(model, muon, adamw, hook, 1, 0)
+    hook.metrics_log.close()
+    records = {r["layer"]: r for r in map(json.loads, (tmp_path / "svd_metrics.jsonl").read_text().splitlines())}
+    proj = records["block0.attn.c_proj"]
+    assert (proj["k"], proj["k_learned"], proj["k_clamped"]) == (1, 4, True)
+    assert records["block0.attn.c_q"]["k_clamped"] is False and "(clamped from 4)" in capsys.readouterr().out
+    cfg, model, hook, muon, adamw = small_run({"svd_policy": "static", "svd_protect_frac": 0.5})
+    step(model, muon, adamw, hook, 1, 0)
+    g = min(hook.layers["block0.attn.c_q"].module.weight.shape)
+    assert all(layer.module.mode == Mode.LOWRANK and layer.module.rank == g - g // 2 for layer in hook.layers.values())
+
+
 def test_target_resolution_and_validation():
     with torch.device("meta"):
         model = GPT(GPTConfig.from_depth(3, 128, 16))
@@ -279,7 +321,7 @@ def test_target_resolution_and_validation():
     assert len(hook.layers) == 18 and "block2.attn.c_v" in hook.layers and "block1.mlp.c_proj" in hook.layers
     assert isinstance(model.transformer.h[2].mlp.c_fc, AdaptiveSVDLinear)
     bad = [dict(adaptive_svd_target_layer=5), dict(svd_targets="c_x"), dict(svd_targets=" , "), dict(svd_interval=0),
-           dict(svd_ratio_exit=3.0), dict(svd_method="fast"), dict(svd_policy="sometimes")]
+           dict(svd_exit_p=1e-4), dict(svd_method="fast"), dict(svd_policy="sometimes")]
     for overrides in bad:
         with pytest.raises(UserError):
             AdaptiveSVDHook(AdaptiveConfig(depth=3, **overrides))
@@ -292,8 +334,8 @@ def test_bad_targets_stop_the_script_before_anything_slow(tmp_path, cli):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr == "error: --svd_targets=c_x is not valid: use a comma list of c_q, c_k, c_v, " \
                                              "c_proj, c_fc, mlp.c_proj, attn, mlp or all\n", r.stderr
-    code, _, err = cli("scripts.base_train_adaptive_svd", "--depth=2", "--svd_ratio_exit=5")
-    assert code == 2 and err.count("\n") == 1 and "must be below --svd_ratio_enter" in err and "tokenizer" not in err
+    code, _, err = cli("scripts.base_train_adaptive_svd", "--depth=2", "--svd_exit_p=1e-4")
+    assert code == 2 and err.count("\n") == 1 and "must be above --svd_alpha" in err and "tokenizer" not in err
 
 
 COMPILE_RUN = """
@@ -333,9 +375,10 @@ def test_switches_both_ways_under_compile_never_recompile():
 
 # -- end to end through the training loop ----------------------------------------------------------
 
+# runs compared here must not each time bf16 against fp32 (--dtype=auto) on their own
 TINY = dict(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=256, eval_tokens=1024, sample_every=-1,
-            device_type="cpu", eval_every=-1, svd_interval=2, adaptive_svd_target_layer=-1, svd_targets="all",
-            svd_ratio_enter=1.05, svd_ratio_exit=1.0, svd_patience=1)
+            device_type="cpu", dtype="float32", eval_every=-1, svd_interval=2, adaptive_svd_target_layer=-1, svd_targets="all",
+            svd_protect_frac=0.1, svd_alpha=0.6, svd_exit_p=0.7, svd_patience=1)  # protect 10% of g; switch on noise
 
 
 class StopAt(AdaptiveSVDHook):
@@ -360,7 +403,7 @@ def as_older_checkpoint(run_dir):
 
 
 def test_lowrank_checkpoint_resume_is_exact_also_from_an_older_checkpoint(base, tmp_path):
-    cfg = dict(TINY, num_iterations=10)
+    cfg = dict(TINY, num_iterations=10, svd_shift_window=2)  # the shift reading's history resumes too
     full = train(AdaptiveConfig(**cfg, output_dir=str(tmp_path / "a")), hook=AdaptiveSVDHook(AdaptiveConfig(**cfg)))
     hook = StopAt(AdaptiveConfig(**cfg))
     hook.at = 7
@@ -374,8 +417,9 @@ def test_lowrank_checkpoint_resume_is_exact_also_from_an_older_checkpoint(base, 
         rest = train(resumed_cfg, hook=AdaptiveSVDHook(resumed_cfg))
         assert first["losses"] + rest["losses"] == full["losses"], run
         b = [json.loads(line) for line in open(tmp_path / run / "base_checkpoints/d2/svd_metrics.jsonl")]
-        assert [(r["step"], r["layer"], r["action"], r.get("r_after"), r.get("alignment_ratio")) for r in a] == \
-               [(r["step"], r["layer"], r["action"], r.get("r_after"), r.get("alignment_ratio")) for r in b], run
+        keys = ("step", "layer", "action", "r_after", "alignment_ratio", "alignment_p", "alignment_shift")
+        assert [tuple(r.get(key) for key in keys) for r in a] == [tuple(r.get(key) for key in keys) for r in b], run
+        assert any(r.get("alignment_shift") is not None for r in b if r["step"] > 7), run
         ckpt = torch.load(tmp_path / run / "base_checkpoints/d2/checkpoint.pt")
         assert "adaptive" not in ckpt and set(ckpt["hook"]["layers"]) == set(hook.layers)
         GPT(GPTConfig(**ckpt["metadata"]["model_config"])).load_state_dict(ckpt["model"])

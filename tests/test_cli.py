@@ -331,7 +331,7 @@ def test_wandb_writes_next_to_the_run_not_into_the_current_directory(tmp_path, m
     ("scripts.base_train_adaptive_svd", ["--depth=0"], "--depth=0 is out of range: use >= 1 or -1"),
     ("scripts.base_train_adaptive_svd", ["--depth=2", "--adaptive_svd_target_layer=2"],
      "--adaptive_svd_target_layer=2 is out of range for --depth=2"),
-    ("scripts.base_train_adaptive_svd", ["--svd_ratio_enter=inf"], "--svd_ratio_enter=inf is not a finite number: use > 1"),
+    ("scripts.base_train_adaptive_svd", ["--svd_alpha=inf"], "--svd_alpha=inf is not a finite number: use in (0, 1)"),
     ("scripts.base_train_adaptive_svd", ["--svd_interval=0"], "--svd_interval=0 is out of range: use >= 1"),
     ("scripts.bench_adaptive", ["--compile=auto"], "--compile expects true or false, got 'auto'"),
     ("scripts.forgetting", ["--rewarm_ratio=nan"], "--rewarm_ratio=nan is not a finite number: use in (0, 0.8]"),

@@ -23,7 +23,7 @@ from nanochat.core_eval import (CoreTask, centered_accuracy, common_length, crop
 from tests.conftest import ROOT, free_port
 
 TINY = dict(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=256, eval_tokens=1024,
-            sample_every=-1, device_type="cpu")
+            sample_every=-1, device_type="cpu", dtype="float32")  # runs compared here must not each time bf16 on their own
 
 # ---------------------------------------------------------------- a tiny bundle and a model that knows the answers
 #

@@ -518,3 +518,64 @@ def test_replay_streams_follow_the_data_seed(replay_dirs):
         stream, _ = seeded_stream(tok, data_dir, 2, 0)
         x, _ = next(getattr(seeded, name))
         assert torch.equal(x.flatten(), torch.from_numpy(stream[:16]))
+
+
+# ---------------------------------------------------------------- damaged shards
+
+def flip_in_row_group(path, group, offset_frac=0.5, length=1, out=None):
+    """Invert `length` bytes inside row group `group`'s column chunk of a shard (into `out`, default in place)."""
+    chunk = pq.ParquetFile(path).metadata.row_group(group).column(0)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset  # the chunk begins with its dictionary page
+    at = start + int(chunk.total_compressed_size * offset_frac)
+    data = bytearray(open(path, "rb").read())
+    data[at:at + length] = bytes(b ^ 0xFF for b in data[at:at + length])
+    open(out or path, "wb").write(data)
+
+
+def test_a_shard_damaged_past_its_first_row_group_stops_the_run_at_its_start(prepared_base, tmp_path, monkeypatch):
+    from nanochat.train import TrainConfig, train
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for path in list_shards(str(prepared_base / "base_data"), "train") + list_shards(str(prepared_base / "base_data"), "val"):
+        (data_dir / os.path.basename(path)).write_bytes(open(path, "rb").read())
+    shard = str(data_dir / "train_00000.parquet")
+    groups = pq.ParquetFile(shard).num_row_groups
+    flip_in_row_group(shard, groups - 2, length=64)  # far from where a short run reads
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(prepared_base))
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as e:
+        train(TrainConfig(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=256, eval_tokens=1024,
+                          num_iterations=2, device_type="cpu", data_dir=str(data_dir), output_dir=str(out)))
+    assert str(e.value).startswith(f"shard {shard} is damaged in row group {groups - 2} of {groups} (")
+    assert "\n" not in str(e.value) and str(e.value).endswith("delete it and prepare data with: python -m scripts.prepare_data")
+    assert not (out / "base_checkpoints" / "d2" / "checkpoint.pt").exists()
+
+
+def test_a_flipped_byte_in_a_shard_with_page_checksums_is_found_or_harmless(data, tmp_path):
+    """150 bytes spread over one row group, each flipped in turn: with page CRCs (what write_shards writes) the check finds the
+    damage or the text reads back unchanged (a byte of a page header's statistics); without CRCs some flips decode
+    silently to other valid text, which is what the CRCs are for."""
+    from nanochat import dataset
+
+    data_dir, _ = data
+    table = pq.read_table(list_shards(data_dir, "train")[0]).slice(0, 48)
+    group = 3
+    silent = {}
+    for crc in (True, False):
+        shard = str(tmp_path / f"crc_{crc}.parquet")
+        pq.write_table(table, shard, row_group_size=8, compression="zstd", write_page_checksum=crc)
+        original = pq.read_table(shard).column("text").to_pylist()
+        chunk = pq.ParquetFile(shard).metadata.row_group(group).column(0)
+        silent[crc] = 0
+        for at in range(0, chunk.total_compressed_size, max(1, chunk.total_compressed_size // 150)):
+            bad = str(tmp_path / "bad.parquet")
+            flip_in_row_group(shard, group, at / chunk.total_compressed_size, out=bad)
+            dataset._CHECKED.clear()  # the same path and size, possibly within one mtime tick
+            try:
+                dataset.check_shard(bad)
+            except UserError as e:
+                assert str(e).startswith(f"shard {bad} is damaged in row group {group} of 6 (")
+                continue
+            silent[crc] += pq.read_table(bad).column("text").to_pylist() != original
+    assert silent[True] == 0 and silent[False] > 0

@@ -31,7 +31,7 @@ from scripts import compare_runs, monitor_svd, plot_svd
 from tests.conftest import ROOT
 
 TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=1", "--total_batch_size=64", "--eval_tokens=640",
-        "--sample_every=-1", "--device_type=cpu"]
+        "--sample_every=-1", "--device_type=cpu", "--dtype=float32"]  # runs compared here must not each time bf16 against fp32 (--dtype=auto) on their own
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -99,7 +99,7 @@ def comparison(prepared_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp")
     argv = [f"--out={out}", "--seeds=42,43", "--jobs=2", "--figures=false", "--", *TINY, "--adaptive_svd_target_layer=-1",
             "--svd_targets=attn", "--svd_interval=3", "--num_iterations=9", "--eval_every=3",
-            "--svd_ratio_enter=1.01", "--svd_ratio_exit=0.5", "--svd_patience=1"]  # low thresholds: layers switch
+            "--svd_protect_frac=0.1", "--svd_alpha=0.9", "--svd_exit_p=0.95", "--svd_patience=1"]  # layers switch
     compare_runs.main(argv)
     yield out, argv
     mp.undo()
@@ -242,7 +242,8 @@ def test_figures_from_the_per_step_file_and_a_running_run_and_none_without_it(co
     adaptive = runs / "adaptive_s42"
     written = make_figures(str(adaptive), str(tmp_path / "f"), baseline=str(runs / "baseline_s42"))
     names = {os.path.basename(p) for p in written}
-    assert names == {"loss_bpb.png", "mode_rank.png", "alignment_ratio.png", "principal_alignment.png", "subspace.png"}
+    assert names == {"loss_bpb.png", "mode_rank.png", "alignment_ratio.png", "alignment_p.png", "principal_alignment.png",
+                     "subspace.png"}
     for p in written:
         assert open(p, "rb").read(8) == PNG and 5_000 < os.path.getsize(p) < 2_000_000
     # a run still in progress: no config.json or checkpoint yet, torn last lines in both metrics files
@@ -285,14 +286,16 @@ def test_monitor_follows_growing_files(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     # thresholds come from the run's config, here deliberately not the defaults
-    (run / "config.json").write_text(json.dumps({"train_config": {"svd_ratio_enter": 3.0, "svd_ratio_exit": 1.5,
-                                                                  "svd_overlap_stable": 0.5, "svd_stable_rule": False}}))
+    (run / "config.json").write_text(json.dumps({"train_config": {"svd_policy": "adaptive", "svd_alpha": 1e-4,
+                                                                  "svd_exit_p": 0.2, "svd_overlap_stable": 0.5,
+                                                                  "svd_stable_rule": False}}))
     path = run / "svd_metrics.jsonl"
 
     def rec(step, **kw):
         r = {"step": step, "layer": "block0.attn.c_q", "mode": "full", "shape": [8, 8], "action": "keep",
              "reason": "continue_current_mode", "mode_after": "full", "r_after": 8, "k": 2,
-             "alignment_ratio": 1.0, "update_alignment_ratio": 1.0, "subspace_overlap_above_chance": 0.9}
+             "alignment_ratio": 1.0, "alignment_p": 0.5, "update_alignment_ratio": 1.0,
+             "subspace_overlap_above_chance": 0.9}
         r.update(kw)
         return json.dumps(r) + "\n"
 
@@ -300,13 +303,13 @@ def test_monitor_follows_growing_files(tmp_path, capsys):
         """The lines `monitor_svd RUN --once` prints now, after its thresholds line (it reads the files from the start)."""
         monitor_svd.main([str(run), "--once"])
         out = capsys.readouterr().out.splitlines()
-        assert out[0].startswith(f"thresholds from {run / 'config.json'}: ") and "svd_ratio_enter=3.0" in out[0]
+        assert out[0].startswith(f"thresholds from {run / 'config.json'}: ") and "svd_alpha=0.0001" in out[0]
         return out[1:]
 
     assert monitor() == []  # nothing written yet
-    path.write_text(rec(10, alignment_ratio=2.5))  # above the default 2.0, below this run's 3.0
+    path.write_text(rec(10, alignment_p=5e-4))  # below the default 1e-3, above this run's 1e-4
     assert monitor() == ["--- analysis at step 10"]  # and the stable rule (overlap 0.9 >= 0.5) is off in this run
-    full = rec(20, alignment_ratio=3.5, action="to_lowrank", reason="gradient_clobbering_risk", mode_after="lowrank",
+    full = rec(20, alignment_p=1e-5, action="to_lowrank", reason="gradient_clobbering_risk", mode_after="lowrank",
                r_after=6)
     with open(path, "a") as f:
         f.write(full[:30])  # half a line: not read yet
@@ -315,13 +318,13 @@ def test_monitor_follows_growing_files(tmp_path, capsys):
         f.write(full[30:])
     events = monitor()
     assert any("SWITCH full -> lowrank" in e and "gradient_clobbering_risk" in e for e in events)
-    assert any("alignment_ratio=3.5 crossed svd_ratio_enter=3.0 -> gradient_clobbering_risk" in e for e in events)
+    assert any("alignment_p=1e-05 crossed svd_alpha=0.0001 -> gradient_clobbering_risk" in e for e in events)
     with open(path, "a") as f:
-        f.write(rec(30, mode="lowrank", mode_after="lowrank", r_after=4, alignment_ratio=1.2))
+        f.write(rec(30, mode="lowrank", mode_after="lowrank", r_after=4, alignment_p=0.3))
     events = monitor()
     assert any("r 6 -> 4" in e for e in events)
-    # the first low-rank analysis is already on the exit side of this run's 1.5: reported once
-    assert sum("alignment_ratio=1.2 crossed svd_ratio_exit=1.5 -> clobbering_risk_passed" in e for e in events) == 1
+    # the first low-rank analysis is already on the exit side of this run's 0.2: reported once
+    assert sum("alignment_p=0.3 crossed svd_exit_p=0.2 -> clobbering_risk_passed" in e for e in events) == 1
     path.write_text(rec(5))  # a new run replaced the file
     (run / "train_metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 3.0}) + "\n" +
                                              json.dumps({"step": 5, "loss": 2.9, "val_bpb": 1.25, "extra_val_bpb": 1.5}) + "\n")
@@ -351,7 +354,7 @@ def test_settings_from_command_txt_before_the_first_checkpoint(comparison, tmp_p
     assert source.endswith("command.txt") and settings["svd_targets"] == "attn" and settings["seed"] == 42
     monitor_svd.main([str(only_cmd), "--once"])
     out = capsys.readouterr().out  # the run's own threshold, not the default
-    assert out.startswith(f"thresholds from {only_cmd / 'command.txt'}: ") and "svd_ratio_enter=1.01" in out
+    assert out.startswith(f"thresholds from {only_cmd / 'command.txt'}: ") and "svd_alpha=0.9" in out
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from nanochat import adaptive_svd as asvd
-from nanochat.synthetic import (concentrated_gradient, planted, random_gradient, simulate,
+from nanochat.synthetic import (CAL_KS, CAL_RANKS, CAL_SHAPES, aligned_gradient, concentrated_gradient, detection_rate,
+                                fixed_basis_run, null_switches, planted, random_gradient, simulate,
                                 update_ratio_of_random_updates)
 
 # the square shape runs by default, the tall and wide ones with the slow tests (CI runs both)
@@ -83,3 +84,56 @@ def test_update_ratio_of_an_update_independent_of_W_is_one(shape):
     for rel in (0.1, 0.3):
         ratios = update_ratio_of_random_updates(shape, rank=4, rel=rel, draws=100, seed=5)
         assert np.mean(ratios) == pytest.approx(1.0, abs=0.1), (shape, rel)
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry test through the run's decision code (gradient_metrics, judge, decide, advance) on layers
+# with fixed learned directions: its false alarms and its power. scripts.method_checks prints the tables.
+
+def test_null_calibration_smallest_k_rank1_both_motions():
+    """1,000 analyses of gradients independent of the learned directions at k = 1, rank 1 (where v2's
+    fixed ratio threshold raised 4-9 switches in 200): at most 2 switches, with W moving along the
+    analysed gradient (v2 counted that noise a second time as the update) and independently of it."""
+    switches = null_switches((256, 256), 1, 1, 1000, seed=0)
+    assert max(switches.values()) <= 2, switches
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", CAL_SHAPES)
+def test_null_calibration_table(shape):
+    """The issue's table: k in {1, 2, 3, 10, 25}, gradient rank in {1, 2, 4, full}, both motions: at most
+    2 switches per 1,000 analyses in every cell."""
+    for k in CAL_KS:
+        for rank in CAL_RANKS:
+            switches = null_switches(shape, k, rank, 1000, seed=0)
+            assert max(switches.values()) <= 2, (shape, k, rank, switches)
+
+
+@pytest.mark.parametrize("shape", [(256, 256), pytest.param((1280, 1280), marks=pytest.mark.slow),
+                                   pytest.param((1024, 256), marks=pytest.mark.slow),
+                                   pytest.param((256, 1024), marks=pytest.mark.slow)])
+@pytest.mark.parametrize("rest_rank", [None, 1])
+def test_half_the_energy_in_the_learned_block_switches_within_patience(shape, rest_rank):
+    """A gradient with half its energy in the top-k block (the rest Gaussian, or a random rank-1
+    gradient) switches the layer within svd_patience analyses, for every k of the table."""
+    for k in CAL_KS:
+        assert detection_rate(shape, k, 0.5, rest_rank, trials=5, seed=k) == 1.0, k
+
+
+def test_shift_reading_ignores_a_steady_alignment_and_catches_a_jump():
+    """Rank-1 gradients with 20% of their energy in the k = 3 learned block all along: significant at
+    every analysis, so the adaptive policy protects from the second analysis on, the shift policy never.
+    When the share jumps to 80% at analysis 60 the shift policy protects within a few analyses."""
+    def run(policy_name, share_at):
+        policy = asvd.SVDPolicy(svd_policy=policy_name)
+        out = fixed_basis_run((256, 256), 3, lambda t, U, V, gen: aligned_gradient(U, V, share_at(t), 1, gen), 120,
+                              ("independent",), policy, seed=1)["independent"]
+        return [t for t, (action, _, _) in enumerate(out) if action == asvd.Action.TO_LOWRANK], out
+
+    steady = lambda t: 0.2  # noqa: E731
+    jump = lambda t: 0.2 if t < 60 else 0.8  # noqa: E731
+    assert run("adaptive", steady)[0] == [1]
+    switches, out = run("shift", steady)
+    assert switches == [] and out[5][1] == "building_shift_baseline" and out[10][2]["alignment_shift"] is not None
+    switches, _ = run("shift", jump)
+    assert len(switches) == 1 and 60 <= switches[0] <= 65

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -339,14 +340,44 @@ def test_missing_environment_and_bad_arguments_stop_with_a_clear_message(prepare
     assert r.returncode == 2 and "not the project root" in r.stderr
 
 
-def test_a_save_killed_mid_write_leaves_no_partial_file_for_the_next_start(prepared_base, tmp_path):
+def test_a_save_killed_mid_write_is_left_to_the_training_process(prepared_base, tmp_path):
+    # the job never deletes in the run folder: the temp file may belong to a save of a run that is still going
+    # (an overlapping job); the training process removes it under the folder's lock (tests/test_run_safety.py)
     run = tmp_path / "phase1/base_checkpoints/d4"
     run.mkdir(parents=True)
     (run / "checkpoint.pt.tmp.4242").write_bytes(b"half a checkpoint")
     r = subprocess.run(["bash", os.path.join(SLURM_DIR, "phase1_cpu.sbatch")], cwd=ROOT, capture_output=True, text=True,
                        env=job_env(prepared_base, tmp_path, NANOCHAT_DRY_RUN=1), timeout=60)
-    assert r.returncode == 0 and "left by an interrupted save" in r.stdout
-    assert list(run.iterdir()) == [] and "--resume" not in printed_command(r.stdout)
+    assert r.returncode == 0 and "--resume" not in printed_command(r.stdout) and "--overwrite" not in printed_command(r.stdout)
+    assert [p.name for p in run.iterdir()] == ["checkpoint.pt.tmp.4242"]
+
+
+# a stand-in for the training process: saves nothing, exits with the given status once the job forwards SIGUSR1
+STOPPED_CHILD = ("import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(int(sys.argv[1]))); "
+                 "print('training', flush=True); time.sleep(60)")
+
+
+@pytest.mark.parametrize("status,job_status", [
+    (138, 75),  # 128 + SIGUSR1: the run saved and stopped (no SLURM here to requeue: "submit again", 75)
+    (0, 75),    # what a torchrun launcher reports for the same stop
+    (1, 1),     # a crash after the signal is a failure, passed on
+    (143, 143), # 128 + SIGTERM, though the job forwarded SIGUSR1: not the stop it asked for
+])
+def test_the_job_tells_a_saved_stop_from_a_failure_by_the_exit_status(tmp_path, status, job_status):
+    run = tmp_path / "base_checkpoints" / "d2"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text('{"step": 2, "num_iterations": 10}')
+    (run / "checkpoint.pt").write_bytes(b"the checkpoint of step 2")
+    script = (f'NANOCHAT_REPO={shlex.quote(ROOT)}; source "$NANOCHAT_REPO/slurm/common.sh"; PY={shlex.quote(sys.executable)}; '
+              f'OUTPUT_DIR={shlex.quote(str(tmp_path))}; MODEL_TAG=d2; nanochat_launch "$PY" -c "$0" {status}')
+    job = subprocess.Popen(["bash", "-c", script, STOPPED_CHILD], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=job_env(tmp_path, tmp_path))
+    assert job.stdout.readline().startswith("+ ") and job.stdout.readline() == "training\n"
+    job.send_signal(signal.SIGUSR1)
+    out = job.communicate(timeout=60)[0]
+    assert job.returncode == job_status, out
+    assert f"job: training exited with status {status}" in out
+    assert ("checkpoint saved (partial 2 10); submit the same job again" in out) == (job_status == 75)
 
 
 @pytest.mark.parametrize("files,resume,expect", [
@@ -542,7 +573,7 @@ def test_signalled_two_task_job_resumes_exactly(slurm, prepared_base, tmp_path):
     checkpoint together, the job requeues itself, the two torchruns meet again and the run ends with
     the weights of an uninterrupted 2-rank job. Slow (about a minute): two 2-task jobs, one restarted."""
     args = [*TINY, "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=200", "--eval_tokens=256",
-            "--eval_every=-1", "--svd_interval=25", "--svd_ratio_enter=1.05", "--svd_ratio_exit=1.0", "--svd_patience=1", "--save_every=-1"]
+            "--eval_every=-1", "--svd_interval=25", "--svd_protect_frac=0.1", "--svd_alpha=0.6", "--svd_exit_p=0.7", "--svd_patience=1", "--save_every=-1"]
     opts = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2"]
     common = dict(DEPTH=2, DEVICE_TYPE="cpu", CORE_EVERY=-1, NPROC_PER_NODE=1)
     ref = submit(slurm, "phase3_multinode.sbatch", opts, args,
