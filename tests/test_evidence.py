@@ -225,7 +225,8 @@ def test_rebuild_from_the_kept_files_alone_reproduces_the_report_byte_for_byte(c
     for name in ("comparison.json", "comparison.md"):
         assert (tmp_path / "rebuilt/p2" / name).read_bytes() == (out / name).read_bytes()
     assert {p.name for p in (tmp_path / "rebuilt/p2").glob("*.png")} == {
-        f"p2_s42_{n}.png" for n in ("loss_bpb", "mode_rank", "alignment_ratio", "principal_alignment", "subspace")}
+        f"p2_s42_{n}.png" for n in ("loss_bpb", "mode_rank", "alignment_ratio", "alignment_p", "principal_alignment",
+                                     "subspace")}
     # a kept number changes: the rebuilt table is no longer the kept one, and --check says which
     metrics = exp / "kept" / "baseline_s43" / "train_metrics.jsonl.gz"
     rows = gzip.decompress(metrics.read_bytes()).decode().splitlines(True)
