@@ -19,6 +19,7 @@ from nanochat.runs import finished, provenance, read_config, summarize
 
 KINDS = ("baseline", "adaptive")
 RESERVED = ("adaptive_svd", "model_tag", "output_dir", "seed", "data_seed", "overwrite", "resume")
+DEFAULTS = {"dtype": "float32"}  # every run of the comparison in one matmul dtype (nanochat.jobs.check_pinned_dtype)
 BPB_RATIO_TARGET = 1.005  # the research target: the upper bound of the bpb ratio's 95% interval at most this
 
 

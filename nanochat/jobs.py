@@ -53,6 +53,15 @@ def check_reserved(train_argv, reserved, who):
             raise UserError(f"--{flag_name(arg)} is set by {who} itself; leave it out of the training flags")
 
 
+def check_pinned_dtype(cfg, who):
+    """The runs of one experiment share one matmul dtype, which the runner pins (float32 unless the training flags
+    give float32 or bfloat16): with --dtype=auto each run would decide for itself by timing a bf16 matmul under the
+    load of its moment, so one run of a comparison could train in bf16 and the next in fp32."""
+    if cfg.dtype == "auto":
+        raise UserError(f"--dtype=auto lets each run of {who} choose its own matmul dtype (bf16 or fp32 by a timing under "
+                        f"the load of the moment); give --dtype=float32 (the default) or --dtype=bfloat16")
+
+
 def with_defaults(train_argv, defaults):
     """The training flags plus the runner's defaults ({name: value}) that they do not give themselves."""
     return merge_flags([f"--{k}={v}" for k, v in defaults.items()], train_argv)

@@ -7,7 +7,8 @@
 Per seed two runs of `python -m scripts.base_train_adaptive_svd <flags> --seed=S --data_seed=S`, each in its own
 process with one thread: the baseline adds --adaptive_svd=false (the identical loop without the hook). They go to
 <out>/base_checkpoints/{baseline,adaptive}_s<S>/ with their console (train.log), command (command.txt) and
-provenance (provenance.json). --jobs=2 runs a seed's baseline and adaptive run at the same time (both see the
+provenance (provenance.json). Every run trains in one matmul dtype: --dtype=float32 unless the training flags give
+float32 or bfloat16 (--dtype=auto, where each run would choose on its own, is refused). --jobs=2 runs a seed's baseline and adaptive run at the same time (both see the
 same contention; the next seed starts when both are done). A run whose files show it finished with the same
 command is reused, one that was stopped continues with --resume; --force=true repeats them.
 
@@ -27,8 +28,8 @@ import os
 
 from nanochat.cli import flag, one_of, parse_args, passthrough, required
 from nanochat.common import UserError, run_cli
-from nanochat.comparison import RESERVED, jobs_for, tabulate, write_figures, write_report
-from nanochat.jobs import check_reserved, parse_seeds, run_jobs
+from nanochat.comparison import DEFAULTS, RESERVED, jobs_for, tabulate, write_figures, write_report
+from nanochat.jobs import check_pinned_dtype, check_reserved, parse_seeds, run_jobs, with_defaults
 from nanochat.plots import pyplot
 from nanochat.runs import keep_run
 
@@ -45,17 +46,19 @@ class CompareConfig:
     force: bool = flag(False, "repeat runs that already finished (replacing their files)")
     table_only: bool = flag(False, "run nothing; report from the kept files in --out/kept")
     figures: bool = flag(True, "also write scripts.plot_svd's figures of every seed to <out>/figures")
-    train_flags: list[str] = passthrough("flags of scripts.base_train_adaptive_svd, shared by every run")
+    train_flags: list[str] = passthrough("flags of scripts.base_train_adaptive_svd, shared by every run (the runner adds "
+                                         "--dtype=float32 unless given)")
 
 
 def main(argv):
     args = parse_args(CompareConfig, argv, prog="python -m scripts.compare_runs", description=__doc__)
     seeds = parse_seeds(args.seeds)
-    train_argv = args.train_flags
-    check_reserved(train_argv, RESERVED, "the comparison runner")
+    check_reserved(args.train_flags, RESERVED, "the comparison runner")
+    train_argv = with_defaults(args.train_flags, DEFAULTS)
     from nanochat.adaptive_cycle import AdaptiveConfig
     # every training flag is checked here, not in the middle of the runs
-    parse_args(AdaptiveConfig, train_argv, prog="python -m scripts.compare_runs -- [training flags]", description="")
+    cfg = parse_args(AdaptiveConfig, train_argv, prog="python -m scripts.compare_runs -- [training flags]", description="")
+    check_pinned_dtype(cfg, "the comparison")
     if args.figures:
         pyplot()  # so does a missing matplotlib, not after the runs
     out = os.path.abspath(args.out)

@@ -24,7 +24,8 @@ by its criterion; the second stage is the same command with --best=<that arm> an
 anything runs, naming it.
 
 Each run is `python -m scripts.base_train_adaptive_svd` in its own process with one thread; --jobs=2 runs two at
-a time. A run whose files show it finished with the same command is reused and one that was stopped continues
+a time. Every run trains in one matmul dtype: --dtype=float32 unless the training flags give float32 or bfloat16
+(--dtype=auto, where each run would choose on its own, is refused). A run whose files show it finished with the same command is reused and one that was stopped continues
 with --resume; --force=true repeats them. Each finished run is kept in <out>/kept/<tag>/ (config, command,
 provenance, data position, gzipped metrics), and the report is computed from the kept files alone:
 <out>/forgetting.json, <out>/forgetting.md and with --figures=true (default; the `plots` extra) curves.png,
@@ -40,7 +41,7 @@ from nanochat.common import UserError, run_cli
 from nanochat.dataset import list_shards
 from nanochat.forgetting import (ARMS, DEFAULTS, ForgettingConfig, arm_flag_names, arm_names, plan, tabulate, unavailable,
                                  write_report)
-from nanochat.jobs import check_reserved, parse_seeds, run_jobs, with_defaults
+from nanochat.jobs import check_pinned_dtype, check_reserved, parse_seeds, run_jobs, with_defaults
 from nanochat.plots import pyplot
 from nanochat.runs import keep_run
 
@@ -67,7 +68,8 @@ def parse(argv):
         raise UserError("--data_a and --data_b are the same directory; give two domains (the control arm runs A -> A itself)")
     shared = with_defaults(args.train_flags, DEFAULTS)
     # every training flag is checked now, not after phase A; and every arm's own flags exist in this code
-    parse_args(AdaptiveConfig, shared, prog="python -m scripts.forgetting -- [training flags]", description="")
+    cfg = parse_args(AdaptiveConfig, shared, prog="python -m scripts.forgetting -- [training flags]", description="")
+    check_pinned_dtype(cfg, "the forgetting experiment")
     for a in arms:
         why = unavailable(ARMS[args.best if ARMS[a].uses_best else a], AdaptiveConfig)  # a best_* arm runs --best's flags
         if why:

@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -208,6 +209,23 @@ def test_comparison_reuses_finished_runs_and_refuses_another_command(comparison,
         compare_runs.main([f"--out={tmp_path / 'empty'}", "--table_only=true", "--seeds=42", "--", *TINY])
     with pytest.raises(UserError, match="--seed is set by the comparison runner itself"):
         compare_runs.main([f"--out={tmp_path}", "--", *TINY, "--seed=1"])
+    # one matmul dtype for every run: float32 unless the flags give one; auto (each run choosing) is refused
+    no_dtype = [a for a in TINY if not a.startswith("--dtype")]
+    with pytest.raises(UserError, match="--dtype=auto lets each run of the comparison choose its own matmul dtype"):
+        compare_runs.main([f"--out={tmp_path / 'auto'}", "--", *no_dtype, "--dtype=auto"])
+    assert not (tmp_path / "auto").exists()
+    planned = []
+
+    def plan_only(jobs, *args, **kwargs):
+        planned.extend(jobs)
+        raise UserError("planned")
+
+    for given, expect in ((no_dtype, "float32"), (no_dtype + ["--dtype=bfloat16"], "bfloat16")):
+        planned.clear()
+        with mock.patch.object(compare_runs, "run_jobs", plan_only), pytest.raises(UserError, match="planned"):
+            compare_runs.main([f"--out={tmp_path / 'plan'}", "--seeds=42,43", "--figures=false", "--", *given])
+        assert len(planned) == 4 and all([a for a in job.argv if a.startswith("--dtype")] == [f"--dtype={expect}"]
+                                         for job in planned)
 
 
 def test_rebuild_from_the_kept_files_alone_reproduces_the_report_byte_for_byte(comparison, tmp_path, cli):
