@@ -221,7 +221,9 @@ DETECTORS = {
         None if not (_num(r.get("alignment_shift" + sfx)) and _num(r.get("alignment_p" + sfx)) and _num(c.get("svd_shift_enter")))
         else r["alignment_shift" + sfx] >= c["svd_shift_enter"] and r["alignment_p" + sfx] <= c["svd_alpha"]),
 }
-REFERENCES = {"previous": "", "first": "_first"}  # the basis of the previous analysis; the run's first, held fixed
+# The reference basis of a reading, by the suffix of its fields: the previous analysis' basis (what the policies read).
+# The analysis logs no reading against A's basis held fixed, so there is no second reference to compare.
+REFERENCES = {"previous": ""}
 
 
 def detector_counts(records, config):
@@ -543,9 +545,8 @@ def _detector_lines(data):
     lines = ["Detectors: share of the layer-analyses flagged during A -> B (baseline) and A -> A (the control), "
              "mean over seeds with its 95% t-interval, and the paired difference (A -> B minus A -> A). Both arms only "
              "observe, so the readings are those of the same training without any switch; the first analysis of each run "
-             "(before any basis) has no reading. Reference basis: previous = the previous analysis' (the basis is refreshed "
-             "at every analysis, so only the first reading is against A's learned directions; what the policies read), "
-             "first = the run's first analysis' held fixed (A's final weights' learned directions throughout).", ""]
+             "(before any basis) has no reading. Reference basis: previous = the previous analysis' (what the policies read; "
+             "the basis is refreshed at every analysis, so only the first reading is against A's learned directions).", ""]
     rows = []
     for name, refs in det.items():
         for ref, e in refs.items():
