@@ -6,6 +6,7 @@ independent reading of the runs' files, interrupted and continued."""
 import gzip
 import json
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -317,3 +318,23 @@ def test_forgetting_interrupted_and_continued_equals_uninterrupted(base, domains
     starts = json.loads((cut / "kept" / "B_baseline_s42" / "provenance.json").read_text())
     assert [e["mode"] for e in starts] == ["fresh", "resume"] and "wall_s" not in starts[0] and starts[1]["wall_s"] > 0
     assert data["results"][0]["wall_s"] is None  # the stopped start's time was not recorded: no total claimed
+
+
+def test_the_localisation_batch_script_is_stage_one_runs_the_runner_accepts(domains, tmp_path):
+    """experiments/run_v3_localisation.sh (DRY_RUN=1 prints its command): the runner accepts it, it runs the arms the
+    lead's first batch names with 5 seeds in fp32, and every run it makes is a run of stage 1 with the same command,
+    so stage 1 on the same --out reuses it."""
+    base = os.path.dirname(domains["wiki"])
+    env = dict(os.environ, DRY_RUN="1", NANOCHAT_BASE_DIR=base, OUT=str(tmp_path / "fg3"))
+    r = subprocess.run(["bash", os.path.join(ROOT, "experiments", "run_v3_localisation.sh")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    words = shlex.split(r.stdout)
+    argv = words[words.index("scripts.forgetting") + 1:]
+    args, out, st = forgetting.parse(argv)
+    assert st["arms"] == ["baseline", "freeze_embed", "freeze_blocks", "static_f25", "static_f50", "adaptive", "shift",
+                          "control"]
+    assert st["seeds"] == [42, 43, 44, 45, 46] and args.jobs == 2 and "--dtype=float32" in st["train_argv"]
+    batch = {job.tag: job.argv for job in fg.plan(st, st["train_argv"], out)}
+    stage1 = {job.tag: job.argv for job in fg.plan({**st, "arms": fg.arm_names("stage1")}, st["train_argv"], out)}
+    assert len(batch) == 5 + 5 * 8 and all(stage1[tag] == a for tag, a in batch.items())
