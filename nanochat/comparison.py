@@ -15,7 +15,7 @@ from nanochat.checkpoint_manager import checkpoint_dir
 from nanochat.jobs import Job, training_argv
 from nanochat.plots import make_figures
 from nanochat.report import fmt, fmt_interval, fmt_pm, markdown_table
-from nanochat.runs import finished, provenance, read_config, summarize
+from nanochat.runs import finished, made_with, read_config, summarize
 
 KINDS = ("baseline", "adaptive")
 RESERVED = ("adaptive_svd", "model_tag", "output_dir", "seed", "data_seed", "overwrite", "resume")
@@ -111,12 +111,9 @@ def tabulate(seeds, train_argv, command, kept):
     """Everything the report says, from the kept runs in `kept`."""
     results = [seed_result(kept, seed) for seed in seeds]
     tags = [run_tag(kind, seed) for seed in seeds for kind in KINDS]
-    entries = [e for t in tags for e in provenance(os.path.join(kept, t))]
-    made_with = sorted({json.dumps({k: e.get(k) for k in ("git_commit", "git_dirty", "torch", "python", "cpu", "threads", "gpus")},
-                                   sort_keys=True) for e in entries})
     return {"command": command, "train_argv": train_argv, "seeds": seeds,
             "run_commands": [open(os.path.join(kept, t, "command.txt")).read().strip() for t in tags],
-            "provenance": [json.loads(m) for m in made_with],
+            "provenance": made_with(os.path.join(kept, t) for t in tags),
             "dtypes": sorted({read_config(os.path.join(kept, t))["train_config"].get("dtype") for t in tags}),
             "results": results, "summary": summary(results)}
 
@@ -126,9 +123,10 @@ def markdown(data):
     lines = [f"Command: `{data['command']}`", "", f"Seeds {', '.join(map(str, data['seeds']))}, each the init (--seed) and the "
              f"data order (--data_seed) of both its runs. Matmul dtype of the runs: {', '.join(map(str, data['dtypes']))}. "
              f"The runs were made with:", ""]
-    lines += markdown_table(["git commit", "uncommitted changes", "torch", "python", "CPU", "threads per run", "GPUs"],
+    lines += markdown_table(["git commit", "uncommitted changes", "torch", "python", "CPU", "threads per run", "GPUs",
+                             "process starts"],
                             [[p["git_commit"] or "n/a", fmt(p["git_dirty"]), p["torch"], p["python"], p["cpu"], p["threads"],
-                              ", ".join(p["gpus"]) or "none"] for p in data["provenance"]])
+                              ", ".join(p["gpus"]) or "none", p["starts"]] for p in data["provenance"]])
     lines += ["", "Runs (each in its own process, one thread; a fresh start adds --overwrite=true, a continued one "
                   "--resume=true):", ""]
     lines += [f"- `{c}`" for c in data["run_commands"]] + [""]

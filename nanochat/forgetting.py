@@ -21,8 +21,8 @@ from nanochat.cli import Check, at_least, between, flag, one_of, passthrough, re
 from nanochat.jobs import Job, training_argv
 from nanochat.plots import forgetting_figures
 from nanochat.report import fmt, fmt_interval, fmt_pm, markdown_table
-from nanochat.runs import (LAYER_TYPES, data_position, evaluations, finished, layer_type, provenance, read_config,
-                           step_rows, summarize, svd_records)
+from nanochat.runs import (LAYER_TYPES, data_position, evaluations, finished, layer_type, made_with, provenance,
+                           read_config, step_rows, summarize, svd_records)
 
 FORGETTING_DROP_TARGET = 0.30  # a protection arm lowers forgetting by at least this share of baseline's ...
 B_BPB_RISE_LIMIT = 0.01        # ... while the upper bound of its final B bpb's rise stays within this share
@@ -290,17 +290,6 @@ def wall_seconds(run):
     return sum(times) if times and all(t is not None for t in times) else None
 
 
-def run_provenance(kept, tags):
-    """The distinct (commit, dirty, torch, cpu, threads, gpus) the kept runs were made with, with their counts."""
-    seen = {}
-    for tag in tags:
-        for entry in provenance(os.path.join(kept, tag)):
-            key = json.dumps({k: entry.get(k) for k in ("git_commit", "git_dirty", "torch", "python", "cpu", "threads", "gpus")},
-                             sort_keys=True)
-            seen[key] = seen.get(key, 0) + 1
-    return [{**json.loads(k), "starts": n} for k, n in seen.items()]
-
-
 # -- statistics ------------------------------------------------------------------------------------------------
 
 def _relative(iv, base):
@@ -410,7 +399,7 @@ def tabulate(settings, command, kept):
     return {"command": command, "settings": settings, "arm_info": arm_info(arms),
             "target": {"forgetting_drop": FORGETTING_DROP_TARGET, "b_bpb_rise_limit": B_BPB_RISE_LIMIT},
             "run_commands": [open(os.path.join(kept, t, "command.txt")).read().strip() for t in tags],
-            "provenance": run_provenance(kept, tags), "dtypes": sorted({c.get("dtype") for c in configs.values()}),
+            "provenance": made_with(os.path.join(kept, t) for t in tags), "dtypes": sorted({c.get("dtype") for c in configs.values()}),
             "thresholds": {k: b_config.get(k) for k in ("svd_interval", "svd_alpha", "svd_exit_p", "svd_shift_enter",
                                                        "svd_shift_exit", "svd_ratio_enter", "svd_ratio_exit")
                            if k in b_config},

@@ -253,6 +253,18 @@ def provenance(run_dir):
         return json.load(f)
 
 
+def made_with(run_dirs):
+    """The distinct (commit, uncommitted changes, torch, Python, CPU, threads, GPUs) the runs were made with, in the
+    order first met, each with the number of process starts that had it."""
+    seen = {}
+    for run_dir in run_dirs:
+        for entry in provenance(run_dir):
+            key = json.dumps({k: entry.get(k) for k in ("git_commit", "git_dirty", "torch", "python", "cpu", "threads", "gpus")},
+                             sort_keys=True)
+            seen[key] = seen.get(key, 0) + 1
+    return [{**json.loads(k), "starts": n} for k, n in seen.items()]
+
+
 def _gzip_copy(src, dst):
     """A gzip copy whose bytes depend on the content alone (no name or time in the header), so keeping the same
     run twice writes the same file."""

@@ -153,6 +153,10 @@ def test_comparison_tables_match_an_independent_reading(comparison):
     data = json.loads((out / "comparison.json").read_text())
     assert data["run_commands"] == [(runs / t / "command.txt").read_text().strip()
                                     for t in ("baseline_s42", "adaptive_s42", "baseline_s43", "adaptive_s43")]
+    # what the runs were made with, in the report: one dtype, and the four starts' commit, torch and machine
+    assert data["dtypes"] == ["float32"] and sum(p["starts"] for p in data["provenance"]) == 4
+    assert {(p["git_commit"], p["torch"], p["cpu"]) for p in data["provenance"]} == {(entry["git_commit"], entry["torch"],
+                                                                                     entry["cpu"])}
     for result in data["results"]:
         for kind in ("baseline", "adaptive"):
             run_dir = str(runs / f"{kind}_s{result['seed']}")
