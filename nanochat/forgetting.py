@@ -529,8 +529,12 @@ def _dose_lines(data):
 
 def _detector_lines(data):
     det = data.get("detector")
-    if not det:
+    if det is None:  # no control arm: nothing to compare A -> B with
         return []
+    if not det:
+        return ["Detectors: no layer-analysis of the baseline or the control has a reading (k = 0 in every analysed "
+                "matrix: A's weights hold no learned direction that stands apart), so A -> B and A -> A cannot be compared.",
+                ""]
     lines = ["Detectors: share of the layer-analyses flagged during A -> B (baseline) and A -> A (the control), "
              "mean over seeds with its 95% t-interval, and the paired difference (A -> B minus A -> A). Both arms only "
              "observe, so the readings are those of the same training without any switch; the first analysis of each run "
