@@ -351,7 +351,8 @@ def plot_detector(data, path):
             ax.set_title(title, fontsize=9)
         for ax in row:
             ax.grid(alpha=0.3)
-    axes[0][1].legend(fontsize=7, ncol=2)
+    if axes[0][1].get_legend_handles_labels()[0]:  # no curve when no analysis had a reading (k = 0 everywhere)
+        axes[0][1].legend(fontsize=7, ncol=2)
     for ax in axes[-1]:
         ax.set_xlabel("steps of phase B")
     return _save(fig, path)
