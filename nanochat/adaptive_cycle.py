@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from nanochat import adaptive_batch, adaptive_svd as asvd
 from nanochat.adaptive_svd import Action, Mode
-from nanochat.cli import Check, at_least, check_config, flag, one_of
+from nanochat.cli import Check, at_least, between, check_config, flag, one_of
 from nanochat.common import UserError, print0
 from nanochat.gpt import AdaptiveSVDLinear
 from nanochat.hooks import TrainHook
@@ -53,12 +53,19 @@ class AdaptiveConfig(asvd.SVDPolicy, TrainConfig):
     svd_interval: int = flag(20, "analyse every N steps (and at the last step)", at_least(1))
     svd_method: str = flag("auto", "exact | warm | auto (exact for small matrices, certified warm-started "
                                    "subspace iteration for large ones)", one_of("exact", "warm", "auto"))
+    svd_embed_frac: float = flag(0.0, "static protection of the token embedding and lm_head (trained by AdamW): the top "
+                                      "fraction of their g = min(n_out, n_in) singular directions in the weights the run "
+                                      "starts from (--init_from) stay exact singular triples, every AdamW step's change "
+                                      "being projected onto the minor subspace; 0 = off", between(0, 1, open_hi=True))
 
     # rules between flags (nanochat.cli.check_config); -1 = depth 20 on CUDA, whose blocks prepare_model checks
     CHECKS = (
         (lambda c: c.depth == -1 or c.adaptive_svd_target_layer < c.depth,
          "--adaptive_svd_target_layer={adaptive_svd_target_layer} is out of range for --depth={depth}: use a block "
          "index below the depth, or -1 for every block"),
+        (lambda c: c.svd_embed_frac == 0 or bool(c.init_from),
+         "--svd_embed_frac={svd_embed_frac} protects what the weights of --init_from learned; a fresh start has learned "
+         "nothing to protect: give --init_from"),
     )
 
 
@@ -173,6 +180,7 @@ class AdaptiveSVDHook(TrainHook):
         # queue; one layer at a time on a CPU, where nothing waits and the batches' copies only cost time.
         # None = by the run's device (attach); tests and benchmarks may set it
         self.batched = None
+        self.embed = {}  # --svd_embed_frac: name -> the protected triples {"U_k", "S_k", "V_k"} of that matrix
 
     # -- setup -------------------------------------------------------------------------------
     def prepare_model(self, model):
@@ -205,8 +213,38 @@ class AdaptiveSVDHook(TrainHook):
         return first or last_step or step % self.cfg.svd_interval == 0
 
     def after_backward(self, step, last_step):
+        if step == 1 and self.cfg.svd_embed_frac > 0 and not self.embed:
+            self.protect_embeddings()
         if self.analysis_due(step, last_step):
             self.analyze(step)
+
+    def embedding_matrices(self):
+        model = self.run.model
+        return {"embedding": model.transformer.wte.weight, "lm_head": model.lm_head.weight}
+
+    def protect_embeddings(self):
+        """--svd_embed_frac, before the run's first update: the top k = floor(frac * g) singular triples of the token
+        embedding and of lm_head, as they come from --init_from, are kept exact by confining AdamW's applied change
+        (nanochat.optim.AdamW.confine). k = 0 confines nothing, so the run is then the unprotected one bit for bit.
+        Rank 0's bases go to every rank."""
+        for name, p in self.embedding_matrices().items():
+            W = p.detach().float()
+            k = int(self.cfg.svd_embed_frac * min(W.shape))
+            if k == 0:
+                print0(f"Static protection of {name}: k = 0 of {min(W.shape)} directions, nothing to protect")
+                continue
+            # once per run, so in float64 on the CPU: bases orthonormal to fp32 rounding keep the triples exact to
+            # it too (an fp32 SVD's bases are off by ~1e-6 per entry, and the drift grows with every step's change)
+            U, S, Vh = torch.linalg.svd(W.cpu().double(), full_matrices=False)
+            triples = {key: t.float().contiguous().to(p.device) for key, t in (("U_k", U[:, :k]), ("S_k", S[:k]), ("V_k", Vh[:k].T))}
+            if self.distributed:
+                for t in triples.values():
+                    dist.broadcast(t, src=0)
+            self.embed[name] = triples
+            self.run.adamw.confine(p, triples["U_k"], triples["V_k"])
+            share = float(S[:k].square().sum() / S.square().sum())
+            print0(f"Static protection of {name}: top k = {k} of {min(W.shape)} singular directions ({share:.1%} of "
+                   f"||W||^2) stay exact; AdamW's change is confined to the minor subspace")
 
     # -- the analysis ------------------------------------------------------------------------
     def analyze(self, step):
@@ -399,7 +437,7 @@ class AdaptiveSVDHook(TrainHook):
     # -- checkpoint --------------------------------------------------------------------------
     def state_dict(self):
         return {"layers": {name: layer.state.to_dict() for name, layer in self.layers.items()},
-                "switches": dict(self.switches)}
+                "switches": dict(self.switches), "embed": self.embed}
 
     def load_state_dict(self, sd):
         if not sd:
@@ -407,6 +445,11 @@ class AdaptiveSVDHook(TrainHook):
         if set(sd["layers"]) != set(self.layers):
             raise ValueError(f"checkpoint analysed layers {sorted(sd['layers'])}, this run targets {sorted(self.layers)}")
         self.switches = dict(sd["switches"])
+        self.embed = {}
+        for name, triples in sd.get("embed", {}).items():  # older checkpoints have none
+            p = self.embedding_matrices()[name]
+            self.embed[name] = {key: t.to(p.device) for key, t in triples.items()}
+            self.run.adamw.confine(p, self.embed[name]["U_k"], self.embed[name]["V_k"])
         for name, entry in sd["layers"].items():
             layer = self.layers[name]
             device = layer.module.weight.device
@@ -421,4 +464,5 @@ class AdaptiveSVDHook(TrainHook):
         # plain strings: the checkpoint's metadata holds them, and torch.load(weights_only=True) reads no enum
         modes = {name: layer.module.mode.value for name, layer in self.layers.items()}
         ranks = {name: layer.module.rank for name, layer in self.layers.items()}
-        return {"modes": modes, "ranks": ranks, "switches": dict(self.switches)}
+        return {"modes": modes, "ranks": ranks, "switches": dict(self.switches),
+                "embed_protected": {name: int(t["U_k"].shape[1]) for name, t in self.embed.items()}}

@@ -42,7 +42,7 @@ HELP_COLUMN_MAX = 40  # a longer left column puts its description on the next li
 
 class UserError(Exception):
     """Bad input from the user. Entry points print it as one line and exit non-zero, no traceback."""
-    exit_status = 2  # a subclass may carry its own (nanochat.health.Diverged: 3)
+    exit_status = 2  # a subclass may carry its own (nanochat.jobs.Stopped: 128 + the signal, health.Diverged: 3)
 
 
 @dataclasses.dataclass(frozen=True)

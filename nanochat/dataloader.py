@@ -1,8 +1,11 @@
 """Deterministic, resumable packed loader: parquet shards -> BOS-prefixed token stream -> (B, T) batches.
 
-The stream of one rank is: for each epoch, for each of its row groups in file order (global row-group
-index % world_size == rank, so ranks never share one), for each document, BOS + the document's tokens.
-Each batch takes the next B*T+1 tokens of that stream: inputs are the first B*T, targets the last B*T.
+The stream of one rank is: for each epoch, for each of its row groups (every world_size-th of the
+epoch's order, starting at its rank, so ranks never share one), for each document, BOS + the document's
+tokens. Each batch takes the next B*T+1 tokens of that stream: inputs are the first B*T, targets the last B*T.
+The epoch's order is the files' order (data_seed = -1), or with a data_seed >= 0 a permutation of all
+row groups drawn from (data_seed, epoch), and each row group's documents permuted by a draw from
+(data_seed, epoch, row group): another seed reads other documents first, and every epoch differs.
 
 `ReplayLoader` mixes a second data directory into the training stream (replay of an earlier domain):
 each sequence of a batch comes from the replay data with probability `fraction`, decided by a seeded
@@ -27,12 +30,14 @@ class DataLoader:
     """Iterate forever over (inputs, targets) LongTensors of shape (B, T) on device.
 
     state_dict() gives the exact position of the next unconsumed token as plain ints; passing it back as
-    state= makes the next batch bit-identical to the one the uninterrupted loader would have produced.
+    state= makes the next batch bit-identical to the one the uninterrupted loader would have produced
+    (with the same data_seed: `doc` counts documents in the row group's permuted order).
     A state saved by another rank (or another world size) points at a row group this rank does not own:
     the loader then starts at this rank's next row group after that point (close, but not exact).
     """
 
-    def __init__(self, tokenizer, B, T, split, device, rank=0, world_size=1, data_dir=None, state=None, tokenizer_threads=4):
+    def __init__(self, tokenizer, B, T, split, device, rank=0, world_size=1, data_dir=None, state=None, tokenizer_threads=4,
+                 data_seed=-1):
         if B < 1 or T < 1:
             raise UserError(f"batch size and sequence length must be >= 1, got B={B}, T={T}")
         if not 0 <= rank < world_size:
@@ -44,22 +49,44 @@ class DataLoader:
         self.threads = tokenizer_threads
         self.paths = list_shards(data_dir, split)
         self.split = split
-        # Every row group in global order as (shard, row group); this rank owns global indices rank, rank + world_size, ...
-        all_row_groups = [(s, g) for s, path in enumerate(self.paths) for g in range(open_shard(path).num_row_groups)]
-        self.global_index = {key: i for i, key in enumerate(all_row_groups)}
-        self.owned = range(rank, len(all_row_groups), world_size)
-        self.row_groups = all_row_groups[rank::world_size]
-        if not self.row_groups:
-            raise UserError(f"the {split} split has {len(all_row_groups)} row groups, fewer than world size {world_size}; "
+        # Every row group in global order as (shard, row group); an epoch visits them in order(epoch), of which this
+        # rank reads positions rank, rank + world_size, ...
+        self.all_row_groups = [(s, g) for s, path in enumerate(self.paths) for g in range(open_shard(path).num_row_groups)]
+        self.global_index = {key: i for i, key in enumerate(self.all_row_groups)}
+        self.rank, self.world_size, self.data_seed = rank, world_size, data_seed
+        self.owned = range(rank, len(self.all_row_groups), world_size)  # positions in an epoch's order
+        if not self.owned:
+            raise UserError(f"the {split} split has {len(self.all_row_groups)} row groups, fewer than world size {world_size}; "
                             f"rebuild the data with more documents ({PREPARE_HINT})")
+        self._orders = {}
         self._open = (None, None)
-        self._seek(state or {"epoch": 0, "shard": self.row_groups[0][0], "row_group": self.row_groups[0][1], "doc": 0, "offset": 0})
+        first = self.all_row_groups[self.order(0)[rank]]
+        self._seek(state or {"epoch": 0, "shard": first[0], "row_group": first[1], "doc": 0, "offset": 0})
+
+    def order(self, epoch):
+        """The global row-group indices in the order epoch `epoch` visits them (all ranks share it)."""
+        if epoch not in self._orders:
+            n = len(self.all_row_groups)
+            # one draw per (seed, epoch); the cache keeps two epochs, which is all a state_dict can ask for
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = (np.arange(n) if self.data_seed < 0
+                                   else np.random.default_rng([self.data_seed, epoch]).permutation(n))
+        return self._orders[epoch]
+
+    def row_groups(self, epoch):
+        """This rank's row groups, as (shard, row group), in the order it reads them in epoch `epoch`."""
+        return [self._row_group(epoch, pos) for pos in range(len(self.owned))]
+
+    def _row_group(self, epoch, pos):
+        """(shard, row group) of this rank's pos-th row group in epoch `epoch`."""
+        return self.all_row_groups[self.order(epoch)[self.owned[pos]]]
 
     def _load(self, pos):
-        """Tokenize row group number pos of this rank into one flat tensor plus document start offsets. A shard is
-        read whole the first time this process opens it (nanochat.dataset.check_shard): damage anywhere in it stops
-        the run then, in one line, not only once (if ever) the run reaches the damaged row group."""
-        shard, group = self.row_groups[pos]
+        """Tokenize row group number pos of this rank (in this epoch's order) into one flat tensor plus document
+        start offsets. A shard is read whole the first time this process opens it (nanochat.dataset.check_shard):
+        damage anywhere in it stops the run then, in one line, not only once (if ever) the run reaches the damaged
+        row group."""
+        shard, group = self._row_group(self.epoch, pos)
         if self._open[0] != shard:
             self._open = (shard, check_shard(self.paths[shard]))
         pf = self._open[1]
@@ -67,6 +94,9 @@ class DataLoader:
             texts = pf.read_row_group(group, columns=["text"]).column("text").to_pylist()
         except READ_ERRORS as e:  # changed on disk since the check
             raise damaged(self.paths[shard], group, pf, e) from None
+        if self.data_seed >= 0:
+            index = self.global_index[(shard, group)]
+            texts = [texts[i] for i in np.random.default_rng([self.data_seed, self.epoch, index]).permutation(len(texts))]
         token_lists = self.tokenizer.encode([t or "" for t in texts], prepend=self.bos, num_threads=self.threads)
         lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
         self.doc_starts = np.concatenate([[0], np.cumsum(lengths)])
@@ -84,8 +114,10 @@ class DataLoader:
             raise UserError(f"data loader state points at row group {group} of shard {shard}, which the {self.split} data in "
                             f"{os.path.dirname(self.paths[0])} does not have; the data changed since the state was saved")
         self.epoch = epoch
-        pos = bisect.bisect_left(self.owned, target)
-        if pos < len(self.owned) and self.owned[pos] == target:
+        # where the target stands in this epoch's order, and this rank's first position at or after it
+        at = int(np.flatnonzero(self.order(epoch) == target)[0])
+        pos = bisect.bisect_left(self.owned, at)
+        if pos < len(self.owned) and self.owned[pos] == at:
             self._load(pos)
             if not (0 <= doc < len(self.doc_starts) - 1 and 0 <= offset < self.doc_starts[doc + 1] - self.doc_starts[doc]):
                 raise UserError(f"data loader state (doc {doc}, offset {offset}) does not fit shard {shard} row group {group}; "
@@ -98,7 +130,7 @@ class DataLoader:
             self._load(0)
 
     def _next_position(self):
-        return (self.epoch, self.pos + 1) if self.pos + 1 < len(self.row_groups) else (self.epoch + 1, 0)
+        return (self.epoch, self.pos + 1) if self.pos + 1 < len(self.owned) else (self.epoch + 1, 0)
 
     def __iter__(self):
         return self
@@ -131,7 +163,7 @@ class DataLoader:
             epoch, pos = self.epoch, self.pos
             doc = int(np.searchsorted(self.doc_starts, self.cursor, side="right")) - 1
             offset = self.cursor - int(self.doc_starts[doc])
-        shard, group = self.row_groups[pos]
+        shard, group = self._row_group(epoch, pos)
         return {"epoch": epoch, "shard": shard, "row_group": group, "doc": doc, "offset": offset}
 
 
@@ -143,7 +175,8 @@ class ReplayLoader:
     from the main stream or, with probability `fraction`, from the replay stream.
 
     Both streams are this rank's own packed streams (DataLoader with one row: each sequence takes the
-    next T+1 tokens of its stream; ranks own disjoint row groups of both directories). Sequence number
+    next T+1 tokens of its stream; ranks own disjoint row groups of both directories; both in the order
+    of `data_seed`). Sequence number
     i of rank r is a replay sequence when a uniform draw seeded by (seed, r, i) is below `fraction`:
     deterministic, independent of the batch size and of how the sequences are split into micro-batches.
     state_dict() holds both streams' positions and the sequence count, so a resumed loader continues
@@ -151,7 +184,7 @@ class ReplayLoader:
     """
 
     def __init__(self, tokenizer, B, T, device, data_dir, replay_dir, fraction, seed, rank=0, world_size=1, state=None,
-                 tokenizer_threads=4):
+                 tokenizer_threads=4, data_seed=-1):
         if not 0 < fraction < 1:
             raise UserError(f"replay fraction must lie in (0, 1), got {fraction}")
         if state is not None and (not isinstance(state, dict) or set(state) != set(REPLAY_STATE_KEYS)):
@@ -162,8 +195,10 @@ class ReplayLoader:
         self.seed = seed % 2**64  # the draw's seed must be non-negative; torch seeds may be negative
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
-        self.main = DataLoader(tokenizer, 1, T, "train", "cpu", rank, world_size, data_dir, state["main"], tokenizer_threads)
-        self.replay = DataLoader(tokenizer, 1, T, "train", "cpu", rank, world_size, replay_dir, state["replay"], tokenizer_threads)
+        self.main = DataLoader(tokenizer, 1, T, "train", "cpu", rank, world_size, data_dir, state["main"], tokenizer_threads,
+                               data_seed)
+        self.replay = DataLoader(tokenizer, 1, T, "train", "cpu", rank, world_size, replay_dir, state["replay"],
+                                 tokenizer_threads, data_seed)
         self.sequences, self.replayed = int(state["sequences"]), int(state["replayed"])
 
     def is_replay(self, i):

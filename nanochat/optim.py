@@ -5,12 +5,14 @@ gradients across ranks before `step()`, so every rank holds the same (replicated
 the same update. Muon knows each matrix's layer: a layer in protected (low-rank) mode has its
 gradient projected before it enters the momentum and its orthogonalised update projected again
 before it is applied, so the step trains only the minor subspace with the same learning rate,
-momentum and scaling as a full step.
+momentum and scaling as a full step. AdamW's update is elementwise (it leaves any subspace), so a matrix
+it trains is protected on the applied change instead: `AdamW.confine` replaces each step's change by its
+projection onto the minor subspace, which keeps the protected singular triples exact as well.
 """
 
 import torch
 
-from nanochat.adaptive_svd import Mode
+from nanochat.adaptive_svd import Mode, project
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -121,6 +123,30 @@ class Muon(torch.optim.Optimizer):
             self.state[p]["momentum_buffer"] = buf.to(device=p.device, dtype=p.dtype).clone()
 
 
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, and for a matrix given `confine(p, U_k, V_k)` each step's change dW (moments, learning rate and
+    weight decay as usual) replaced by (I - U_k U_k^T) dW (I - V_k V_k^T): with U_k, V_k the top singular vectors of
+    p when confined, its top-k singular triples then stay exact (p V_k = U_k S_k, U_k^T p = S_k V_k^T) however many
+    steps follow. The moments keep the whole gradient, as in an unconfined run; only what is applied is confined.
+    Nothing confined: torch's step, untouched (the bit-identical default)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.confined = {}  # parameter -> (U_k, V_k), fp32
+
+    def confine(self, p, U_k, V_k):
+        self.confined[p] = (U_k.detach().to(p.device, torch.float32).contiguous(),
+                            V_k.detach().to(p.device, torch.float32).contiguous())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        before = {p: p.detach().float().clone() for p in self.confined if p.grad is not None}
+        loss = super().step(closure)
+        for p, W0 in before.items():
+            p.copy_((W0 + project(p.float() - W0, *self.confined[p])).to(p.dtype))
+        return loss
+
+
 def build_optimizers(model, matrix_lr, embedding_lr, unembedding_lr, weight_decay=0.0, ns_dtype=None):
     """Muon for the block matrices, AdamW (betas 0.8/0.95, eps 1e-10) for embedding and lm_head,
     the AdamW rates scaled by (model_dim/768)^-0.5 as in nanochat. `ns_dtype`: Muon's."""
@@ -129,7 +155,7 @@ def build_optimizers(model, matrix_lr, embedding_lr, unembedding_lr, weight_deca
     matrices = [(n, p) for n, p in model.named_parameters() if n.startswith("transformer.h.")]
     device = model.get_device()
     fused = device.type in ("cuda", "cpu")
-    adamw = torch.optim.AdamW(
+    adamw = AdamW(
         [dict(params=[model.lm_head.weight], lr=unembedding_lr * scale),
          dict(params=[model.transformer.wte.weight], lr=embedding_lr * scale)],
         betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, fused=fused)

@@ -1,6 +1,6 @@
 """Figures of runs, from their files: one run (loss and bpb, modes and ranks, the detector's ratios,
-subspaces, spectra) and the forgetting experiment's (curves, Pareto, detector). Used by scripts.plot_svd,
-scripts.compare_runs and scripts.forgetting.
+subspaces, spectra) and the forgetting experiment's (curves, Pareto, dose-response, detector). Used by
+scripts.plot_svd, scripts.compare_runs, scripts.forgetting and scripts.rebuild_evidence.
 
 matplotlib is the optional `plots` extra: it is imported when a figure is drawn, not with this module.
 """
@@ -203,8 +203,12 @@ def plot_spectra(run_dir, baseline_dir, layer_names, path):
     return _save(fig, path)
 
 
-def _variant_colors(data):
-    return {v: f"C{i}" for i, v in enumerate(data["settings"]["variants"])}
+def _arm_colors(data):
+    """A fixed colour per arm, in the order the experiment lists them (baseline black)."""
+    arms = [a for a in data["arm_info"] if a != "baseline"]
+    plt = pyplot()
+    cmap = plt.get_cmap("tab20")
+    return {"baseline": "k", **{a: cmap(i % 20) for i, a in enumerate(arms)}}
 
 
 def _mean_curve(curves):
@@ -214,55 +218,125 @@ def _mean_curve(curves):
     return common, [sum(d[x] for d in by) / len(by) for x in common]
 
 
+def _half(iv):
+    """The half-width of a t-interval (0 without one)."""
+    return 0.0 if iv is None or iv.get("hi") is None else iv["hi"] - iv["mean"]
+
+
+def _groups(data):
+    """{group: [arms]} of the experiment's run arms but baseline (drawn in every group's panel)."""
+    groups = {}
+    for a, info in data["arm_info"].items():
+        if a != "baseline" and not info["derived"]:
+            groups.setdefault(info["group"], []).append(a)
+    return groups
+
+
 def plot_forgetting_curves(data, path):
+    """Per group of arms (one row): A's and B's val bpb during phase B, the mean over seeds, next to the baseline."""
+    plt = pyplot()
+    groups = _groups(data)
+    colors = _arm_colors(data)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 2.6 * len(groups) + 0.6), squeeze=False, sharex=True)
+    fig.suptitle("A's bpb (forgetting: up is worse) and B's bpb (learning: down is better) during phase B; mean over seeds")
+    for row, (group, arms) in zip(axes, groups.items()):
+        for arm in ["baseline"] + arms:
+            runs = [r for r in data["results"] if r["arm"] == arm]
+            for ax, key in ((row[0], "A_val_bpb"), (row[1], "B_val_bpb")):
+                curves = [([c["step"] for c in r["curve"]], [c[key] for c in r["curve"]]) for r in runs]
+                ax.plot(*_mean_curve(curves), color=colors[arm], lw=1.6, marker="o", ms=2.5, label=f"{arm} ({len(runs)})")
+        row[0].set_ylabel(f"{group}\nval bpb on A")
+        row[1].set_ylabel("val bpb on B")
+        for ax in row:
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=6)
+    for ax in axes[-1]:
+        ax.set_xlabel("steps of phase B")
+    return _save(fig, path)
+
+
+def plot_pareto(data, path):
+    """Every arm's forgetting against its final B bpb: one faint point per seed, the mean with its 95% t-interval on
+    both axes; the freeze arms (the bounds of protection) as squares, replay as triangles."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.4, 5.4))
+    colors = _arm_colors(data)
+    for arm, info in data["arm_info"].items():
+        if info["control"]:
+            continue  # A -> A: its "B" is A
+        runs = [r for r in data["results"] if r["arm"] == arm]
+        ax.scatter([r["b_bpb_after"] for r in runs], [r["forgetting"] for r in runs], color=colors[arm], s=10, alpha=0.4)
+        st = data["stats"][arm]
+        f, b = st["forgetting"], st["b_bpb_after"]
+        marker = "D" if arm == "baseline" else "s" if arm.startswith("freeze") else "^" if "replay" in arm else "o"
+        ax.errorbar(b["mean"], f["mean"], xerr=_half(b), yerr=_half(f), color=colors[arm], marker=marker, ms=7, mec="k",
+                    capsize=3, lw=1, label=f"{arm} ({f['n']})")
+    ax.set(xlabel="final val bpb on B (lower is better)", ylabel="forgetting: rise of A's val bpb during B (lower is better)",
+           title="forgetting vs learning B: mean and 95% interval over seeds per arm")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def plot_dose(data, path):
+    """Forgetting and the B-bpb cost, relative to baseline with the relative 95% interval, against the protected
+    fraction of g, for the block matrices and for the embedding and lm_head."""
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    colors = _variant_colors(data)
-    for v, color in colors.items():
-        runs = [r for r in data["results"] if r["variant"] == v]
-        for ax, key in ((a1, "A_val_bpb"), (a2, "B_val_bpb")):
-            curves = [([c["step"] for c in r["curve"]], [c[key] for c in r["curve"]]) for r in runs]
-            for xs, ys in curves:
-                ax.plot(xs, ys, color=color, lw=0.6, alpha=0.35)
-            ax.plot(*_mean_curve(curves), color=color, lw=1.8, marker="o", ms=3, label=f"{v} (mean of {len(runs)})")
-    a1.set(xlabel="steps on domain B", ylabel="val bpb on A", title="domain A during B (forgetting: up is worse)")
-    a2.set(xlabel="steps on domain B", ylabel="val bpb on B", title="domain B during B (learning: down is better)")
+    for i, group in enumerate(("dose_blocks", "dose_embed")):
+        arms = [a for a, info in data["arm_info"].items() if info["group"] == group]
+        if not arms:
+            continue
+        fracs = [data["arm_info"][a]["dose"] for a in arms]
+        for ax, key in ((a1, "diff_forgetting"), (a2, "diff_b_bpb_after")):
+            # no relative value where baseline's mean is not positive (a baseline that does not forget)
+            pts = [(f, data["stats"][a][key]["relative"]) for f, a in zip(fracs, arms)
+                   if data["stats"][a][key]["relative"]["mean"] is not None]
+            err = [[100 * (r["mean"] - r["lo"]) if r["lo"] is not None else 0 for _, r in pts],
+                   [100 * (r["hi"] - r["mean"]) if r["hi"] is not None else 0 for _, r in pts]]
+            ax.errorbar([f for f, _ in pts], [100 * r["mean"] for _, r in pts], yerr=err, marker="o", capsize=3,
+                        color=f"C{i}", label=group.replace("dose_", ""))
+    a1.axhline(-100 * data["target"]["forgetting_drop"], color="C3", ls=":", label="target")
+    a2.axhline(100 * data["target"]["b_bpb_rise_limit"], color="C3", ls=":", label="cost limit (upper bound)")
+    a1.set(xlabel="protected fraction of g", ylabel="forgetting vs baseline (%)", title="forgetting (down is better)")
+    a2.set(xlabel="protected fraction of g", ylabel="final B bpb vs baseline (%)", title="cost of learning B")
     for ax in (a1, a2):
+        ax.axhline(0, color="gray", lw=1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def plot_pareto(data, path):
+def plot_detector_shares(data, path):
+    """Each detector's share of flagged layer-analyses during A -> B and A -> A, mean with its 95% t-interval."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    colors = _variant_colors(data)
-    for v, color in colors.items():
-        runs = [r for r in data["results"] if r["variant"] == v]
-        ax.scatter([r["b_bpb_after"] for r in runs], [r["forgetting"] for r in runs], color=color, s=18, alpha=0.6)
-        st = data["stats"][v]
-        f, b = st["forgetting"], st["b_bpb_after"]
-        ax.errorbar(b["mean"], f["mean"], xerr=b["sd"] or 0, yerr=f["sd"] or 0, color=color, marker="D", ms=8,
-                    mec="k", capsize=3, label=f"{v} (mean ± std, {f['n']} seeds)")
-    ax.set(xlabel="final val bpb on B (lower is better)", ylabel="forgetting: rise of A's val bpb during B (lower is better)",
-           title="forgetting vs learning B: one point per variant and seed")
-    ax.grid(alpha=0.3)
+    entries = [(f"{name}\n({ref})", e) for name, refs in data["detector"].items() for ref, e in refs.items()]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(entries)), 4.2))
+    for j, (arm, label) in enumerate((("baseline", "A -> B (baseline)"), ("control", "A -> A (control)"))):
+        xs = [i + (j - 0.5) * 0.35 for i in range(len(entries))]
+        ivs = [e[arm] for _, e in entries]
+        ax.bar(xs, [iv["mean"] if iv else 0 for iv in ivs], width=0.35, yerr=[_half(iv) for iv in ivs], capsize=3,
+               color=f"C{j}", label=label)
+    ax.set_xticks(range(len(entries)), [label for label, _ in entries], fontsize=7)
+    ax.set(ylabel="share of layer-analyses flagged", title="does the detector see the domain shift? (95% intervals)")
+    ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
 def plot_detector(data, path):
-    """Per variant (row): A's bpb during B, then the gradient and the update alignment ratio per layer type."""
+    """Per observing or detecting arm (row): A's bpb during B, then the gradient and the update alignment ratio per
+    layer type against the previous analysis' basis (mean over blocks and seeds)."""
     plt = pyplot()
-    variants = data["settings"]["variants"]
-    fig, axes = plt.subplots(len(variants), 3, figsize=(14, 2.6 * len(variants) + 0.6), squeeze=False, sharex=True)
-    fig.suptitle("where the detector stands during B: A's bpb next to the clobbering ratios per layer type "
+    arms = [a for a, info in data["arm_info"].items() if info["group"] in ("reference", "detector", "control")]
+    fig, axes = plt.subplots(len(arms), 3, figsize=(14, 2.6 * len(arms) + 0.6), squeeze=False, sharex=True)
+    fig.suptitle("where the detector stands during B: A's bpb next to the alignment ratios per layer type "
                  "(mean over blocks and seeds; random = 1)")
-    for row, v in zip(axes, variants):
-        runs = [r for r in data["results"] if r["variant"] == v]
+    for row, arm in zip(axes, arms):
+        runs = [r for r in data["results"] if r["arm"] == arm]
         curves = [([c["step"] for c in r["curve"]], [c["A_val_bpb"] for c in r["curve"]]) for r in runs]
         row[0].plot(*_mean_curve(curves), color="k", marker="o", ms=3)
-        row[0].set(ylabel=f"{v}\nA's val bpb")
+        row[0].set(ylabel=f"{arm}\nA's val bpb")
         for ax, key, title in ((row[1], "alignment_ratio", "gradient alignment ratio"),
                                (row[2], "update_alignment_ratio", "update alignment ratio")):
             for i, (t, label) in enumerate(LAYER_TYPES.items()):
@@ -277,19 +351,25 @@ def plot_detector(data, path):
             ax.set_title(title, fontsize=9)
         for ax in row:
             ax.grid(alpha=0.3)
-    axes[0][1].legend(fontsize=7, ncol=2)
+    if axes[0][1].get_legend_handles_labels()[0]:  # no curve when no analysis had a reading (k = 0 everywhere)
+        axes[0][1].legend(fontsize=7, ncol=2)
     for ax in axes[-1]:
-        ax.set_xlabel("steps on domain B")
+        ax.set_xlabel("steps of phase B")
     return _save(fig, path)
 
 
 def forgetting_figures(data, out, prefix=""):
-    """The forgetting experiment's figures from its forgetting.json data; returns the paths written."""
+    """The forgetting experiment's figures from its report data (nanochat.forgetting.tabulate); returns the paths."""
     pyplot()  # no matplotlib: say so before anything is written
     os.makedirs(out, exist_ok=True)
-    return [plot_forgetting_curves(data, os.path.join(out, prefix + "forgetting.png")),
-            plot_pareto(data, os.path.join(out, prefix + "pareto.png")),
-            plot_detector(data, os.path.join(out, prefix + "detector.png"))]
+    written = [plot_forgetting_curves(data, os.path.join(out, prefix + "curves.png")),
+               plot_pareto(data, os.path.join(out, prefix + "pareto.png")),
+               plot_detector(data, os.path.join(out, prefix + "detector.png"))]
+    if any(info["dose"] is not None for info in data["arm_info"].values()):
+        written.append(plot_dose(data, os.path.join(out, prefix + "dose.png")))
+    if data.get("detector"):
+        written.append(plot_detector_shares(data, os.path.join(out, prefix + "detector_shares.png")))
+    return written
 
 
 def make_figures(run_dir, out, baseline=None, spectra=False, prefix=""):

@@ -3,8 +3,9 @@
 Every training flag (TrainConfig, AdaptiveConfig and the adaptive-SVD policy) has one class, declared here:
 - MUST_MATCH: it shapes the trajectory that --resume continues exactly (model, batch, optimizer settings,
   whose learning rates and weight decay live in the checkpoint's optimizer state, the LR-schedule shape,
-  the data mix, seed, dtype, the method and its thresholds). A value other than the checkpoint's stops
-  the resume in one line naming the flags; a new trajectory from the same weights is --init_from.
+  the data mix and order, seed, dtype, what is frozen, the method and its thresholds). A value other than
+  the checkpoint's stops the resume in one line naming the flags; a new trajectory from the same weights
+  is --init_from.
 - MAY_CHANGE: it takes effect from the resumed step on: the horizon (its LR schedule changes from
   there; it may not end before the checkpoint's step), the evaluation, sample and save cadence and the
   evaluation size, where files are, the device, compilation, the wandb name.
@@ -25,7 +26,7 @@ TERMS = {
     "embedding_lr": MUST_MATCH, "unembedding_lr": MUST_MATCH, "matrix_lr": MUST_MATCH, "weight_decay": MUST_MATCH,
     "grad_clip": MUST_MATCH, "warmup_ratio": MUST_MATCH, "warmdown_ratio": MUST_MATCH, "final_lr_frac": MUST_MATCH,
     "replay_data_dir": MUST_MATCH, "replay_fraction": MUST_MATCH, "init_from": MUST_MATCH, "dtype": MUST_MATCH,
-    "seed": MUST_MATCH,
+    "seed": MUST_MATCH, "init_data": MUST_MATCH, "data_seed": MUST_MATCH, "freeze": MUST_MATCH,
     "num_iterations": MAY_CHANGE, "target_flops": MAY_CHANGE, "target_param_data_ratio": MAY_CHANGE,
     "eval_every": MAY_CHANGE, "eval_tokens": MAY_CHANGE, "core_metric_every": MAY_CHANGE,
     "core_metric_max_per_task": MAY_CHANGE, "sample_every": MAY_CHANGE, "save_every": MAY_CHANGE,
@@ -34,7 +35,7 @@ TERMS = {
     "resume": RUN_MODE, "overwrite": RUN_MODE,
     # the adaptive-SVD method: which layers, how often and how it analyses them decide every switch
     "adaptive_svd": MUST_MATCH, "adaptive_svd_target_layer": MUST_MATCH, "svd_targets": MUST_MATCH,
-    "svd_interval": MUST_MATCH, "svd_method": MUST_MATCH,
+    "svd_interval": MUST_MATCH, "svd_method": MUST_MATCH, "svd_embed_frac": MUST_MATCH,
     **{f.name: MUST_MATCH for f in dataclasses.fields(SVDPolicy)},  # every threshold of the rule table
 }
 OPTIMIZER_SETTINGS = ("matrix_lr", "embedding_lr", "unembedding_lr", "weight_decay")

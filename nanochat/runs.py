@@ -6,11 +6,19 @@ layer_seconds and analysis_seconds), config.json and command.txt. The console lo
 and never read here.
 Everything here tolerates a run that is still writing (a torn last line is skipped); a metrics file that
 holds a (step[, layer]) row twice is refused rather than counted twice.
+
+A kept run (`keep_run`) is what an experiment keeps of a finished run for good, small enough for the
+repository: config.json, command.txt, provenance.json (who ran it: code, torch, machine), data_position.json
+(the final data loader state, from the checkpoint) and both metrics files gzipped. Every reader here reads
+a kept folder as it reads a run folder (a metrics file may be `<name>.gz`), so the reports are computed
+from the kept files and rebuilt from them alone.
 """
 
 import dataclasses
+import gzip
 import json
 import os
+import shutil
 import statistics
 import sys
 
@@ -19,7 +27,7 @@ from nanochat.adaptive_svd import Action, Mode
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, CONFIG_NAME
 from nanochat.cli import parse_args
 from nanochat.common import UserError
-from nanochat.jobs import COMMAND, command_flags, read_command
+from nanochat.jobs import COMMAND, PROVENANCE, command_flags, read_command
 from nanochat.run_files import row_key
 from nanochat.train import TRAIN_METRICS
 
@@ -34,11 +42,14 @@ def layer_type(layer):
 
 
 def read_jsonl(path):
-    """Complete records of a (possibly growing) JSONL file; a torn last line is left out, a duplicate row refused."""
+    """Complete records of a (possibly growing) JSONL file, or of its kept copy `path`.gz; a torn last line is left
+    out, a duplicate row refused."""
     records = []
     if not os.path.exists(path):
-        return records
-    with open(path) as f:
+        if not os.path.exists(path + ".gz"):
+            return records
+        path += ".gz"
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         for line in f:
             if not line.endswith("\n"):
                 break  # still being written
@@ -78,7 +89,7 @@ def read_config(run_dir):
 def step_rows(run_dir):
     """The run's per-step rows from its train_metrics.jsonl; a folder without one is a UserError."""
     path = os.path.join(run_dir, TRAIN_METRICS)
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not os.path.exists(path + ".gz"):
         raise UserError(f"{path} does not exist: give the checkpoint folder of a run (the training script writes "
                         f"{TRAIN_METRICS} there from its first step)")
     return read_jsonl(path)
@@ -218,3 +229,60 @@ def run_settings(run_dir):
         cfg = parse_args(AdaptiveConfig, command_flags(command), prog="", description="")
         return dataclasses.asdict(cfg), os.path.join(run_dir, COMMAND)
     return None, None
+
+
+DATA_POSITION = "data_position.json"  # a kept run's final data loader state (every rank's), from its checkpoint
+
+
+def data_position(run_dir):
+    """Every rank's data loader state at the run's end: data_position.json of a kept run, else the checkpoint's."""
+    path = os.path.join(run_dir, DATA_POSITION)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    from nanochat.checkpoint_manager import load_checkpoint
+    return load_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME))["loop"]["dataloader"]
+
+
+def provenance(run_dir):
+    """The run's provenance.json (one entry per start of its process: nanochat.jobs.provenance), [] without one."""
+    path = os.path.join(run_dir, PROVENANCE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+def made_with(run_dirs):
+    """The distinct (commit, uncommitted changes, torch, Python, CPU, threads, GPUs) the runs were made with, in the
+    order first met, each with the number of process starts that had it."""
+    seen = {}
+    for run_dir in run_dirs:
+        for entry in provenance(run_dir):
+            key = json.dumps({k: entry.get(k) for k in ("git_commit", "git_dirty", "torch", "python", "cpu", "threads", "gpus")},
+                             sort_keys=True)
+            seen[key] = seen.get(key, 0) + 1
+    return [{**json.loads(k), "starts": n} for k, n in seen.items()]
+
+
+def _gzip_copy(src, dst):
+    """A gzip copy whose bytes depend on the content alone (no name or time in the header), so keeping the same
+    run twice writes the same file."""
+    with open(src, "rb") as f_in, open(dst + ".tmp", "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as f_out:
+            shutil.copyfileobj(f_in, f_out)
+    os.replace(dst + ".tmp", dst)
+
+
+def keep_run(run_dir, dest):
+    """Keep a finished run's files in `dest` (replacing what was kept of it): config.json, command.txt,
+    provenance.json, data_position.json, and train_metrics.jsonl / svd_metrics.jsonl gzipped."""
+    os.makedirs(dest, exist_ok=True)
+    for name in (CONFIG_NAME, COMMAND, PROVENANCE):
+        if os.path.exists(os.path.join(run_dir, name)):
+            shutil.copyfile(os.path.join(run_dir, name), os.path.join(dest, name))
+    with open(os.path.join(dest, DATA_POSITION), "w") as f:
+        json.dump(data_position(run_dir), f)
+    for name in (TRAIN_METRICS, SVD_METRICS):
+        if os.path.exists(os.path.join(run_dir, name)):
+            _gzip_copy(os.path.join(run_dir, name), os.path.join(dest, name + ".gz"))

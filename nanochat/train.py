@@ -34,12 +34,12 @@ import torch.distributed as dist
 
 from nanochat import resume_terms
 from nanochat.checkpoint_manager import CHECKPOINT_NAME, WriteFailed, checkpoint_dir, load_checkpoint, save_checkpoint
-from nanochat.cli import above, at_least, between, check_config, flag, one_of
+from nanochat.cli import Check, above, at_least, between, check_config, flag, one_of
 from nanochat.common import (DEVICE_TYPES, UserError, check_device_type, compute_cleanup, compute_init,
                              device_peak_flops, first_sentence, get_dist_info, peak_memory_mib, print0, print_banner)
 from nanochat.core_eval import evaluate_core, load_bundle
 from nanochat.dataloader import DataLoader, ReplayLoader
-from nanochat.dataset import list_shards
+from nanochat.dataset import get_data_dir, list_shards
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.health import Diverged, Health
@@ -55,6 +55,15 @@ TRAIN_METRICS = "train_metrics.jsonl"
 ESTIMATE_AFTER = 5  # steps of this process before the time estimate (the first ones include warm-up)
 EMA_BETA = 0.9  # smoothing of the printed training loss (debiased)
 EVERY = at_least(1).or_(-1)  # an "every N steps" flag; -1 = only at the end (or never)
+FREEZE_PARTS = ("embedding", "lm_head", "blocks")
+
+
+def _parts(text):
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+FREEZE = Check(lambda v: all(p in FREEZE_PARTS for p in _parts(v)) and len(set(_parts(v))) == len(_parts(v)),
+               "a comma list of embedding, lm_head and blocks, each once (empty = every parameter trains)")
 
 
 @dataclass
@@ -96,6 +105,16 @@ class TrainConfig:
                                   "(train_metrics.jsonl: extra_val_bpb), e.g. the earlier domain during continued training")
     init_from: str = flag("", "start a new run from another run's checkpoint.pt: its weights and optimizer state, with a "
                               "fresh step counter, LR schedule, data position and adaptive-SVD state")
+    init_data: str = flag("fresh", "with --init_from, where the training data starts: fresh = at its beginning; continue = "
+                                   "where the source run stopped reading (same --data_dir, --data_seed and number of ranks, "
+                                   "no replay): more of the same data, nothing the source read is read again this epoch",
+                          one_of("fresh", "continue"))
+    data_seed: int = flag(-1, "order of the training data: -1 = as prepared (row groups in file order); N = every epoch a "
+                              "permutation of the row groups and of the documents inside each, drawn from N (ranks still "
+                              "read disjoint row groups; validation data is never reordered)", at_least(0).or_(-1))
+    freeze: str = flag("", "parameters that never change: a comma list of embedding (the token embedding), lm_head and "
+                           "blocks (every matrix of every block); they keep their starting values bit for bit while the "
+                           "rest trains as usual (the gradient clip then measures only what trains)", FREEZE)
     resume: bool = flag(False, "continue the run saved in base_checkpoints/<tag>/checkpoint.pt exactly")
     overwrite: bool = flag(False, "start a fresh run in a folder that holds a run, deleting its checkpoint and metrics "
                                   "(without it, such a run is refused)")
@@ -114,6 +133,10 @@ class TrainConfig:
         (lambda c: bool(c.replay_data_dir) == (c.replay_fraction > 0),
          "--replay_data_dir and --replay_fraction go together: give both (e.g. --replay_data_dir=DIR "
          "--replay_fraction=0.05) or neither"),
+        (lambda c: c.init_data == "fresh" or (c.init_from and not c.replay_data_dir),
+         "--init_data=continue continues the data position of --init_from's run: give --init_from, and no replay"),
+        (lambda c: len(_parts(c.freeze)) < len(FREEZE_PARTS),
+         "--freeze={freeze} freezes every parameter of the model: nothing would train"),
     )
 
 
@@ -262,6 +285,8 @@ def setup(cfg, default_tag):
         if cfg.init_from and not cfg.resume:  # a resumed run's checkpoint already holds what --init_from gave it
             init_ckpt = _load_init(cfg.init_from, ckpt_dir,
                                    GPTConfig.from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.max_seq_len))
+            if cfg.init_data == "continue":
+                _check_continued_data(cfg, init_ckpt)
         if cfg.resume:
             resume_ckpt = load_checkpoint(os.path.join(ckpt_dir, CHECKPOINT_NAME))
         else:
@@ -310,6 +335,22 @@ def _load_init(path, ckpt_dir, model_config):
     return ckpt
 
 
+def _check_continued_data(cfg, ckpt):
+    """--init_data=continue: the source run read the same data in the same order on as many ranks, without replay,
+    so its saved positions are positions in this run's stream."""
+    theirs, world_size = ckpt["metadata"].get("train_config", {}), get_dist_info()[3]
+    same_dir = os.path.realpath(get_data_dir(theirs.get("data_dir") or None)) == os.path.realpath(get_data_dir(cfg.data_dir or None))
+    problems = [what for what, bad in (
+        (f"read {theirs.get('data_dir') or 'the default data'}, not {cfg.data_dir or 'the default data'}", not same_dir),
+        (f"used --data_seed={theirs.get('data_seed', -1)}, not {cfg.data_seed}", theirs.get("data_seed", -1) != cfg.data_seed),
+        ("mixed in replay data", theirs.get("replay_fraction", 0) > 0),
+        (f"ran on {ckpt['metadata'].get('world_size', 1)} rank(s), not {world_size}", ckpt["metadata"].get("world_size", 1) != world_size),
+    ) if bad]
+    if problems:
+        raise UserError(f"--init_data=continue: the run of --init_from={cfg.init_from} {'; '.join(problems)}; continue from a "
+                        f"run on the same data, or use --init_data=fresh")
+
+
 # -- build: processes, model, optimizers, logger and hook ------------------------------------------
 
 def build(s, hook):
@@ -326,6 +367,7 @@ def build(s, hook):
     model_config = _model_config(cfg, s.tokenizer)
     tokens_per_fwdbwd, grad_accum_steps, eval_steps = _batch_split(cfg, world_size)
     model = _new_model(model_config, device, hook)
+    _freeze(model, cfg.freeze)
     flops_per_token = model.estimate_flops()
     num_iterations = _resolve_horizon(cfg, model.num_params(), flops_per_token)
     muon, adamw = build_optimizers(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.weight_decay,
@@ -380,6 +422,22 @@ def _new_model(model_config, device, hook):
     return model
 
 
+def frozen_parameters(model, freeze):
+    """The parameters --freeze names: embedding = the token embedding, lm_head, blocks = every parameter of every block."""
+    parts = {"embedding": [model.transformer.wte.weight], "lm_head": [model.lm_head.weight],
+             "blocks": list(model.transformer.h.parameters())}
+    return [p for name in _parts(freeze) for p in parts[name]]
+
+
+def _freeze(model, freeze):
+    """--freeze: no gradient, so the optimizers never touch them (Muon and AdamW skip a parameter without one)."""
+    frozen = frozen_parameters(model, freeze)
+    for p in frozen:
+        p.requires_grad_(False)
+    if frozen:
+        print0(f"Frozen: {freeze} ({sum(p.numel() for p in frozen):,} parameters keep their starting values)")
+
+
 def _resolve_horizon(cfg, num_params, flops_per_token):
     if cfg.num_iterations > 0:
         print0(f"Using user-provided number of iterations: {cfg.num_iterations:,}")
@@ -428,6 +486,9 @@ def restore(t):
         t.init_info = s.resume_ckpt["metadata"].get("init_from")
     elif s.init_ckpt is not None:
         t.init_info = _init_from(s.init_ckpt, t.cfg.init_from, t.model, t.muon, t.adamw)
+        if t.cfg.init_data == "continue":  # checked in setup: the same data, order and ranks
+            state.loader = s.init_ckpt["loop"]["dataloader"][t.rank]
+            print0(f"Data: continuing where the run of --init_from stopped reading ({state.loader})")
     t.start_step = state.step
     use_compile = s.device_type == "cuda" if t.cfg.compile is None else t.cfg.compile
     t.train_model = torch.compile(t.model, dynamic=False) if use_compile else t.model
@@ -494,11 +555,11 @@ def _train_loader(t, position):
     if cfg.replay_fraction > 0:
         loader = ReplayLoader(t.setup.tokenizer, cfg.device_batch_size, cfg.max_seq_len, t.device, data_dir,
                               cfg.replay_data_dir, cfg.replay_fraction, cfg.seed, rank=t.rank, world_size=t.world_size,
-                              state=position)
+                              state=position, data_seed=cfg.data_seed)
         print0(f"Replay: {cfg.replay_fraction:.1%} of the training sequences from {cfg.replay_data_dir}")
         return loader
     return DataLoader(t.setup.tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", t.device,
-                      rank=t.rank, world_size=t.world_size, data_dir=data_dir, state=position)
+                      rank=t.rank, world_size=t.world_size, data_dir=data_dir, state=position, data_seed=cfg.data_seed)
 
 
 def _print_plan(t, step):

@@ -15,12 +15,14 @@ nanochat.plots (needs the `plots` extra, matplotlib):
   subspace.png            per layer: subspace overlap (and above chance), reconstruction error
   spectra.png             (--spectra) singular values per layer at step 0 (re-created from the seed) and at
                           the checkpoint's step, for the run and the baseline (reads checkpoint.pt)
-  --forgetting (scripts.forgetting's forgetting.json; its runner writes these itself):
-  forgetting.png          A's and B's val bpb during phase B, per variant: mean over seeds, each seed thin
-  pareto.png              forgetting (rise of A's bpb during B) vs final B bpb, one point per variant and
-                          seed, the variant means marked with +-1 std bars
-  detector.png            per variant: A's bpb during B next to the clobbering ratios (gradient and update
-                          alignment_ratio) per layer type, mean over blocks and seeds
+  --forgetting (scripts.forgetting's forgetting.json, or a v2 one; its runner writes these itself):
+  curves.png              per group of arms: A's and B's val bpb during phase B, mean over seeds, next to baseline
+  pareto.png              forgetting (rise of A's bpb during B) vs final B bpb: one point per arm and seed, each
+                          arm's mean with its 95% t-interval on both axes
+  detector.png            per observing or detecting arm: A's bpb during B next to the alignment ratios
+                          (gradient and update) per layer type, mean over blocks and seeds
+  dose.png                (dose arms) forgetting and B-bpb cost relative to baseline vs the protected fraction of g
+  detector_shares.png     (with the control) each detector's share of flagged layer-analyses, A -> B vs A -> A
 """
 
 import dataclasses
@@ -29,6 +31,7 @@ import os
 
 from nanochat.cli import flag, parse_args, positional
 from nanochat.common import UserError, run_cli
+from nanochat.forgetting import from_v2
 from nanochat.plots import forgetting_figures, make_figures
 
 
@@ -50,7 +53,9 @@ def main(argv):
             raise UserError(f"{args.forgetting} is not a file; give the forgetting.json that scripts.forgetting wrote")
         with open(args.forgetting) as f:
             data = json.load(f)
-        if "stats" not in data:
+        if "variants" in data.get("settings", {}):
+            data = from_v2(data)  # the v2 runner's JSON, in today's terms
+        elif "arm_info" not in data:
             raise UserError(f"{args.forgetting} was written by an older scripts.forgetting; tabulate its runs again with "
                             f"the current one (--table_only=true), or rerun the experiment")
         written += forgetting_figures(data, args.out or os.path.dirname(os.path.abspath(args.forgetting)), args.prefix)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Login-node preparation, once, on a machine with internet (Ptolemy: ptolemy-devel-1/2; compute
-# nodes have none): the Python environment, the pretraining data, the tokenizer and the CORE
-# evaluation bundle, all where the job files look for them. Run it from anywhere:
+# nodes have none): the Python environment, the pretraining data, the tokenizer, the CORE evaluation
+# bundle and the forgetting experiment's two domains (wiki/, shakespeare/), all where the job files look
+# for them. Run it from anywhere:
 #
 #   bash slurm/prepare_login_node.sh                         # FineWeb-Edu, 240 shards (~24 GB, what d20 needs)
 #   NUM_SHARDS=8 bash slurm/prepare_login_node.sh            # enough for Phase 1 and 2
@@ -31,7 +32,7 @@ echo "Project: $NANOCHAT_REPO | base dir: $NANOCHAT_BASE_DIR | caches: $NANOCHAT
 mkdir -p "$NANOCHAT_BASE_DIR" "$NANOCHAT_CACHE"
 nanochat_modules
 
-echo "--- 1/4 Python environment (.venv)"
+echo "--- 1/5 Python environment (.venv)"
 if [ "${SKIP_SETUP:-0}" = 1 ]; then
     echo "SKIP_SETUP=1: using $PY as it is"
 else
@@ -39,7 +40,7 @@ else
 fi
 nanochat_check_python
 
-echo "--- 2/4 pretraining data ($DATA_SOURCE) in $NANOCHAT_BASE_DIR/base_data"
+echo "--- 2/5 pretraining data ($DATA_SOURCE) in $NANOCHAT_BASE_DIR/base_data"
 if [ "$DATA_SOURCE" = fineweb ]; then
     # downloads only the shards that are missing, with retries
     "$PY" -m scripts.prepare_data --source=fineweb --num_shards="$NUM_SHARDS" ${PREPARE_EXTRA[@]+"${PREPARE_EXTRA[@]}"}
@@ -49,19 +50,28 @@ else
     "$PY" -m scripts.prepare_data --source=offline ${PREPARE_EXTRA[@]+"${PREPARE_EXTRA[@]}"}
 fi
 
-echo "--- 3/4 tokenizer (vocab $VOCAB_SIZE) in $NANOCHAT_BASE_DIR/tokenizer"
+echo "--- 3/5 tokenizer (vocab $VOCAB_SIZE) in $NANOCHAT_BASE_DIR/tokenizer"
 if [ -f "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.json" ] && [ -f "$NANOCHAT_BASE_DIR/tokenizer/token_bytes.pt" ]; then
     echo "already trained; delete $NANOCHAT_BASE_DIR/tokenizer to retrain it"
 else
     "$PY" -m scripts.tok_train --vocab_size="$VOCAB_SIZE" --max_chars="$TOK_MAX_CHARS" ${TOK_EXTRA[@]+"${TOK_EXTRA[@]}"}
 fi
 
-echo "--- 4/4 CORE evaluation bundle"
+echo "--- 4/5 CORE evaluation bundle"
 if [ "$EVAL_BUNDLE" = 1 ]; then
     "$PY" -m scripts.base_eval --download_bundle
 else
     echo "skipped (EVAL_BUNDLE=0); the Phase 3 jobs need it unless CORE_EVERY=-1: python -m scripts.base_eval --download_bundle"
 fi
+
+echo "--- 5/5 the forgetting experiment's domains (offline: Wikipedia lead sections, Shakespeare)"
+for domain in wiki shakespeare; do
+    if [ -f "$NANOCHAT_BASE_DIR/$domain/val_00000.parquet" ]; then
+        echo "$domain: already there; delete $NANOCHAT_BASE_DIR/$domain to rebuild it"
+    else
+        "$PY" -m scripts.prepare_data --source=offline --domains="$domain" --data_dir="$NANOCHAT_BASE_DIR/$domain"
+    fi
+done
 
 nanochat_check_data
 echo "=== ready: submit from $NANOCHAT_REPO, e.g. sbatch slurm/phase1_cpu.sbatch ==="

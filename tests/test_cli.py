@@ -241,6 +241,7 @@ CONFIGS = {  # entry point -> its config dataclass (module, name)
     "scripts.compare_dtypes": ("scripts.compare_dtypes", "CompareDtypesConfig"),
     "scripts.gpu_check": ("scripts.gpu_check", "CheckConfig"),
     "scripts.method_checks": ("scripts.method_checks", "ChecksConfig"),
+    "scripts.rebuild_evidence": ("scripts.rebuild_evidence", "RebuildConfig"),
 }
 
 
@@ -334,7 +335,7 @@ def test_wandb_writes_next_to_the_run_not_into_the_current_directory(tmp_path, m
     ("scripts.base_train_adaptive_svd", ["--svd_alpha=inf"], "--svd_alpha=inf is not a finite number: use in (0, 1)"),
     ("scripts.base_train_adaptive_svd", ["--svd_interval=0"], "--svd_interval=0 is out of range: use >= 1"),
     ("scripts.bench_adaptive", ["--compile=auto"], "--compile expects true or false, got 'auto'"),
-    ("scripts.forgetting", ["--replay_fraction=nan"], "--replay_fraction=nan is not a finite number: use in (0, 1)"),
+    ("scripts.forgetting", ["--rewarm_ratio=nan"], "--rewarm_ratio=nan is not a finite number: use in (0, 0.8]"),
     ("scripts.monitor_svd", ["R", "--poll=0"], "--poll=0 is out of range: use > 0"),
 ])
 def test_a_bad_value_is_one_line_before_anything_starts(module, args, expect, cli):

@@ -179,3 +179,128 @@ def test_init_from_and_replay_refusals(base, domains, phase_a, tmp_path):
                         f"--init_from={source}", f"--output_dir={tmp_path / 'cli'}"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120, env=dict(os.environ))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "another model shape" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ --freeze
+
+def test_freeze_keeps_the_named_parameters_bit_for_bit_and_trains_the_rest(base, domains, phase_a, tmp_path):
+    source, _ = phase_a
+    start = load_checkpoint(source)["model"]
+    # one step without clipping (which would measure the frozen gradients too): with --freeze=blocks the embedding
+    # and lm_head move exactly as in a run without --freeze, and no block matrix moves
+    cfg = dict(TINY, num_iterations=1, eval_every=-1, grad_clip=0.0, data_dir=domains["shakespeare"], init_from=source,
+               model_tag="B")
+    runs = {freeze: load_checkpoint(os.path.join(train(TrainConfig(**cfg, freeze=freeze, output_dir=str(tmp_path / (freeze or "free"))))
+                                                 ["ckpt_dir"], CHECKPOINT_NAME))["model"] for freeze in ("", "blocks")}
+    for k, w in runs["blocks"].items():
+        block = k.startswith("transformer.h.")
+        assert torch.equal(w, start[k]) == block and torch.equal(w, runs[""][k]) == (not block), k
+    # several steps with clipping: the embedding and lm_head stay bit for bit, every block matrix moves
+    run = train(TrainConfig(**dict(cfg, num_iterations=3, grad_clip=1.0), freeze="embedding,lm_head", output_dir=str(tmp_path / "e")))
+    ckpt = load_checkpoint(os.path.join(run["ckpt_dir"], CHECKPOINT_NAME))
+    for k, w in ckpt["model"].items():
+        assert torch.equal(w, start[k]) == (not k.startswith("transformer.h.")), k
+    assert ckpt["metadata"]["train_config"]["freeze"] == "embedding,lm_head"
+
+
+def test_freeze_refusals(base, cli):
+    for value, message in (("embedding,lm_head,blocks", "freezes every parameter of the model: nothing would train"),
+                           ("wte", "--freeze=wte is not valid: use a comma list of embedding, lm_head and blocks"),
+                           ("blocks,blocks", "--freeze=blocks,blocks is not valid")):
+        code, out, err = cli("scripts.base_train", *[f"--{k}={v}" for k, v in TINY.items()], f"--freeze={value}")
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+# ------------------------------------------------------------------------------------------------ --init_data=continue
+
+def test_init_data_continue_reads_on_where_the_source_stopped(base, domains, tmp_path):
+    a = train(TrainConfig(**TINY, num_iterations=5, eval_every=-1, data_dir=domains["wiki"], data_seed=4,
+                          output_dir=str(tmp_path), model_tag="A"))
+    source = os.path.join(a["ckpt_dir"], CHECKPOINT_NAME)
+    b = train(TrainConfig(**TINY, num_iterations=3, eval_every=-1, data_dir=domains["wiki"], data_seed=4, init_from=source,
+                          init_data="continue", output_dir=str(tmp_path), model_tag="B"))
+    # B's three batches are the sixth to eighth of the stream A read: the loader stands where one stands after eight
+    reference = DataLoader(get_tokenizer(), 1, 64, "train", "cpu", data_dir=domains["wiki"], data_seed=4)
+    for _ in range(8):
+        next(reference)
+    assert load_checkpoint(os.path.join(b["ckpt_dir"], CHECKPOINT_NAME))["loop"]["dataloader"] == [reference.state_dict()]
+    fresh = train(TrainConfig(**TINY, num_iterations=3, eval_every=-1, data_dir=domains["wiki"], data_seed=4, init_from=source,
+                              output_dir=str(tmp_path), model_tag="C"))
+    assert fresh["losses"] != b["losses"]  # the default starts the data over
+    own = tmp_path / "base_checkpoints" / "D"
+    for flags, message in ((dict(data_dir=domains["shakespeare"], data_seed=4), "--init_data=continue: the run of --init_from="),
+                           (dict(data_dir=domains["wiki"], data_seed=5), "used --data_seed=4, not 5"),
+                           (dict(data_dir=domains["wiki"], data_seed=4, init_from=""), "give --init_from, and no replay"),
+                           (dict(data_dir=domains["wiki"], data_seed=4, replay_data_dir=domains["shakespeare"],
+                                 replay_fraction=0.1), "give --init_from, and no replay")):
+        cfg = TrainConfig(**{**TINY, "num_iterations": 2, "output_dir": str(tmp_path), "model_tag": "D", "init_from": source,
+                             "init_data": "continue", **flags})
+        with pytest.raises(UserError, match=message):
+            train(cfg)
+        assert not own.exists()
+
+
+# ------------------------------------------------------------------------------------------------ --svd_embed_frac
+
+def embed_run(source, domains, out, frac, **kw):
+    cfg = AdaptiveConfig(**{**TINY, "num_iterations": 4, "eval_every": -1, "data_dir": domains["shakespeare"],
+                            "init_from": source, "svd_policy": "observe", "svd_interval": 2, "svd_embed_frac": frac,
+                            "output_dir": str(out), "model_tag": "B", **kw})
+    return train(cfg, hook=AdaptiveSVDHook(cfg))
+
+
+def test_embedding_protection_keeps_the_top_triples_of_the_source_exact(base, domains, phase_a, tmp_path):
+    source, _ = phase_a
+    start = load_checkpoint(source)["model"]
+    run = embed_run(source, domains, tmp_path / "p", 0.25)
+    ckpt = load_checkpoint(os.path.join(run["ckpt_dir"], CHECKPOINT_NAME))
+    for key, name in (("transformer.wte.weight", "embedding"), ("lm_head.weight", "lm_head")):
+        W0, W = start[key].double(), ckpt["model"][key].double()
+        t = {k: v.double() for k, v in ckpt["hook"]["embed"][name].items()}  # the triples the run protected
+        U_k, S_k, V_k = t["U_k"], t["S_k"], t["V_k"]
+        assert U_k.shape[1] == 32  # floor(0.25 * 128): d2 is 128 wide
+        # they are the source's top-32 singular triples (an independent fp64 SVD; fp32 LAPACK accuracy) ...
+        assert torch.allclose(S_k, torch.linalg.svdvals(W0)[:32], rtol=1e-5)
+        assert float((W0 @ V_k - U_k * S_k).norm()) < 1e-4 * float(S_k[0]), key
+        # ... and 4 steps later they are still exactly that (W V_k = U_k S_k, U_k^T W = S_k V_k^T): what moved, moved
+        # in the minor subspace only, up to fp32 rounding of W itself
+        drift = max(float(((W - W0) @ V_k).norm()), float((U_k.T @ (W - W0)).norm()))
+        assert drift < 1e-6 * float(W0.norm()), (key, drift)
+        assert float((W - W0).norm()) > 1e-3 * float(W0.norm()), key
+    config = json.loads(open(os.path.join(run["ckpt_dir"], "config.json")).read())
+    assert config["hook"]["embed_protected"] == {"embedding": 32, "lm_head": 32}
+    assert ckpt["hook"]["embed"]["lm_head"]["U_k"].shape == (4096, 32)
+
+
+@pytest.mark.slow
+def test_embedding_protection_with_k_zero_is_the_unprotected_run_and_resumes_exactly(base, domains, phase_a, tmp_path):
+    source, _ = phase_a
+    plain = embed_run(source, domains, tmp_path / "plain", 0.0)
+    zero = embed_run(source, domains, tmp_path / "zero", 0.005)  # floor(0.005 * 128) = 0
+    assert zero["losses"] == plain["losses"]
+    weights = [load_checkpoint(os.path.join(r["ckpt_dir"], CHECKPOINT_NAME))["model"] for r in (plain, zero)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    full = embed_run(source, domains, tmp_path / "full", 0.25)
+    cfg = AdaptiveConfig(**{**TINY, "num_iterations": 4, "eval_every": -1, "data_dir": domains["shakespeare"], "init_from": source,
+                            "svd_policy": "observe", "svd_interval": 2, "svd_embed_frac": 0.25, "output_dir": str(tmp_path / "cut"),
+                            "model_tag": "B"})
+
+    class StopAt2(AdaptiveSVDHook):
+        def after_backward(self, step, last_step):
+            super().after_backward(step, last_step)
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    first = train(cfg, hook=StopAt2(cfg))
+    assert first["stopped_by_signal"] == signal.SIGUSR1
+    import dataclasses
+    resumed_cfg = dataclasses.replace(cfg, resume=True)
+    rest = train(resumed_cfg, hook=AdaptiveSVDHook(resumed_cfg))
+    assert first["losses"] + rest["losses"] == full["losses"]
+    a, b = (load_checkpoint(os.path.join(r["ckpt_dir"], CHECKPOINT_NAME))["model"] for r in (full, rest))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_embedding_protection_needs_init_from(base, cli):
+    code, _, err = cli("scripts.base_train_adaptive_svd", *[f"--{k}={v}" for k, v in TINY.items()], "--svd_embed_frac=0.25")
+    assert code == 2 and err.count("\n") == 1 and "a fresh start has learned nothing to protect: give --init_from" in err

@@ -250,9 +250,9 @@ def test_loader_loops_over_epochs_and_is_deterministic(data):
 def test_ranks_are_disjoint_and_cover_the_data(data):
     data_dir, tok = data
     loaders = [DataLoader(tok, 1, 32, "train", "cpu", rank=r, world_size=2, data_dir=data_dir) for r in range(2)]
-    owned = [set(loader.row_groups) for loader in loaders]
+    owned = [set(loader.row_groups(0)) for loader in loaders]
     assert not owned[0] & owned[1]
-    assert owned[0] | owned[1] == set(DataLoader(tok, 1, 32, "train", "cpu", data_dir=data_dir).row_groups)
+    assert owned[0] | owned[1] == set(DataLoader(tok, 1, 32, "train", "cpu", data_dir=data_dir).row_groups(0))
     first = [torch.cat(next(loader)) for loader in loaders]
     assert not torch.equal(first[0], first[1])
     for r in range(2):
@@ -343,6 +343,82 @@ def test_loader_default_data_dir(prepared_base, monkeypatch):
     assert x.shape == (2, 16) and torch.equal(x[:, 1:], y[:, :-1])
 
 
+# ---------------------------------------------------------------- data order (--data_seed)
+
+def seeded_stream(tok, data_dir, seed, epoch, rank=0, world_size=1):
+    """The reference stream of one rank for one epoch with a data seed, built from the documented rule alone:
+    the row groups in the order of a permutation drawn from (seed, epoch), this rank's every world_size-th of them,
+    each one's documents in the order of a permutation drawn from (seed, epoch, global row-group index)."""
+    groups = [pq.ParquetFile(p).read_row_group(g).column("text").to_pylist()
+              for p in list_shards(data_dir, "train") for g in range(pq.ParquetFile(p).num_row_groups)]
+    order = np.random.default_rng([seed, epoch]).permutation(len(groups))[rank::world_size]
+    docs = [groups[i][j] for i in order for j in np.random.default_rng([seed, epoch, i]).permutation(len(groups[i]))]
+    return np.concatenate([[tok.get_bos_token_id()] + tok.encode(d) for d in docs]), order
+
+
+def test_data_seed_orders_row_groups_and_documents_as_documented(data):
+    data_dir, tok = data
+    T = 2048
+    stream, order = seeded_stream(tok, data_dir, 5, 0)
+    loader = DataLoader(tok, 1, T, "train", "cpu", data_dir=data_dir, data_seed=5)
+    n = len(stream) // (T + 1)
+    for i in range(min(n, 40)):
+        x, y = next(loader)
+        window = stream[i * (T + 1):(i + 1) * (T + 1)]
+        assert torch.equal(x.flatten(), torch.from_numpy(window[:-1])) and torch.equal(y.flatten(), torch.from_numpy(window[1:]))
+    groups = loader.all_row_groups
+    assert loader.row_groups(0) == [groups[i] for i in order]
+    assert sorted(loader.row_groups(0)) == groups and loader.row_groups(0) != groups  # all of them, in another order
+    assert loader.row_groups(1) != loader.row_groups(0)  # every epoch its own order
+
+
+def test_same_data_seed_same_stream_another_seed_another(data):
+    data_dir, tok = data
+
+    def batches(seed, n=30):
+        loader = DataLoader(tok, 2, 64, "train", "cpu", data_dir=data_dir, data_seed=seed)
+        return [torch.cat(next(loader)) for _ in range(n)]
+
+    a, again, other, prepared = batches(3), batches(3), batches(4), batches(-1)
+    assert all(torch.equal(x, y) for x, y in zip(a, again))
+    assert not any(torch.equal(x, y) for x, y in zip(a, other))
+    assert not any(torch.equal(x, y) for x, y in zip(a, prepared))
+    # -1 is the prepared order: exactly the loader without the argument
+    plain = DataLoader(tok, 2, 64, "train", "cpu", data_dir=data_dir)
+    assert all(torch.equal(torch.cat(next(plain)), x) for x in prepared)
+
+
+def test_data_seed_resumes_exactly_across_row_groups_and_epochs(data):
+    data_dir, tok = data
+    B, T = 4, 512
+    loader = DataLoader(tok, B, T, "train", "cpu", data_dir=data_dir, data_seed=11)
+    states, batches = [], []
+    while not states or states[-1]["epoch"] < 1 or states[-3]["epoch"] < 1:  # into the second epoch by a few batches
+        states.append(loader.state_dict())
+        batches.append(torch.cat(next(loader)))
+    crossings = [i for i in range(len(states) - 1) if states[i]["row_group"] != states[i + 1]["row_group"]]
+    epoch_start = next(i for i, st in enumerate(states) if st["epoch"] == 1)
+    for i in sorted({0, 1, *crossings[:3], epoch_start - 1, epoch_start, len(states) - 2}):
+        resumed = DataLoader(tok, B, T, "train", "cpu", data_dir=data_dir, data_seed=11,
+                             state=torch.load(_roundtrip(states[i]), weights_only=True))
+        assert resumed.state_dict() == states[i]
+        assert torch.equal(torch.cat(next(resumed)), batches[i]) and torch.equal(torch.cat(next(resumed)), batches[i + 1])
+
+
+def test_two_ranks_with_a_data_seed_read_disjoint_row_groups_that_cover_each_epoch(data):
+    data_dir, tok = data
+    loaders = [DataLoader(tok, 1, 32, "train", "cpu", rank=r, world_size=2, data_dir=data_dir, data_seed=9) for r in range(2)]
+    everything = set(loaders[0].all_row_groups)
+    for epoch in (0, 1, 2):
+        owned = [set(loader.row_groups(epoch)) for loader in loaders]
+        assert not owned[0] & owned[1] and owned[0] | owned[1] == everything
+    assert loaders[0].row_groups(0) != loaders[0].row_groups(1)
+    for r in range(2):
+        stream, _ = seeded_stream(tok, data_dir, 9, 0, r, 2)
+        x, y = next(loaders[r])
+        assert torch.equal(x.flatten(), torch.from_numpy(stream[:32]))
+
+
 # ---------------------------------------------------------------- ReplayLoader (a second data directory mixed in)
 
 @pytest.fixture(scope="module")
@@ -417,7 +493,7 @@ def test_replay_state_resumes_bit_identically(replay_dirs):
 def test_replay_ranks_read_disjoint_row_groups(replay_dirs):
     loaders = [replay_loader(replay_dirs, rank=r, world_size=2) for r in range(2)]
     for stream in ("main", "replay"):
-        owned = [set(getattr(loader, stream).row_groups) for loader in loaders]
+        owned = [set(getattr(loader, stream).row_groups(0)) for loader in loaders]
         assert owned[0] and owned[1] and not owned[0] & owned[1]
     # each rank draws its own choices
     assert [loaders[0].is_replay(i) for i in range(100)] != [loaders[1].is_replay(i) for i in range(100)]
@@ -433,6 +509,15 @@ def test_replay_errors(replay_dirs, tmp_path):
     main, _, tok = replay_dirs
     with pytest.raises(UserError, match=r"no train shards in .*prepare_data"):
         replay_loader((main, str(tmp_path), tok))
+
+
+def test_replay_streams_follow_the_data_seed(replay_dirs):
+    main, replay, tok = replay_dirs
+    seeded = replay_loader(replay_dirs, B=1, T=16, data_seed=2)
+    for name, data_dir in (("main", main), ("replay", replay)):
+        stream, _ = seeded_stream(tok, data_dir, 2, 0)
+        x, _ = next(getattr(seeded, name))
+        assert torch.equal(x.flatten(), torch.from_numpy(stream[:16]))
 
 
 # ---------------------------------------------------------------- damaged shards

@@ -1,7 +1,9 @@
-"""Evidence tooling: the Phase 2 and forgetting runners on tiny real runs (d2, seq 64), their tables checked
-against an independent reading of the runs' JSONL files; the statistics on known numbers (t-table values,
-scipy) and by simulation (coverage); figures, the monitor, and reusing and continuing runs."""
+"""Evidence tooling: the Phase 2 runner on tiny real runs (d2, seq 64), its tables checked against an independent
+reading of the runs' JSONL files and rebuilt from the kept files alone; the statistics on known numbers (t-table
+values, scipy) and by simulation (coverage); figures, the monitor, and reusing and continuing runs. The forgetting
+runner: tests/test_forgetting.py."""
 
+import gzip
 import json
 import math
 import os
@@ -13,18 +15,20 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
 import scipy.stats
+import torch
 
 from nanochat import stats
-from nanochat.checkpoint_manager import load_checkpoint, write_checkpoint
+from nanochat.checkpoint_manager import load_checkpoint
 from nanochat.common import UserError
 from nanochat.jobs import Job
 from nanochat.plots import forgetting_figures, make_figures
 from nanochat.runs import Follower, finished, read_jsonl, run_settings, step_rows, summarize
-from scripts import compare_runs, forgetting, monitor_svd, plot_svd
+from scripts import compare_runs, monitor_svd, plot_svd
 from tests.conftest import ROOT
 
 TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=1", "--total_batch_size=64", "--eval_tokens=640",
@@ -128,9 +132,31 @@ def test_comparison_tables_match_an_independent_reading(comparison):
     cmd = {t: (runs / t / "command.txt").read_text().split() for t in ("baseline_s42", "adaptive_s42")}
     strip = lambda c: [a for a in c if not a.startswith(("--adaptive_svd=", "--model_tag="))]
     assert strip(cmd["baseline_s42"]) == strip(cmd["adaptive_s42"])  # same seed, data, tokens, hyperparameters
+    assert "--seed=42" in cmd["baseline_s42"] and "--data_seed=42" in cmd["baseline_s42"]  # init and data order by seed
+    # every run kept: the reports' only source
+    for tag in ("baseline_s42", "adaptive_s42", "baseline_s43", "adaptive_s43"):
+        kept, run = out / "kept" / tag, runs / tag
+        names = set(os.listdir(kept))
+        assert names - {"svd_metrics.jsonl.gz"} == {"config.json", "command.txt", "provenance.json", "data_position.json",
+                                                     "train_metrics.jsonl.gz"}
+        assert ("svd_metrics.jsonl.gz" in names) == tag.startswith("adaptive")
+        for name in names - {"data_position.json", "provenance.json"}:  # the run's own files, gzipped ones unchanged
+            plain = name[:-3] if name.endswith(".gz") else name
+            got = gzip.decompress((kept / name).read_bytes()) if name.endswith(".gz") else (kept / name).read_bytes()
+            assert got == (run / plain).read_bytes(), (tag, name)
+        assert json.loads((kept / "data_position.json").read_text()) == load_checkpoint(str(run / "checkpoint.pt"))["loop"]["dataloader"]
+        (entry,) = json.loads((kept / "provenance.json").read_text())
+        assert entry["mode"] == "fresh" and entry["threads"] == 1 and entry["torch"] == torch.__version__
+        assert entry["git_commit"] == subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                                                     text=True).stdout.strip() and isinstance(entry["git_dirty"], bool)
+        assert entry["wall_s"] > 0 and entry["cpu"]
     data = json.loads((out / "comparison.json").read_text())
     assert data["run_commands"] == [(runs / t / "command.txt").read_text().strip()
                                     for t in ("baseline_s42", "adaptive_s42", "baseline_s43", "adaptive_s43")]
+    # what the runs were made with, in the report: one dtype, and the four starts' commit, torch and machine
+    assert data["dtypes"] == ["float32"] and sum(p["starts"] for p in data["provenance"]) == 4
+    assert {(p["git_commit"], p["torch"], p["cpu"]) for p in data["provenance"]} == {(entry["git_commit"], entry["torch"],
+                                                                                     entry["cpu"])}
     for result in data["results"]:
         for kind in ("baseline", "adaptive"):
             run_dir = str(runs / f"{kind}_s{result['seed']}")
@@ -151,10 +177,12 @@ def test_comparison_tables_match_an_independent_reading(comparison):
     mean, sd, (lo, hi) = scipy_interval(ratios)
     iv = data["summary"]["bpb ratio adaptive/baseline"]
     assert (iv["mean"], iv["sd"], iv["lo"], iv["hi"]) == pytest.approx((mean, sd, lo, hi), rel=1e-9)
-    met = bool(mean <= 1.005 and lo <= 1 <= hi)
-    assert data["summary"]["target"]["met"] is met
+    met = bool(hi <= 1.005)  # judged by the interval's upper bound
+    assert data["summary"]["target"] == {"upper_bound": pytest.approx(hi, rel=1e-9), "met": met}
     md = (out / "comparison.md").read_text()
-    assert f"Research target (bpb ratio <= 1.005 with the 95% interval including 1): {'**met**' if met else '**not met**'}" in md
+    assert (f"Research target (the upper bound of the bpb ratio's 95% interval at most 1.005): "
+            f"{'**met**' if met else '**not met**'}. Mean bpb ratio {mean:.4f}, 95% interval [{lo:.4f}, {hi:.4f}]: upper bound "
+            f"{hi:.4f} {'<=' if met else '>'} 1.005.") in md
     assert f"| bpb ratio adaptive/baseline | {mean:.4f} ± {sd:.4f} | [{lo:.4f}, {hi:.4f}] |" in md
     b42 = data["results"][0]["runs"]["baseline"]
     assert f"| baseline_s42 | 9 | 576 | {b42['final_val_bpb']:.4f} |" in md
@@ -181,10 +209,54 @@ def test_comparison_reuses_finished_runs_and_refuses_another_command(comparison,
     (copy / "command.txt").write_text("python -m scripts.base_train_adaptive_svd --depth=3\n")
     with pytest.raises(UserError, match="holds a run of another command"):
         job.state(force=False)
-    with pytest.raises(UserError, match="no finished run for baseline_s42"):
+    with pytest.raises(UserError, match="no kept run for baseline_s42"):
         compare_runs.main([f"--out={tmp_path / 'empty'}", "--table_only=true", "--seeds=42", "--", *TINY])
     with pytest.raises(UserError, match="--seed is set by the comparison runner itself"):
         compare_runs.main([f"--out={tmp_path}", "--", *TINY, "--seed=1"])
+    # one matmul dtype for every run: float32 unless the flags give one; auto (each run choosing) is refused
+    no_dtype = [a for a in TINY if not a.startswith("--dtype")]
+    with pytest.raises(UserError, match="--dtype=auto lets each run of the comparison choose its own matmul dtype"):
+        compare_runs.main([f"--out={tmp_path / 'auto'}", "--", *no_dtype, "--dtype=auto"])
+    assert not (tmp_path / "auto").exists()
+    planned = []
+
+    def plan_only(jobs, *args, **kwargs):
+        planned.extend(jobs)
+        raise UserError("planned")
+
+    for given, expect in ((no_dtype, "float32"), (no_dtype + ["--dtype=bfloat16"], "bfloat16")):
+        planned.clear()
+        with mock.patch.object(compare_runs, "run_jobs", plan_only), pytest.raises(UserError, match="planned"):
+            compare_runs.main([f"--out={tmp_path / 'plan'}", "--seeds=42,43", "--figures=false", "--", *given])
+        assert len(planned) == 4 and all([a for a in job.argv if a.startswith("--dtype")] == [f"--dtype={expect}"]
+                                         for job in planned)
+
+
+def test_rebuild_from_the_kept_files_alone_reproduces_the_report_byte_for_byte(comparison, tmp_path, cli):
+    """An experiment folder holding only what the runner kept (no run folder, no checkpoint): the rebuild writes
+    comparison.json and .md byte for byte as the runner did, and --check fails when a kept number changes."""
+    out, _ = comparison
+    exp = tmp_path / "runs" / "p2"
+    shutil.copytree(out / "kept", exp / "kept")
+    for name in ("comparison.json", "comparison.md"):
+        shutil.copy(out / name, exp)
+    code, stdout, err = cli("scripts.rebuild_evidence", f"--runs={tmp_path / 'runs'}", "--check=true", "--figures=false")
+    assert code == 0 and stdout.count("same: ") == 2, err
+    code, stdout, _ = cli("scripts.rebuild_evidence", f"--runs={tmp_path / 'runs'}", f"--out={tmp_path / 'rebuilt'}")
+    assert code == 0
+    for name in ("comparison.json", "comparison.md"):
+        assert (tmp_path / "rebuilt/p2" / name).read_bytes() == (out / name).read_bytes()
+    assert {p.name for p in (tmp_path / "rebuilt/p2").glob("*.png")} == {
+        f"p2_s42_{n}.png" for n in ("loss_bpb", "mode_rank", "alignment_ratio", "alignment_p", "principal_alignment",
+                                     "subspace")}
+    # a kept number changes: the rebuilt table is no longer the kept one, and --check says which
+    metrics = exp / "kept" / "baseline_s43" / "train_metrics.jsonl.gz"
+    rows = gzip.decompress(metrics.read_bytes()).decode().splitlines(True)
+    last = json.loads(rows[-1])
+    rows[-1] = json.dumps({**last, "val_bpb": last["val_bpb"] + 0.01}) + "\n"
+    metrics.write_bytes(gzip.compress("".join(rows).encode()))
+    code, stdout, err = cli("scripts.rebuild_evidence", f"--runs={tmp_path / 'runs'}", "--check=true", "--figures=false")
+    assert code == 1 and "DIFFERS: " in stdout and err.startswith("error: 2 rebuilt table(s) differ") and err.count("\n") == 1
 
 
 def test_figures_from_the_per_step_file_and_a_running_run_and_none_without_it(comparison, tmp_path):
@@ -296,172 +368,6 @@ def test_follower_reads_complete_new_lines_and_starts_over_on_a_new_file(tmp_pat
     assert follower.new_records() == [{"step": 1}]
 
 
-# ------------------------------------------------------------------------------------------------ forgetting runner
-
-
-def forgetting_argv(domains, out, seeds="42", variants="static_replay", steps_b=6, extra=()):
-    return [f"--data_a={domains['wiki']}", f"--data_b={domains['shakespeare']}", "--steps_a=6", f"--steps_b={steps_b}",
-            "--measure_every=3", f"--out={out}", f"--seeds={seeds}", f"--variants={variants}", "--replay_fraction=0.4",
-            "--eval_every_a=3", "--jobs=2", "--figures=false", *extra, "--", *TINY, "--svd_interval=2",
-            "--svd_protect_frac=0.1"]  # 6 steps of A learn nothing that stands apart: static protects the dial's share
-
-
-def check_forgetting_against_the_files(out, domains, data):
-    """Every number of forgetting.json against an independent reading of the runs' files."""
-    runs = os.path.join(out, "base_checkpoints")
-    steps_b, every = data["settings"]["steps_b"], data["settings"]["measure_every"]
-    for a in data["phase_a"]:
-        rows = jsonl(os.path.join(runs, f"A_s{a['seed']}", "train_metrics.jsonl"))
-        assert a["final_val_bpb"] == [r for r in rows if "val_bpb" in r][-1]["val_bpb"]
-        assert all("extra_val_bpb" not in r for r in rows)
-    for r in data["results"]:
-        run_dir = os.path.join(runs, f"B_{r['variant']}_s{r['seed']}")
-        rows = jsonl(os.path.join(run_dir, "train_metrics.jsonl"))
-        evals = [x for x in rows if "val_bpb" in x]
-        # A (extra val: A's val shard) and B (its own) before any B update, every `every` B-steps and after the last
-        assert [x["step"] for x in evals] == sorted(set(range(0, steps_b, every)) | {steps_b})
-        assert r["curve"] == [{"step": x["step"], "A_val_bpb": x["extra_val_bpb"], "B_val_bpb": x["val_bpb"]} for x in evals]
-        a_final = next(a["final_val_bpb"] for a in data["phase_a"] if a["seed"] == r["seed"])
-        assert evals[0]["extra_val_bpb"] == a_final and r["first_point_vs_phase_a"] == 0.0
-        assert r["forgetting"] == evals[-1]["extra_val_bpb"] - evals[0]["extra_val_bpb"]
-        assert r["b_bpb_after"] == evals[-1]["val_bpb"] and r["b_learning"] == evals[0]["val_bpb"] - evals[-1]["val_bpb"]
-        tc = json.loads(open(os.path.join(run_dir, "config.json")).read())["train_config"]
-        assert tc["init_from"] == os.path.join(runs, f"A_s{r['seed']}", "checkpoint.pt") and tc["num_iterations"] == steps_b
-        assert (tc["data_dir"], tc["extra_val_dir"]) == (domains["shakespeare"], domains["wiki"])
-        assert (tc["replay_data_dir"], tc["replay_fraction"]) == ((domains["wiki"], 0.4) if "replay" in r["variant"] else ("", 0.0))
-        assert (tc["adaptive_svd_target_layer"], tc["svd_targets"]) == (-1, "all")
-        loader = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["loop"]["dataloader"][0]
-        assert r["replayed_share"] == (loader["replayed"] / loader["sequences"] if "replay" in r["variant"] else None)
-        recs = [x for x in jsonl(os.path.join(run_dir, "svd_metrics.jsonl")) if "mode_after" in x]
-        assert r["lowrank_share"] == sum(x["mode_after"] == "lowrank" for x in recs) / len(recs)
-        policy = {"baseline": "observe_only", "replay": "observe_only", "static": "static_protection",
-                  "static_replay": "static_protection"}.get(r["variant"])
-        if policy:
-            assert {x["reason"] for x in recs} == {policy}
-        for layer_type, series in r["detector"].items():
-            for point in series:
-                vals = [x["alignment_ratio"] for x in recs if x["step"] == point["step"] and x["layer"].endswith(layer_type)
-                        and x["alignment_ratio"] is not None]
-                assert point["alignment_ratio"] == (pytest.approx(sum(vals) / len(vals)) if vals else None)
-
-
-@pytest.mark.slow  # the comparison runner covers the runner end to end in the default suite
-def test_forgetting_end_to_end(base, domains, tmp_path, capsys):
-    out = tmp_path / "fg"
-    forgetting.main(forgetting_argv(domains, out))
-    data = json.loads((out / "forgetting.json").read_text())
-    assert [(r["variant"], r["seed"]) for r in data["results"]] == [("baseline", 42), ("static_replay", 42)]
-    check_forgetting_against_the_files(str(out), domains, data)
-    static = data["results"][1]
-    recs = jsonl(out / "base_checkpoints" / "B_static_replay_s42" / "svd_metrics.jsonl")
-    assert static["lowrank_share"] == 1.0 and {x["action"] for x in recs if x["step"] == 1} == {"to_lowrank"}
-    assert data["run_commands"] == [(out / "base_checkpoints" / t / "command.txt").read_text().strip()
-                                    for t in ("A_s42", "B_baseline_s42", "B_static_replay_s42")]
-    md = (out / "forgetting.md").read_text()
-    assert f"| static_replay | 42 | {static['a_bpb_before']:.4f} | {static['a_bpb_after']:.4f} | {static['forgetting']:+.4f} |" in md
-    assert "(With fewer than two seeds there is no interval, so no variant can meet the target.)" in md
-    assert "largest difference 0.00e+00 over 2 runs" in md
-    # an interrupted experiment continues: here nothing is left to do, every run is reused
-    capsys.readouterr()
-    forgetting.main(forgetting_argv(domains, out))
-    assert capsys.readouterr().out.count("reusing ") == 3
-    with pytest.raises(UserError, match="--init_from is set by the forgetting experiment itself"):
-        forgetting.main(forgetting_argv(domains, out) + ["--init_from=x"])
-
-
-def fake_run(run_dir, rows, steps, records=(), loader=None):
-    """A finished run's files with chosen numbers (config.json, a checkpoint holding the loader state, metrics)."""
-    os.makedirs(run_dir)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump({"step": steps, "num_iterations": steps, "train_config": {"total_batch_size": 64, "svd_alpha": 1e-3,
-                                                                           "svd_exit_p": 0.1, "svd_interval": 2}}, f)
-    write_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {"model": {}, "metadata": {"model_config": {}},
-                                                               "loop": {"dataloader": [loader or {"epoch": 0}]}})
-    for name, recs in (("train_metrics.jsonl", rows), ("svd_metrics.jsonl", records)):
-        with open(os.path.join(run_dir, name), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
-
-
-def test_forgetting_statistics_and_verdicts_on_known_numbers(domains, tmp_path):
-    out = tmp_path / "known"
-    runs = out / "base_checkpoints"
-    forgetting_by = {"baseline": [0.50, 0.60, 0.55], "static": [0.30, 0.35, 0.32], "adaptive": [0.45, 0.62, 0.50]}
-    final_b = {"baseline": [2.00, 2.02, 2.01], "static": [2.01, 2.03, 2.02], "adaptive": [2.00, 2.02, 2.01]}
-    for i, seed in enumerate((42, 43, 44)):
-        fake_run(str(runs / f"A_s{seed}"), [{"step": 6, "dt": 0.1, "val_bpb": 1.0}], 6)
-        for v in forgetting_by:
-            rows = [{"step": 0, "val_bpb": 3.0, "extra_val_bpb": 1.0}, {"step": 1, "dt": 0.1},
-                    {"step": 2, "dt": 0.1, "val_bpb": final_b[v][i], "extra_val_bpb": 1.0 + forgetting_by[v][i]}]
-            records = [{"step": 2, "layer": f"block{b}.attn.c_q", "mode_after": "full", "action": "keep", "reason": "x", "k": 1,
-                        "r_after": 8, "alignment_ratio": 1.0 + b + i, "update_alignment_ratio": None, "analysis_seconds": 0.5}
-                       for b in range(2)]
-            fake_run(str(runs / f"B_{v}_s{seed}"), rows, 2, records)
-    argv = [f"--data_a={domains['wiki']}", f"--data_b={domains['shakespeare']}", "--steps_a=6", "--steps_b=2",
-            "--measure_every=2", f"--out={out}", "--variants=baseline,adaptive,static", "--table_only=true", "--", *TINY]
-    forgetting.main(argv)
-    data = json.loads((out / "forgetting.json").read_text())
-    st = data["stats"]
-    for v in forgetting_by:
-        mean, sd = statistics.mean(forgetting_by[v]), statistics.stdev(forgetting_by[v])
-        assert (st[v]["forgetting"]["mean"], st[v]["forgetting"]["sd"]) == pytest.approx((mean, sd))
-    diffs = [s - b for s, b in zip(forgetting_by["static"], forgetting_by["baseline"])]
-    mean, sd, (lo, hi) = scipy_interval(diffs)
-    f = st["static"]["diff_forgetting"]
-    assert (f["mean"], f["sd"], f["lo"], f["hi"]) == pytest.approx((mean, sd, lo, hi)) and f["per_seed"] == pytest.approx(diffs)
-    assert f["relative"] == pytest.approx(mean / 0.55)  # -41%
-    b_rel = st["static"]["diff_b_bpb_after"]["relative"]
-    assert b_rel == pytest.approx(0.01 / 2.01)  # +0.5%
-    assert st["static"]["target"] == {"forgetting_lowered_30pct": True, "interval_excludes_zero": True,
-                                      "b_bpb_within_1pct": True, "met": True}
-    assert st["adaptive"]["target"]["met"] is False and st["adaptive"]["target"]["interval_excludes_zero"] is False
-    md = (out / "forgetting.md").read_text()
-    assert "Verdict: met by static." in md
-    assert f"| static | {0.3233333:.4f} ± {statistics.stdev(forgetting_by['static']):.4f} |" in md
-    assert "- adaptive (protected): forgetting" in md and "target **not met**." in md
-    assert data["results"][0]["detector"]["attn.c_q"] == [{"step": 2, "alignment_ratio": 1.5, "update_alignment_ratio": None}]
-    written = forgetting_figures(data, str(tmp_path / "figs"))
-    assert [os.path.basename(p) for p in written] == ["forgetting.png", "pareto.png", "detector.png"]
-    assert all(open(p, "rb").read(8) == PNG for p in written)
-
-
-@pytest.mark.slow
-def test_forgetting_all_variants_two_seeds_interrupted_and_continued(base, domains, tmp_path):
-    """Every variant, two seeds, through the command line; Ctrl-C in the middle of phase B, then the same command
-    continues the stopped runs with --resume and reuses the finished ones; the numbers equal an uninterrupted
-    experiment's and match the files."""
-    variants = "baseline,adaptive,static,replay,static_replay"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "scripts.forgetting"]
-    whole = tmp_path / "whole"
-    r = subprocess.run(cmd + forgetting_argv(domains, whole, "42,43", variants, steps_b=60), cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen(cmd + forgetting_argv(domains, cut, "42", variants, steps_b=60), cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    metrics = cut / "base_checkpoints" / "B_baseline_s42" / "train_metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 10):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: every process of the group gets it
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2 and "stopped by signal" in err and err.count("\n") == 1
-    r = subprocess.run(cmd + forgetting_argv(domains, cut, "42", variants, steps_b=60), cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr
-    assert "reusing A_s42" in r.stdout and "continuing B_baseline_s42" in r.stdout
-    data = json.loads((cut / "forgetting.json").read_text())
-    check_forgetting_against_the_files(str(cut), domains, data)
-    reference = {(x["variant"], x["seed"]): x for x in json.loads((whole / "forgetting.json").read_text())["results"]}
-    for x in data["results"]:
-        assert x["curve"] == reference[(x["variant"], 42)]["curve"]  # continued runs are exact
-    two = json.loads((whole / "forgetting.json").read_text())
-    check_forgetting_against_the_files(str(whole), domains, two)
-    assert set(two["stats"]) == set(variants.split(",")) and two["stats"]["static"]["diff_forgetting"]["lo"] is not None
-    written = forgetting_figures(two, str(tmp_path / "figs"))
-    assert all(open(p, "rb").read(8) == PNG for p in written)
-
-
 def test_settings_from_command_txt_before_the_first_checkpoint(comparison, tmp_path, capsys):
     out, _ = comparison
     only_cmd = tmp_path / "only_cmd"
@@ -475,25 +381,30 @@ def test_settings_from_command_txt_before_the_first_checkpoint(comparison, tmp_p
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_runner_reaches_its_runs_which_save_and_continue(base, tmp_path):
-    """SIGTERM to the runner alone (e.g. `kill PID`): it passes the signal on, each running run saves its last
-    step, the runner stops in one line, and the same command continues both runs exactly where they were."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_to_the_runner_reaches_its_runs_which_save_and_continue(base, tmp_path, signum):
+    """SIGTERM to the runner alone (e.g. `kill PID`), or SIGUSR1 (SLURM's warning before the time limit, to a
+    runner that a job started with SIGUSR1 ignored): it passes the signal on, each running run saves its last step,
+    the runner stops in one line with status 128 + the signal, and the same command continues both runs exactly
+    where they were."""
     out = tmp_path / "p2"
     argv = [sys.executable, "-m", "scripts.compare_runs", f"--out={out}", "--seeds=42", "--jobs=2", "--figures=false", "--",
             *TINY, "--num_iterations=300", "--eval_every=-1", "--svd_targets=attn", "--svd_interval=50"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ignore_usr1 = lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # as slurm/common.sh's nanochat_launch starts it
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignore_usr1)
     metrics = [out / "base_checkpoints" / t / "train_metrics.jsonl" for t in ("baseline_s42", "adaptive_s42")]
     deadline = time.time() + 300
     while time.time() < deadline and not all(m.exists() and len(m.read_text().splitlines()) >= 20 for m in metrics):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2 and err == ("error: stopped by signal 15; the runs saved what they had: run the same "
-                                            "command again to continue\n")
+    assert proc.returncode == 128 + signum and err == (f"error: stopped by signal {int(signum)}; the runs saved what they "
+                                                       f"had: run the same command again to continue\n")
     for m in metrics:
         saved = json.loads((m.parent / "config.json").read_text())["step"]
-        assert 20 <= saved < 300 and "Stopped by signal 15" in (m.parent / "train.log").read_text()
+        assert 20 <= saved < 300 and f"Stopped by signal {int(signum)}" in (m.parent / "train.log").read_text()
     r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "continuing baseline_s42" in r.stdout and "continuing adaptive_s42" in r.stdout

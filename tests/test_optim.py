@@ -80,3 +80,45 @@ def test_build_optimizers_groups_and_scaled_lrs():
     assert adamw.param_groups[0]["betas"] == (0.8, 0.95) and adamw.param_groups[0]["eps"] == 1e-10
     assert adamw.param_groups[0]["weight_decay"] == 0.0
     assert len(muon.params()) == 2 * 6 and all(p.dim() == 2 for p in muon.params())
+
+
+def test_confined_adamw_keeps_the_top_triples_exact_and_unconfined_is_torchs_adamw():
+    """A confined matrix: over 60 steps of random gradients (weight decay on), its top-k singular triples at the
+    moment of confining stay exact to fp32 rounding and every change lies in the minor subspace, while the rest of
+    the matrix moves; an unconfined parameter, and a run with nothing confined, step exactly as torch's AdamW."""
+    from nanochat.optim import AdamW
+    g = torch.Generator().manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(96, 40, generator=g))
+    free = torch.nn.Parameter(torch.randn(96, 40, generator=g))
+    twin_W, twin_free = (torch.nn.Parameter(p.detach().clone()) for p in (W, free))
+    opt = AdamW([W, free], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    ref = torch.optim.AdamW([twin_W, twin_free], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    U, S, Vh = torch.linalg.svd(W.detach().double(), full_matrices=False)
+    k = 6
+    U_k, S_k, V_k = U[:, :k], S[:k], Vh[:k].T
+    opt.confine(W, U_k, V_k)
+    start = W.detach().clone()
+    for _ in range(60):
+        grads = [torch.randn(96, 40, generator=g) for _ in range(2)]
+        W.grad, free.grad = (x.clone() for x in grads)
+        twin_W.grad, twin_free.grad = (x.clone() for x in grads)
+        opt.step()
+        ref.step()
+    Wd = W.detach().double()
+    scale = float(S_k[0])
+    assert float((Wd @ V_k - U_k * S_k).norm()) / scale < 1e-5
+    assert float((U_k.T @ Wd - S_k[:, None] * V_k.T).norm()) / scale < 1e-5
+    change = Wd - start.double()
+    assert float(change.norm()) > 0.5  # the minor subspace trained
+    assert float((U_k.T @ change).norm()) < 1e-5 * float(change.norm()) and float((change @ V_k).norm()) < 1e-5 * float(change.norm())
+    assert torch.equal(free, twin_free)  # moments and update of an unconfined parameter untouched
+    assert torch.equal(opt.state[W]["exp_avg"], ref.state[twin_W]["exp_avg"])  # the moments see the whole gradient
+    assert not torch.equal(W, twin_W)
+    plain, torch_plain = (torch.nn.Parameter(start.clone()) for _ in range(2))
+    a = AdamW([plain], lr=0.01, weight_decay=0.1)
+    b = torch.optim.AdamW([torch_plain], lr=0.01, weight_decay=0.1)
+    for _ in range(5):
+        plain.grad = torch_plain.grad = torch.randn(96, 40, generator=g)
+        a.step()
+        b.step()
+    assert torch.equal(plain, torch_plain)

@@ -49,7 +49,9 @@ CONFIGS = {  # the entry points the job files run: module -> (module of its conf
     "scripts.base_eval": ("scripts.base_eval", "EvalConfig"),
     "scripts.prepare_data": ("scripts.prepare_data", "PrepareConfig"),
     "scripts.gpu_check": ("scripts.gpu_check", "CheckConfig"),
+    "scripts.forgetting": ("nanochat.forgetting", "ForgettingConfig"),
 }
+RUNNERS = {"scripts.forgetting"}  # their flags after `--` are the training runs' (scripts.base_train_adaptive_svd)
 
 
 def config_class(module):
@@ -89,7 +91,8 @@ def arrays(text):
 
 
 def commands(path):
-    """[(module, [flag names], line)] for every `-m scripts.X ...` in a job file, arrays expanded."""
+    """[(module, [flag names], line)] for every `-m scripts.X ...` in a job file, arrays expanded. A runner's flags
+    after its `--` are listed as a second command of scripts.base_train_adaptive_svd."""
     text = open(path).read()
     defined = arrays(text)
     result = []
@@ -101,16 +104,21 @@ def commands(path):
         for i, w in enumerate(words[:-1]):
             if w != "-m" or not words[i + 1].startswith("scripts."):
                 continue
-            flags = []
+            module, flags, train = words[i + 1], [], None
             for w2 in words[i + 2:]:
-                if w2 == "--":  # torchrun drops it: the end of the launcher's own options
+                if w2 == "--":  # torchrun drops it: the end of the launcher's own options; a runner's training flags follow
+                    if module in RUNNERS:
+                        train = []
                     continue
+                into = flags if train is None else train
                 for name, values in defined.items():
                     if "${" + name + "[@]" in w2:  # "${NAME[@]}" or ${NAME[@]+"${NAME[@]}"}
-                        flags += [v.split("=", 1)[0][2:] for v in values if v.startswith("--")]
+                        into += [v.split("=", 1)[0][2:] for v in values if v.startswith("--")]
                 if w2.startswith("--"):
-                    flags.append(w2.split("=", 1)[0][2:].replace("-", "_"))
-            result.append((words[i + 1], flags, line))
+                    into.append(w2.split("=", 1)[0][2:].replace("-", "_"))
+            result.append((module, flags, line))
+            if train is not None:
+                result.append(("scripts.base_train_adaptive_svd", train, line))
     return result
 
 
@@ -245,6 +253,43 @@ def test_gpu_check_job_runs_the_check_with_extra_flags_replacing_its_own(prepare
     assert cfg.device_batch_size == 16 and cfg.device_type == "cpu" and cfg.out == os.path.join(str(tmp_path), "gpu_check")
 
 
+def forgetting_job(base, runs, args, domains, **env):
+    return subprocess.run(["bash", os.path.join(SLURM_DIR, "forgetting.sbatch"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600,
+                          env=job_env(base, runs, DATA_A=domains["wiki"], DATA_B=domains["shakespeare"], **env))
+
+
+def test_forgetting_job_runs_the_v3_protocol_with_extra_flags_in_every_training_run(prepared_base, domains, tmp_path):
+    from nanochat.adaptive_cycle import AdaptiveConfig
+    r = forgetting_job(prepared_base, tmp_path, ["--svd_interval=20", "--matrix_lr", "0.01"], domains, NANOCHAT_DRY_RUN=1)
+    assert r.returncode == 0, r.stderr
+    argv = printed_command(r.stdout)
+    i = argv.index("-m")
+    assert argv[i + 1] == "scripts.forgetting"
+    cfg = parse_args(config_class("scripts.forgetting"), argv[i + 2:], prog="forgetting", description="")
+    assert (cfg.seeds, cfg.arms, cfg.steps_a, cfg.steps_b, cfg.best) == ("42,43,44,45,46", "stage1", 6000, 200, "")
+    assert (cfg.data_a, cfg.data_b, cfg.out) == (domains["wiki"], domains["shakespeare"], os.path.join(str(tmp_path), "forgetting_d12"))
+    train = parse_args(AdaptiveConfig, cfg.train_flags, prog="train", description="")
+    assert (train.depth, train.dtype, train.device_type, train.max_seq_len, train.total_batch_size) == (12, "float32", "cuda", 1024, 16384)
+    assert train.svd_interval == 20 and train.matrix_lr == 0.01  # the extra flags replaced the job's own
+    r = forgetting_job(prepared_base, tmp_path, ["--depth=8"], domains, NANOCHAT_DRY_RUN=1)
+    assert r.returncode == 2 and "set DEPTH=" in r.stderr
+    r = forgetting_job(prepared_base, tmp_path, [], dict(domains, shakespeare=str(tmp_path / "none")), NANOCHAT_DRY_RUN=1)
+    assert r.returncode == 2 and f"no train and val shards in {tmp_path / 'none'}" in r.stderr
+
+
+@pytest.mark.slow  # three tiny training runs and the report: about a minute
+def test_forgetting_job_tiny_mode_runs_end_to_end_without_slurm(prepared_base, domains, tmp_path):
+    r = forgetting_job(prepared_base, tmp_path, [], domains, TINY=1)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "forgetting_d2"
+    data = json.loads((out / "forgetting.json").read_text())
+    assert data["settings"]["arms"] == ["baseline", "replay5"] and data["dtypes"] == ["float32"]
+    assert sorted(os.listdir(out / "kept")) == ["A_s42", "B_baseline_s42", "B_replay5_s42"]
+    again = forgetting_job(prepared_base, tmp_path, [], domains, TINY=1)  # a resubmitted job reuses every run
+    assert again.returncode == 0 and again.stdout.count("reusing ") == 3
+
+
 def test_a_flag_the_user_repeats_reaches_the_script_which_rejects_it(prepared_base, tmp_path):
     module, script_args = dry_run(prepared_base, tmp_path, "phase3.sbatch", ["--eval_every=1", "--eval_every=2"])
     assert script_args.count("--eval_every=1") == 1 and script_args.count("--eval_every=2") == 1
@@ -362,7 +407,8 @@ def test_login_node_preparation_offline(tmp_path):
     assert "=== ready" in r.stdout
     again = subprocess.run(["bash", os.path.join(SLURM_DIR, "prepare_login_node.sh")], cwd=str(tmp_path), env=env,
                            capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("already") == 2
+    assert again.returncode == 0 and again.stdout.count("already") == 4  # data, tokenizer and the two domains
+    assert (tmp_path / "base/wiki/val_00000.parquet").exists() and (tmp_path / "base/shakespeare/val_00000.parquet").exists()
 
 
 def test_a_failed_install_is_reported_not_raised(tmp_path, monkeypatch):
