@@ -290,6 +290,7 @@ def test_resumed_run_keeps_its_core_result(core_run, tmp_path, capsys, monkeypat
     assert config["core"]["step"] == 6 and config["core_metric"] == result["core_metric"]
 
 
+@pytest.mark.slow  # in CI's slow pass: keeps the default suite under 2 minutes
 def test_standalone_script_end_to_end(core_run):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(core_run["base"]), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "scripts.base_eval", "--model_tag=d2_core", f"--output_dir={core_run['out_dir']}",

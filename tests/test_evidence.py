@@ -122,6 +122,7 @@ def independent_run(run_dir):
     return out
 
 
+@pytest.mark.slow  # in CI's slow pass: keeps the default suite under 2 minutes
 def test_comparison_tables_match_an_independent_reading(comparison):
     out, argv = comparison
     runs = out / "base_checkpoints"
@@ -188,6 +189,7 @@ def test_comparison_tables_match_an_independent_reading(comparison):
     assert f"| baseline_s42 | 9 | 576 | {b42['final_val_bpb']:.4f} |" in md
 
 
+@pytest.mark.slow  # in CI's slow pass: keeps the default suite under 2 minutes
 def test_comparison_reuses_finished_runs_and_refuses_another_command(comparison, tmp_path, capsys):
     out, argv = comparison
     runs = out / "base_checkpoints"
@@ -232,6 +234,7 @@ def test_comparison_reuses_finished_runs_and_refuses_another_command(comparison,
                                          for job in planned)
 
 
+@pytest.mark.slow  # in CI's slow pass: keeps the default suite under 2 minutes
 def test_rebuild_from_the_kept_files_alone_reproduces_the_report_byte_for_byte(comparison, tmp_path, cli):
     """An experiment folder holding only what the runner kept (no run folder, no checkpoint): the rebuild writes
     comparison.json and .md byte for byte as the runner did, and --check fails when a kept number changes."""
@@ -259,6 +262,7 @@ def test_rebuild_from_the_kept_files_alone_reproduces_the_report_byte_for_byte(c
     assert code == 1 and "DIFFERS: " in stdout and err.startswith("error: 2 rebuilt table(s) differ") and err.count("\n") == 1
 
 
+@pytest.mark.slow  # in CI's slow pass: keeps the default suite under 2 minutes
 def test_figures_from_the_per_step_file_and_a_running_run_and_none_without_it(comparison, tmp_path):
     out, _ = comparison
     runs = out / "base_checkpoints"
@@ -368,6 +372,7 @@ def test_follower_reads_complete_new_lines_and_starts_over_on_a_new_file(tmp_pat
     assert follower.new_records() == [{"step": 1}]
 
 
+@pytest.mark.slow  # in CI's slow pass: keeps the default suite under 2 minutes
 def test_settings_from_command_txt_before_the_first_checkpoint(comparison, tmp_path, capsys):
     out, _ = comparison
     only_cmd = tmp_path / "only_cmd"

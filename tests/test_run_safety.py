@@ -255,6 +255,7 @@ def kill_and_resume(base, out, ref, log_path, kill_when, capsys, how=KILL_RUN):
     return debris, out_text
 
 
+@pytest.mark.slow  # in CI's slow pass: keeps the default suite under 2 minutes
 def test_sigkill_in_a_save_then_resume_leaves_what_an_uninterrupted_run_leaves(base, tmp_path, capsys):
     adaptive(tmp_path / "ref", **KILL_RUN)
     ref = folder(tmp_path / "ref")
@@ -321,6 +322,7 @@ def test_metrics_rows_are_unique_after_a_trim_and_readers_refuse_duplicates(tmp_
 
 # -------------------------------------------------------------------- failed writes
 
+@pytest.mark.slow  # in CI's slow pass: keeps the default suite under 2 minutes
 def test_disk_full_via_file_size_limit_is_one_line_and_resume_stays_exact(base, tmp_path):
     how = dict(num_iterations=6, save_every=2, eval_every=2)
     baseline(tmp_path / "ref", **how)
@@ -394,6 +396,7 @@ def stop_process(proc, signum, log_path):
     return time.time() - t0
 
 
+@pytest.mark.slow  # in CI's slow pass: keeps the default suite under 2 minutes
 def test_sigterm_during_a_long_validation_stops_within_the_bound_and_resume_is_exact(base, tmp_path):
     how = dict(num_iterations=6, eval_every=3)
     baseline(tmp_path / "ref", **how)
