@@ -7,14 +7,13 @@ the report from the kept files alone, so scripts/rebuild_evidence.py rebuilds it
 folders or checkpoints. scripts/compare_runs.py is the command line.
 """
 
-import json
 import os
 
 from nanochat import stats
 from nanochat.checkpoint_manager import checkpoint_dir
 from nanochat.jobs import Job, training_argv
 from nanochat.plots import make_figures
-from nanochat.report import fmt, fmt_interval, fmt_pm, markdown_table
+from nanochat.report import fmt, fmt_interval, fmt_pm, markdown_table, write_json_and_markdown
 from nanochat.runs import finished, made_with, read_config, summarize
 
 KINDS = ("baseline", "adaptive")
@@ -171,12 +170,8 @@ def rejudged_markdown(data):
 
 def write_report(data, out):
     """comparison.json and comparison.md in `out`; returns the markdown text."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "comparison.json"), "w") as f:
-        json.dump(data, f, indent=1)
     text = markdown(data)
-    with open(os.path.join(out, "comparison.md"), "w") as f:
-        f.write(text)
+    write_json_and_markdown(out, "comparison", data, text)
     return text
 
 

@@ -11,7 +11,6 @@ scripts/forgetting.py is the command line.
 """
 
 import dataclasses
-import json
 import os
 
 from nanochat import stats
@@ -20,7 +19,7 @@ from nanochat.checkpoint_manager import CHECKPOINT_NAME, checkpoint_dir
 from nanochat.cli import Check, at_least, between, flag, one_of, passthrough, required
 from nanochat.jobs import Job, training_argv
 from nanochat.plots import forgetting_figures
-from nanochat.report import fmt, fmt_interval, fmt_pm, markdown_table
+from nanochat.report import fmt, fmt_interval, fmt_pm, markdown_table, write_json_and_markdown
 from nanochat.runs import (LAYER_TYPES, data_position, evaluations, finished, layer_type, made_with, provenance,
                            read_config, step_rows, summarize, svd_records)
 
@@ -593,12 +592,8 @@ def rejudged_markdown(v2):
 
 def write_report(data, out, figures=True):
     """forgetting.json, forgetting.md and (figures=True) the figures in `out`; returns (markdown text, figure paths)."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "forgetting.json"), "w") as f:
-        json.dump(data, f, indent=1)
     text = markdown(data)
-    with open(os.path.join(out, "forgetting.md"), "w") as f:
-        f.write(text)
+    write_json_and_markdown(out, "forgetting", data, text)
     written = []
     if figures:
         written = forgetting_figures(data, out)

@@ -1,4 +1,7 @@
-"""The cells and tables of the experiment reports (markdown)."""
+"""The cells and tables of the experiment reports (markdown), and the files a report is kept in."""
+
+import json
+import os
 
 
 def fmt(value, spec=".4f"):
@@ -26,3 +29,12 @@ def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return lines
+
+
+def write_json_and_markdown(out, stem, data, text):
+    """<out>/<stem>.json (the numbers) and <out>/<stem>.md (the text a person reads), `out` made if missing."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(text)
